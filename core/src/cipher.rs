@@ -1,0 +1,256 @@
+//! Sealing and opening one value with AES-256-GCM, and the keyring of cached ciphers.
+
+use crate::envelope::{self, Envelope, CIPHERTEXT_OFFSET, HEADER_LEN, NONCE_LEN, TAG_LEN};
+use crate::error::{DecryptionFailed, EnvelopeError};
+use crate::nonce::NonceSource;
+use crate::secret::SecretKey;
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Largest AAD context a caller may bind. Contexts are short type tags.
+pub const MAX_CONTEXT_LEN: usize = 64;
+
+/// One key, ready to use: the AES key schedule and GHASH key are computed once here and reused
+/// for every value. The cipher state is zeroized on drop (aes-gcm's `zeroize` feature).
+pub struct DataCipher {
+    key_id: u32,
+    aead: Aes256Gcm,
+    sealed: AtomicU64,
+}
+
+impl DataCipher {
+    pub fn new(key_id: u32, key: &SecretKey) -> Self {
+        DataCipher {
+            key_id,
+            aead: Aes256Gcm::new(key.expose().into()),
+            sealed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    /// How many values this cipher has sealed in this process (see the crate docs on the
+    /// 2^32 limit).
+    pub fn sealed_count(&self) -> u64 {
+        self.sealed.load(Ordering::Relaxed)
+    }
+
+    /// Seals `plaintext` into `out`, which must be exactly `sealed_len(plaintext.len())` bytes.
+    /// One copy of the plaintext, encrypted in place; no allocation.
+    pub fn seal_into(&self, nonces: &mut NonceSource, context: &[u8], plaintext: &[u8], out: &mut [u8]) {
+        assert_eq!(out.len(), envelope::sealed_len(plaintext.len()), "output buffer has the wrong length");
+        let (head, rest) = out.split_at_mut(CIPHERTEXT_OFFSET);
+        envelope::write_header(head, self.key_id);
+        nonces.fill(&mut head[HEADER_LEN..CIPHERTEXT_OFFSET]);
+        let (body, tag_out) = rest.split_at_mut(plaintext.len());
+        body.copy_from_slice(plaintext);
+        let aad = Aad::new(&head[..HEADER_LEN], context);
+        let tag = self.gcm_encrypt_in_place(&head[HEADER_LEN..], aad.as_slice(), body);
+        tag_out.copy_from_slice(&tag);
+        self.sealed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The raw AES-256-GCM primitive that sealing uses: encrypts `buf` in place under `nonce`
+    /// (12 bytes) and `aad`, returning the tag. Callers outside this crate need it only for
+    /// known-answer tests; values are sealed with [`DataCipher::seal_into`], which draws the nonce.
+    pub fn gcm_encrypt_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        let tag = self
+            .aead
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
+            .expect("AES-GCM refuses only inputs above 64 GiB, which PostgreSQL values cannot reach");
+        tag.into()
+    }
+
+    /// The raw AES-256-GCM primitive that opening uses: verifies `tag` and decrypts `buf` in
+    /// place. On failure `buf` is left as ciphertext (the tag is checked before decrypting).
+    pub fn gcm_decrypt_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), DecryptionFailed> {
+        if nonce.len() != NONCE_LEN || tag.len() != TAG_LEN {
+            return Err(DecryptionFailed);
+        }
+        self.aead
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
+            .map_err(|_| DecryptionFailed)
+    }
+
+    /// Seals into a new vector.
+    pub fn seal(&self, nonces: &mut NonceSource, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; envelope::sealed_len(plaintext.len())];
+        self.seal_into(nonces, context, plaintext, &mut out);
+        out
+    }
+
+    /// Opens a parsed envelope into `out` (exactly `plaintext_len()` bytes). On failure `out` is
+    /// zeroed: nothing of a failed decryption is ever visible.
+    pub fn open_into(&self, env: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), DecryptionFailed> {
+        if env.key_id() != self.key_id || out.len() != env.plaintext_len() {
+            out.fill(0);
+            return Err(DecryptionFailed);
+        }
+        out.copy_from_slice(env.ciphertext());
+        let aad = Aad::new(env.header(), context);
+        if self.gcm_decrypt_in_place(env.nonce(), aad.as_slice(), out, env.tag()).is_err() {
+            out.fill(0);
+            return Err(DecryptionFailed);
+        }
+        Ok(())
+    }
+}
+
+/// The additional authenticated data: the envelope header followed by the caller's context,
+/// built on the stack.
+struct Aad {
+    buf: [u8; HEADER_LEN + MAX_CONTEXT_LEN],
+    len: usize,
+}
+
+impl Aad {
+    fn new(header: &[u8], context: &[u8]) -> Self {
+        assert!(context.len() <= MAX_CONTEXT_LEN, "AAD context too long");
+        let mut buf = [0u8; HEADER_LEN + MAX_CONTEXT_LEN];
+        buf[..HEADER_LEN].copy_from_slice(header);
+        buf[HEADER_LEN..HEADER_LEN + context.len()].copy_from_slice(context);
+        Aad { buf, len: HEADER_LEN + context.len() }
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Why opening an envelope failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// Not a well-formed envelope.
+    Malformed(EnvelopeError),
+    /// The envelope names a key id this keyring does not hold (retired, or not restored).
+    UnknownKeyId(u32),
+    /// Authentication failed. Opaque on purpose.
+    Failed(DecryptionFailed),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Malformed(e) => write!(f, "malformed envelope: {e}"),
+            OpenError::UnknownKeyId(id) => write!(f, "envelope was encrypted under key id {id}, which is not loaded"),
+            OpenError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+impl std::error::Error for OpenError {}
+
+/// The keys a process can use: one current key for sealing plus older keys that may still open
+/// values during a key change (as rustls keeps a current and a previous ticket key).
+#[derive(Default)]
+pub struct Keyring {
+    current: Option<Arc<DataCipher>>,
+    all: HashMap<u32, Arc<DataCipher>>,
+}
+
+impl Keyring {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a key that can open values; `current` makes it the key new values are sealed with.
+    pub fn insert(&mut self, key_id: u32, key: &SecretKey, current: bool) {
+        let cipher = Arc::new(DataCipher::new(key_id, key));
+        if current {
+            self.current = Some(cipher.clone());
+        }
+        self.all.insert(key_id, cipher);
+    }
+
+    /// Removes a key: values sealed under it can no longer be opened by this keyring.
+    pub fn remove(&mut self, key_id: u32) {
+        self.all.remove(&key_id);
+        if self.current.as_ref().map(|c| c.key_id()) == Some(key_id) {
+            self.current = None;
+        }
+    }
+
+    pub fn current(&self) -> Option<&Arc<DataCipher>> {
+        self.current.as_ref()
+    }
+
+    pub fn get(&self, key_id: u32) -> Option<&Arc<DataCipher>> {
+        self.all.get(&key_id)
+    }
+
+    pub fn key_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.all.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// Parses and opens `bytes`, choosing the key by the envelope's key id.
+    pub fn open(&self, bytes: &[u8], context: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let env = Envelope::parse(bytes).map_err(OpenError::Malformed)?;
+        let cipher = self.get(env.key_id()).ok_or(OpenError::UnknownKeyId(env.key_id()))?;
+        let mut out = vec![0u8; env.plaintext_len()];
+        cipher.open_into(&env, context, &mut out).map_err(OpenError::Failed)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Keyring {
+        let mut k = Keyring::new();
+        k.insert(1, &SecretKey::from_bytes([7; 32]), true);
+        k
+    }
+
+    #[test]
+    fn round_trip_and_context_binding() {
+        let k = ring();
+        let mut n = NonceSource::from_os();
+        let c = k.current().unwrap();
+        let env = c.seal(&mut n, b"text", b"hello");
+        assert_eq!(env.len(), 5 + 33);
+        assert_eq!(k.open(&env, b"text").unwrap(), b"hello");
+        assert_eq!(k.open(&env, b"bytea"), Err(OpenError::Failed(DecryptionFailed)));
+        assert_eq!(c.sealed_count(), 1);
+    }
+
+    #[test]
+    fn same_plaintext_gives_different_envelopes() {
+        let k = ring();
+        let mut n = NonceSource::from_os();
+        let c = k.current().unwrap();
+        assert_ne!(c.seal(&mut n, b"", b"x"), c.seal(&mut n, b"", b"x"));
+    }
+
+    #[test]
+    fn unknown_and_removed_keys() {
+        let mut k = ring();
+        let mut n = NonceSource::from_os();
+        let env = k.current().unwrap().seal(&mut n, b"", b"v");
+        k.insert(2, &SecretKey::from_bytes([8; 32]), true);
+        assert_eq!(k.current().unwrap().key_id(), 2);
+        assert_eq!(k.open(&env, b"").unwrap(), b"v");
+        k.remove(1);
+        assert_eq!(k.open(&env, b""), Err(OpenError::UnknownKeyId(1)));
+    }
+
+    #[test]
+    fn wrong_key_with_same_id_fails() {
+        let k = ring();
+        let mut other = Keyring::new();
+        other.insert(1, &SecretKey::from_bytes([9; 32]), true);
+        let mut n = NonceSource::from_os();
+        let env = other.current().unwrap().seal(&mut n, b"", b"secret");
+        assert_eq!(k.open(&env, b""), Err(OpenError::Failed(DecryptionFailed)));
+    }
+}

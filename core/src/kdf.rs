@@ -1,0 +1,168 @@
+//! From an administrator's key string to key material.
+//!
+//! ```text
+//! master      = Argon2id(admin key canonical text, salt, params) -> 32 bytes
+//! data key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 data key")
+//! index key   = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 blind index key")
+//! fingerprint = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 fingerprint")[..16]
+//! ```
+//! Argon2id is memory-hard, so a stolen fingerprint and salt cost an attacker one Argon2id run
+//! per guess. The salt is random per database (and per key version), stored in the database
+//! next to the fingerprint: both are public.
+
+use crate::admin_key::AdminKey;
+use crate::secret::SecretKey;
+use argon2::{Algorithm, Argon2, Params, Version};
+use hkdf::Hkdf;
+use rand::TryRngCore;
+use sha2::Sha256;
+use std::fmt;
+use zeroize::Zeroizing;
+
+pub const SALT_LEN: usize = 16;
+pub const FINGERPRINT_LEN: usize = 16;
+
+/// Argon2id cost parameters. Stored with each key version so a key can be verified later with
+/// the parameters it was derived with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfParams {
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl Default for KdfParams {
+    /// OWASP's recommended Argon2id setting: 19 MiB, 2 passes, 1 lane.
+    fn default() -> Self {
+        KdfParams { m_cost_kib: 19 * 1024, t_cost: 2, p_cost: 1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KdfError(pub String);
+
+impl fmt::Display for KdfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid key derivation parameters: {}", self.0)
+    }
+}
+impl std::error::Error for KdfError {}
+
+/// A fresh random salt.
+pub fn new_salt() -> [u8; SALT_LEN] {
+    let mut s = [0u8; SALT_LEN];
+    rand::rngs::OsRng.try_fill_bytes(&mut s).expect("the operating system's random number generator failed");
+    s
+}
+
+/// The 256-bit master key of one key version. Zeroized on drop, no `Debug`.
+pub struct MasterKey(SecretKey);
+
+impl MasterKey {
+    /// Runs Argon2id over the key's canonical text.
+    pub fn derive(key: &AdminKey, salt: &[u8], params: &KdfParams) -> Result<Self, KdfError> {
+        let p = Params::new(params.m_cost_kib, params.t_cost, params.p_cost, Some(SecretKey::LEN))
+            .map_err(|e| KdfError(e.to_string()))?;
+        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, p);
+        let mut out = Zeroizing::new([0u8; 32]);
+        argon
+            .hash_password_into(key.as_str().as_bytes(), salt, &mut out[..])
+            .map_err(|e| KdfError(e.to_string()))?;
+        Ok(MasterKey(SecretKey::from_bytes(*out)))
+    }
+
+    fn expand(&self, info: &[u8], out: &mut [u8]) {
+        let hk = Hkdf::<Sha256>::from_prk(self.0.expose()).expect("a 32-byte PRK is valid for HKDF-SHA256");
+        hk.expand(info, out).expect("HKDF output length is within limits");
+    }
+
+    /// The key that seals cell values.
+    pub fn data_key(&self) -> SecretKey {
+        let mut k = Zeroizing::new([0u8; 32]);
+        self.expand(b"pg_cellcrypt v1 data key", &mut k[..]);
+        SecretKey::from_bytes(*k)
+    }
+
+    /// The key for blind indexes, independent of the data key.
+    pub fn index_key(&self) -> SecretKey {
+        let mut k = Zeroizing::new([0u8; 32]);
+        self.expand(b"pg_cellcrypt v1 blind index key", &mut k[..]);
+        SecretKey::from_bytes(*k)
+    }
+
+    /// The public identifier of this key.
+    pub fn fingerprint(&self) -> Fingerprint {
+        let mut f = [0u8; FINGERPRINT_LEN];
+        self.expand(b"pg_cellcrypt v1 fingerprint", &mut f);
+        Fingerprint(f)
+    }
+}
+
+/// A public identifier of a key: safe to store, show and log. Displayed as 32 lowercase hex
+/// digits in four groups, e.g. `3f2a91bc-0d1e6f77-a4b2c3d4-e5f60718`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Fingerprint(pub [u8; FINGERPRINT_LEN]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 && i % 4 == 0 {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let hex: Vec<u8> = s.bytes().filter(|&c| c != b'-').collect();
+        if hex.len() != FINGERPRINT_LEN * 2 {
+            return Err(());
+        }
+        let mut out = [0u8; FINGERPRINT_LEN];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16).ok_or(())?;
+            let lo = (pair[1] as char).to_digit(16).ok_or(())?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> KdfParams {
+        KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 }
+    }
+
+    #[test]
+    fn same_key_same_salt_same_fingerprint() {
+        let k = AdminKey::generate();
+        let spelled = AdminKey::parse(&k.as_str().to_lowercase()).unwrap();
+        let salt = new_salt();
+        let a = MasterKey::derive(&k, &salt, &fast()).unwrap();
+        let b = MasterKey::derive(&spelled, &salt, &fast()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.data_key().expose(), b.data_key().expose());
+        assert_ne!(a.data_key().expose(), a.index_key().expose());
+        let fp = a.fingerprint().to_string();
+        assert_eq!(fp.len(), 35);
+        assert_eq!(fp.parse::<Fingerprint>().unwrap(), a.fingerprint());
+    }
+
+    #[test]
+    fn other_salt_or_key_other_fingerprint() {
+        let k = AdminKey::generate();
+        let a = MasterKey::derive(&k, &new_salt(), &fast()).unwrap();
+        let b = MasterKey::derive(&k, &new_salt(), &fast()).unwrap();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let c = MasterKey::derive(&AdminKey::generate(), &[1; 16], &fast()).unwrap();
+        let d = MasterKey::derive(&AdminKey::generate(), &[1; 16], &fast()).unwrap();
+        assert_ne!(c.fingerprint(), d.fingerprint());
+    }
+}

@@ -1,0 +1,40 @@
+//! # cellcrypt-core
+//!
+//! The crypto core of pg_cellcrypt. It has no PostgreSQL dependency, so it can be unit-tested,
+//! fuzzed and benchmarked alone. The extension (`pg_cellcrypt`) is a thin layer over it.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`envelope`] | the versioned, self-describing ciphertext format and its text form |
+//! | [`cipher`] | AES-256-GCM sealing and opening of one value; a keyring of cached ciphers |
+//! | [`nonce`] | the per-process CSPRNG that draws 96-bit nonces (fork-safe, no syscall per value) |
+//! | [`admin_key`] | the administrator's key string: the copy-safe generated format and passphrase rules |
+//! | [`kdf`] | Argon2id from an admin key to a master key; HKDF sub-keys; the public fingerprint |
+//! | [`secret`] | [`SecretKey`]: 256-bit key material, zeroized on drop, no `Debug` |
+//! | [`error`] | the error types; every decryption failure is the one opaque [`DecryptionFailed`] |
+//!
+//! ## The 2^32 limit of random GCM nonces
+//! NIST SP 800-38D allows at most 2^32 encryptions under one key with random 96-bit nonces
+//! (collision probability then below 2^-32). Every [`DataCipher`] counts the values it seals
+//! ([`DataCipher::sealed_count`]); the extension adds these counts up per key version and
+//! reports them. The plan: at 2^31 seals the extension warns and recommends a key change, and a
+//! key change re-encrypts every cell under a fresh key (new key id), which resets the budget.
+//! Yearly key changes, as the product recommends, keep any realistic database far below it.
+
+#![deny(unsafe_code)]
+
+pub mod admin_key;
+pub mod cipher;
+pub mod envelope;
+pub mod error;
+pub mod kdf;
+pub mod nonce;
+pub mod secret;
+
+pub use admin_key::AdminKey;
+pub use cipher::{DataCipher, Keyring, OpenError};
+pub use envelope::{Envelope, FORMAT_V1, OVERHEAD};
+pub use error::{AdminKeyError, DecryptionFailed, EnvelopeError};
+pub use kdf::{Fingerprint, KdfParams, MasterKey};
+pub use nonce::NonceSource;
+pub use secret::SecretKey;

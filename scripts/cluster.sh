@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL 15 clusters for the demo and the integration tests.
+#
+#   scripts/cluster.sh start DIR PORT [extra postgresql.conf lines...]
+#   scripts/cluster.sh stop DIR
+#
+# The cluster lives in DIR/data, owned by the `postgres` OS user (initdb refuses root). It listens
+# on 127.0.0.1:PORT and on a Unix socket in DIR, has SSL on with a fresh self-signed
+# certificate, preloads pg_cellcrypt, and keeps its key files in DIR/keys, outside the data
+# directory. Authentication is `trust` for local and loopback connections: these clusters are
+# throwaway and reachable only from this machine.
+set -euo pipefail
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+cmd=${1:?usage: cluster.sh start DIR PORT | stop DIR}
+dir=${2:?cluster directory}
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+case "$cmd" in
+start)
+    port=${3:?port}
+    shift 3
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    chown postgres:postgres "$dir"
+    chmod 700 "$dir"
+    as_postgres "$PGBIN/initdb" -D "$dir/data" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log"
+    (
+        cd "$dir/data"
+        openssl req -new -x509 -days 2 -nodes -subj /CN=localhost \
+            -keyout server.key -out server.crt >/dev/null 2>&1
+        chown postgres:postgres server.key server.crt
+        chmod 600 server.key
+    )
+    cat >>"$dir/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+ssl = on
+shared_preload_libraries = 'pg_cellcrypt'
+pg_cellcrypt.key_directory = '$dir/keys'
+fsync = off
+CONF
+    for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
+    cat >"$dir/data/pg_hba.conf" <<HBA
+local     all  all                trust
+hostssl   all  all  127.0.0.1/32  trust
+hostnossl all  all  127.0.0.1/32  trust
+HBA
+    as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+stop)
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
+    fi
+    ;;
+*)
+    echo "usage: cluster.sh start DIR PORT | stop DIR" >&2
+    exit 2
+    ;;
+esac

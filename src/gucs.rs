@@ -1,0 +1,62 @@
+//! Every pg_cellcrypt setting, in one place.
+//!
+//! | setting | context | default | meaning |
+//! |---|---|---|---|
+//! | `pg_cellcrypt.key_directory` | sighup | `<data_directory>/../pg_cellcrypt_keys` | where the `file` key provider keeps one key file per database. It must lie outside the data directory so base backups and replicas built from them do not carry the key. |
+//! | `pg_cellcrypt.kdf_memory_kib` | superuser | 19456 | Argon2id memory cost for new key versions |
+//! | `pg_cellcrypt.kdf_iterations` | superuser | 2 | Argon2id passes for new key versions |
+//!
+//! The KDF settings apply when a key version is created; each version stores the parameters it
+//! was derived with, so changing them never makes an existing key unverifiable.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+pub static KEY_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
+pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pg_cellcrypt.key_directory",
+        c"Directory of the file key provider (one key file per database).",
+        c"Must be outside the data directory. Empty means <data_directory>/../pg_cellcrypt_keys.",
+        &KEY_DIRECTORY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_cellcrypt.kdf_memory_kib",
+        c"Argon2id memory cost, in KiB, for new key versions.",
+        c"Each key version stores the parameters it was derived with.",
+        &KDF_MEMORY_KIB,
+        64,
+        4 * 1024 * 1024,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_cellcrypt.kdf_iterations",
+        c"Argon2id passes for new key versions.",
+        c"Each key version stores the parameters it was derived with.",
+        &KDF_ITERATIONS,
+        1,
+        64,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// The key directory in effect.
+pub fn key_directory() -> std::path::PathBuf {
+    match KEY_DIRECTORY.get() {
+        Some(s) if !s.as_bytes().is_empty() => std::path::PathBuf::from(s.to_string_lossy().into_owned()),
+        _ => {
+            // SAFETY: DataDir is set before any backend code runs.
+            let data_dir = unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::DataDir) };
+            let data_dir = std::path::PathBuf::from(data_dir.to_string_lossy().into_owned());
+            let abs = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
+            abs.parent().map(|p| p.to_path_buf()).unwrap_or(abs).join("pg_cellcrypt_keys")
+        }
+    }
+}

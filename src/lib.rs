@@ -1,0 +1,70 @@
+//! pg_cellcrypt: cell-level encryption for PostgreSQL.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `core/` (crate `cellcrypt-core`) | the crypto core, free of PostgreSQL |
+//! | [`gucs`] | every setting, in one place |
+//! | [`errors`] | how errors are raised: SQLSTATE, message, detail, hint |
+//! | [`keys`] | the data encryption key: generation, providers, loading, the SQL key functions |
+//! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
+//! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log, names the role in denials |
+
+use pgrx::prelude::*;
+
+pub mod errors;
+pub mod gucs;
+pub mod hooks;
+pub mod keys;
+pub mod types;
+
+::pgrx::pg_module_magic!(name, version);
+
+// The extension's own schema for internal state, created first.
+pgrx::extension_sql!(
+    r#"
+CREATE SCHEMA cellcrypt;
+COMMENT ON SCHEMA cellcrypt IS 'pg_cellcrypt internal state; not for direct use';
+REVOKE ALL ON SCHEMA cellcrypt FROM PUBLIC;
+"#,
+    name = "schema",
+    bootstrap
+);
+
+/// Runs when the library is loaded. pg_cellcrypt must be loaded at server start: its settings,
+/// hooks and per-process key state rely on it, so loading it any other way is refused.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reading a backend global set by the postmaster.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_cellcrypt must be loaded via shared_preload_libraries",
+            Some("The library was loaded on demand, but it installs hooks and settings at server start."),
+            Some("Add pg_cellcrypt to shared_preload_libraries in postgresql.conf, e.g. shared_preload_libraries = 'pg_cellcrypt', and restart the server."),
+        );
+    }
+    gucs::init();
+    hooks::init();
+    keys::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_cellcrypt'",
+            // Fast key derivation for tests; production uses the default (19 MiB, 2 passes).
+            "pg_cellcrypt.kdf_memory_kib = 1024",
+            "pg_cellcrypt.kdf_iterations = 1",
+        ]
+    }
+}

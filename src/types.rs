@@ -1,0 +1,461 @@
+//! The encrypted column types: `encrypted_text`, `encrypted_bytea`, `encrypted_jsonb`,
+//! `encrypted_numeric`, `encrypted_date`, `encrypted_timestamptz` and `encrypted_int8`.
+//!
+//! One implementation serves all seven. On disk a value is a varlena holding one envelope
+//! (see `cellcrypt_core::envelope`): 33 bytes of overhead plus the varlena header. What is
+//! sealed is the plaintext's own representation:
+//!
+//! | type | plaintext bytes | AAD context |
+//! |---|---|---|
+//! | `encrypted_text` | the text's bytes, in the database encoding | `text;<encoding>` |
+//! | `encrypted_bytea` | the bytes | `bytea` |
+//! | `encrypted_jsonb` | PostgreSQL's jsonb binary image | `jsonb;le;<encoding>` |
+//! | `encrypted_numeric` | PostgreSQL's numeric binary image | `numeric;le` |
+//! | `encrypted_date` | the day number, 4 bytes big-endian | `date` |
+//! | `encrypted_timestamptz` | microseconds since 2000-01-01 UTC, 8 bytes big-endian | `timestamptz` |
+//! | `encrypted_int8` | 8 bytes big-endian | `int8` |
+//!
+//! The context binds the plaintext type (and, where the image depends on them, the database
+//! encoding and the byte order), so a value moved to another type, or into a database where its
+//! bytes would mean something else, fails to decrypt instead of returning wrong plaintext.
+//!
+//! ## SQL surface (the install SQL is at the end of this file)
+//! * input: text that starts with `$cc$` is an envelope, taken as is (that is how `pg_dump`
+//!   output is restored) and must be well-formed (else 22P02); anything else is plaintext of
+//!   the plain type and is encrypted;
+//! * output: the envelope's text form, `$cc$` + base64, safe to show, dump and log;
+//! * send/recv: the envelope bytes (binary COPY round-trips; recv accepts only envelopes);
+//! * `encrypt(plain)`: always encrypts; it is the ASSIGNMENT cast from the plain type (and from
+//!   `varchar` to `encrypted_text`), so parameters typed as the plain type encrypt on INSERT;
+//! * `decrypt(encrypted)`: the plaintext; also the EXPLICIT cast back to the plain type.
+//!   Only superusers and members of `data_encryption_reader` may call it.
+
+use crate::{errors, keys};
+use cellcrypt_core::envelope::{self, Envelope};
+use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::cell::RefCell;
+use std::ffi::CStr;
+
+/// The plain types that have an encrypted counterpart.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Text,
+    Bytea,
+    Jsonb,
+    Numeric,
+    Date,
+    Timestamptz,
+    Int8,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [Kind::Text, Kind::Bytea, Kind::Jsonb, Kind::Numeric, Kind::Date, Kind::Timestamptz, Kind::Int8];
+
+    pub const fn plain_name(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Bytea => "bytea",
+            Kind::Jsonb => "jsonb",
+            Kind::Numeric => "numeric",
+            Kind::Date => "date",
+            Kind::Timestamptz => "timestamptz",
+            Kind::Int8 => "int8",
+        }
+    }
+
+    pub const fn type_name(self) -> &'static str {
+        match self {
+            Kind::Text => "encrypted_text",
+            Kind::Bytea => "encrypted_bytea",
+            Kind::Jsonb => "encrypted_jsonb",
+            Kind::Numeric => "encrypted_numeric",
+            Kind::Date => "encrypted_date",
+            Kind::Timestamptz => "encrypted_timestamptz",
+            Kind::Int8 => "encrypted_int8",
+        }
+    }
+
+    fn plain_oid(self) -> Oid {
+        match self {
+            Kind::Text => pg_sys::TEXTOID,
+            Kind::Bytea => pg_sys::BYTEAOID,
+            Kind::Jsonb => pg_sys::JSONBOID,
+            Kind::Numeric => pg_sys::NUMERICOID,
+            Kind::Date => pg_sys::DATEOID,
+            Kind::Timestamptz => pg_sys::TIMESTAMPTZOID,
+            Kind::Int8 => pg_sys::INT8OID,
+        }
+    }
+
+    /// Length of the plaintext image of pass-by-value types.
+    const fn fixed_len(self) -> Option<usize> {
+        match self {
+            Kind::Date => Some(4),
+            Kind::Timestamptz | Kind::Int8 => Some(8),
+            _ => None,
+        }
+    }
+
+    fn from_type_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.type_name() == name)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+thread_local! {
+    /// Type OID → kind, learned on first sight (the types' OIDs differ per database).
+    static KIND_BY_OID: RefCell<Vec<(Oid, Kind)>> = const { RefCell::new(Vec::new()) };
+    /// AAD contexts, built once per backend (they depend on the database encoding).
+    static CONTEXTS: RefCell<Option<[Vec<u8>; 7]>> = const { RefCell::new(None) };
+}
+
+fn kind_of_type(typoid: Oid) -> Kind {
+    if let Some(k) = KIND_BY_OID.with(|m| m.borrow().iter().find(|(o, _)| *o == typoid).map(|(_, k)| *k)) {
+        return k;
+    }
+    // SAFETY: syscache lookup of a type that exists (we are its I/O function).
+    let name = unsafe { CStr::from_ptr(pg_sys::format_type_be(typoid)) }.to_string_lossy().into_owned();
+    let bare = name.rsplit('.').next().unwrap_or(&name).trim_matches('"');
+    let kind = Kind::from_type_name(bare).unwrap_or_else(|| {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("type {name} is not a pg_cellcrypt encrypted type"),
+            None,
+            None,
+        )
+    });
+    KIND_BY_OID.with(|m| m.borrow_mut().push((typoid, kind)));
+    kind
+}
+
+fn with_context<R>(kind: Kind, f: impl FnOnce(&[u8]) -> R) -> R {
+    CONTEXTS.with(|c| {
+        let mut c = c.borrow_mut();
+        let ctx = c.get_or_insert_with(|| {
+            // SAFETY: the database encoding is fixed for the life of a backend.
+            let enc = unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) }.to_string_lossy().into_owned();
+            let order = if cfg!(target_endian = "little") { "le" } else { "be" };
+            Kind::ALL.map(|k| match k {
+                Kind::Text => format!("text;{enc}"),
+                Kind::Jsonb => format!("jsonb;{order};{enc}"),
+                Kind::Numeric => format!("numeric;{order}"),
+                other => other.plain_name().to_owned(),
+            }
+            .into_bytes())
+        });
+        f(&ctx[kind.index()])
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Varlena helpers
+
+/// The bytes of a varlena datum, detoasted (short headers are read in place).
+///
+/// # Safety
+/// `d` must be a non-null varlena datum valid for the current memory context.
+unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
+    let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+    std::slice::from_raw_parts(pgrx::varlena::vardata_any(p) as *const u8, pgrx::varlena::varsize_any_exhdr(p))
+}
+
+/// PostgreSQL's MaxAllocSize: the largest value palloc hands out (1 GB - 1).
+const MAX_ALLOC_SIZE: usize = 0x3fff_ffff;
+
+/// A new palloc'd varlena of `len` data bytes, filled by `fill`.
+fn new_varlena(len: usize, fill: impl FnOnce(&mut [u8])) -> Datum {
+    let total = len + pg_sys::VARHDRSZ;
+    if total > MAX_ALLOC_SIZE {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("encrypted value would be {total} bytes, more than the 1 GB limit of a PostgreSQL value"),
+            None,
+            None,
+        );
+    }
+    // SAFETY: palloc raises on failure; we write exactly `total` bytes.
+    unsafe {
+        let p = pg_sys::palloc(total) as *mut pg_sys::varlena;
+        pgrx::varlena::set_varsize_4b(p, total as i32);
+        let data = std::slice::from_raw_parts_mut((p as *mut u8).add(pg_sys::VARHDRSZ), len);
+        fill(data);
+        Datum::from(p)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encrypting and decrypting
+
+/// Seals `plaintext` under the database's current key into a new encrypted datum.
+pub fn seal(kind: Kind, plaintext: &[u8]) -> Datum {
+    let keys = keys::loaded();
+    let Some(cipher) = keys.ring.current() else {
+        keys::KeyUnavailable::NoKeyConfigured.raise();
+    };
+    new_varlena(envelope::sealed_len(plaintext.len()), |out| {
+        with_context(kind, |ctx| keys::with_nonces(|n| cipher.seal_into(n, ctx, plaintext, out)))
+    })
+}
+
+/// Encrypts a datum of the plain type.
+///
+/// # Safety
+/// `d` must be a non-null datum of `kind`'s plain type.
+pub unsafe fn encrypt_plain_datum(kind: Kind, d: Datum) -> Datum {
+    match kind.fixed_len() {
+        Some(4) => seal(kind, &(d.value() as i32).to_be_bytes()),
+        Some(_) => seal(kind, &(d.value() as i64).to_be_bytes()),
+        None => seal(kind, varlena_bytes(d)),
+    }
+}
+
+/// Raises 42501 unless the current user may decrypt.
+pub fn check_reader() {
+    // SAFETY: catalog/cache lookups inside a transaction.
+    unsafe {
+        if pg_sys::superuser() {
+            return;
+        }
+        let role = pg_sys::get_role_oid(c"data_encryption_reader".as_ptr(), true);
+        if role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role) {
+            return;
+        }
+    }
+    errors::decrypt_denied()
+}
+
+/// Decrypts an encrypted datum into a datum of the plain type.
+///
+/// # Safety
+/// `d` must be a non-null datum of `kind`'s encrypted type.
+pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
+    check_reader();
+    let bytes = varlena_bytes(d);
+    let Ok(env) = Envelope::parse(bytes) else {
+        errors::decryption_failed(kind.type_name());
+    };
+    let keys = keys::loaded();
+    let Some(cipher) = keys.ring.get(env.key_id()) else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("the {} value was encrypted under key version {}, which this database does not have", kind.type_name(), env.key_id()),
+            Some(&format!("This database's key versions in use: {:?}.", keys.ring.key_ids())),
+            Some("The value comes from another database or was encrypted under a retired key. Restore it from a backup of this database."),
+        );
+    };
+    with_context(kind, |ctx| match kind.fixed_len() {
+        Some(n) => {
+            let mut buf = zeroize::Zeroizing::new([0u8; 8]);
+            if env.plaintext_len() != n || cipher.open_into(&env, ctx, &mut buf[..n]).is_err() {
+                errors::decryption_failed(kind.type_name());
+            }
+            if n == 4 {
+                Datum::from(i32::from_be_bytes(buf[..4].try_into().unwrap()))
+            } else {
+                Datum::from(i64::from_be_bytes(buf[..8].try_into().unwrap()))
+            }
+        }
+        None => {
+            let mut ok = true;
+            let out = new_varlena(env.plaintext_len(), |out| ok = cipher.open_into(&env, ctx, out).is_ok());
+            if !ok {
+                pg_sys::pfree(out.cast_mut_ptr());
+                errors::decryption_failed(kind.type_name());
+            }
+            out
+        }
+    })
+}
+
+/// Parses `input` as a value of the plain type, without letting the value reach an error
+/// message: the plain type's own error (which would quote it) is replaced by ours.
+unsafe fn parse_plain(kind: Kind, input: &CStr) -> Datum {
+    let mut func = pg_sys::InvalidOid;
+    let mut ioparam = pg_sys::InvalidOid;
+    pg_sys::getTypeInputInfo(kind.plain_oid(), &mut func, &mut ioparam);
+    let ptr = input.as_ptr().cast_mut();
+    PgTryBuilder::new(|| Datum::from(pg_sys::OidInputFunctionCall(func, ptr, ioparam, -1).value()))
+        .catch_others(|_| errors::invalid_plaintext(kind.type_name(), kind.plain_name()))
+        .execute()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The C-callable functions
+
+macro_rules! v1_function {
+    ($finfo:ident, $name:ident, |$fcinfo:ident| $body:block) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
+            const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+
+        #[unsafe(no_mangle)]
+        #[pg_guard]
+        pub unsafe extern "C-unwind" fn $name(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+            unsafe fn body($fcinfo: pg_sys::FunctionCallInfo) -> Datum $body
+            body(fcinfo)
+        }
+    };
+}
+
+unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Datum {
+    pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n)
+}
+
+// typinput(cstring, typioparam oid, typmod int4)
+v1_function!(pg_finfo_cellcrypt_in, cellcrypt_in, |fcinfo| {
+    let input = CStr::from_ptr(arg(fcinfo, 0).cast_mut_ptr());
+    let kind = kind_of_type(Oid::from(arg(fcinfo, 1).value() as u32));
+    match envelope::decode_text(input.to_bytes()) {
+        Ok(Some(bytes)) => new_varlena(bytes.len(), |out| out.copy_from_slice(&bytes)),
+        Err(e) => errors::invalid_envelope(kind.type_name(), &e),
+        Ok(None) => match kind {
+            // The parser already checked the text against the database encoding.
+            Kind::Text => seal(kind, input.to_bytes()),
+            _ => encrypt_plain_datum(kind, parse_plain(kind, input)),
+        },
+    }
+});
+
+// typoutput(encrypted) → cstring: the text form of the envelope.
+v1_function!(pg_finfo_cellcrypt_out, cellcrypt_out, |fcinfo| {
+    let bytes = varlena_bytes(arg(fcinfo, 0));
+    let len = envelope::text_len(bytes.len());
+    let p = pg_sys::palloc(len + 1) as *mut u8;
+    let text = envelope::encode_text(bytes);
+    std::ptr::copy_nonoverlapping(text.as_ptr(), p, len);
+    *p.add(len) = 0;
+    Datum::from(p)
+});
+
+// typsend(encrypted) → bytea: the envelope bytes (a datum of ours is already a valid bytea).
+v1_function!(pg_finfo_cellcrypt_send, cellcrypt_send, |fcinfo| {
+    Datum::from(pg_sys::pg_detoast_datum_copy(arg(fcinfo, 0).cast_mut_ptr()))
+});
+
+// typreceive(internal StringInfo, typioparam oid, typmod int4): an envelope, validated.
+v1_function!(pg_finfo_cellcrypt_recv, cellcrypt_recv, |fcinfo| {
+    let buf = &mut *(arg(fcinfo, 0).cast_mut_ptr::<pg_sys::StringInfoData>());
+    let kind = kind_of_type(Oid::from(arg(fcinfo, 1).value() as u32));
+    let start = buf.cursor as usize;
+    let end = buf.len as usize;
+    let bytes = std::slice::from_raw_parts((buf.data as *const u8).add(start), end - start);
+    if let Err(e) = Envelope::parse(bytes) {
+        errors::invalid_binary_envelope(kind.type_name(), &e);
+    }
+    buf.cursor = buf.len;
+    new_varlena(bytes.len(), |out| out.copy_from_slice(bytes))
+});
+
+macro_rules! kind_functions {
+    ($kind:expr, $fi_enc:ident, $enc:ident, $fi_dec:ident, $dec:ident) => {
+        v1_function!($fi_enc, $enc, |fcinfo| { encrypt_plain_datum($kind, arg(fcinfo, 0)) });
+        v1_function!($fi_dec, $dec, |fcinfo| { decrypt_datum($kind, arg(fcinfo, 0)) });
+    };
+}
+
+kind_functions!(Kind::Text, pg_finfo_cellcrypt_encrypt_text, cellcrypt_encrypt_text, pg_finfo_cellcrypt_decrypt_text, cellcrypt_decrypt_text);
+kind_functions!(Kind::Bytea, pg_finfo_cellcrypt_encrypt_bytea, cellcrypt_encrypt_bytea, pg_finfo_cellcrypt_decrypt_bytea, cellcrypt_decrypt_bytea);
+kind_functions!(Kind::Jsonb, pg_finfo_cellcrypt_encrypt_jsonb, cellcrypt_encrypt_jsonb, pg_finfo_cellcrypt_decrypt_jsonb, cellcrypt_decrypt_jsonb);
+kind_functions!(Kind::Numeric, pg_finfo_cellcrypt_encrypt_numeric, cellcrypt_encrypt_numeric, pg_finfo_cellcrypt_decrypt_numeric, cellcrypt_decrypt_numeric);
+kind_functions!(Kind::Date, pg_finfo_cellcrypt_encrypt_date, cellcrypt_encrypt_date, pg_finfo_cellcrypt_decrypt_date, cellcrypt_decrypt_date);
+kind_functions!(Kind::Timestamptz, pg_finfo_cellcrypt_encrypt_timestamptz, cellcrypt_encrypt_timestamptz, pg_finfo_cellcrypt_decrypt_timestamptz, cellcrypt_decrypt_timestamptz);
+kind_functions!(Kind::Int8, pg_finfo_cellcrypt_encrypt_int8, cellcrypt_encrypt_int8, pg_finfo_cellcrypt_decrypt_int8, cellcrypt_decrypt_int8);
+
+// ---------------------------------------------------------------------------------------------
+// Install SQL: one loop over the kinds creates each type with its functions and casts.
+
+pgrx::extension_sql!(
+    r#"
+CREATE TABLE cellcrypt.keyring (
+    key_version     integer PRIMARY KEY CHECK (key_version > 0),
+    fingerprint     text NOT NULL,
+    kdf_salt        bytea NOT NULL,
+    kdf_memory_kib  integer NOT NULL,
+    kdf_iterations  integer NOT NULL,
+    kdf_parallelism integer NOT NULL,
+    state           text NOT NULL CHECK (state IN ('current', 'previous', 'retired')),
+    provider        text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    created_by      name NOT NULL DEFAULT session_user
+);
+CREATE UNIQUE INDEX keyring_one_current ON cellcrypt.keyring ((true)) WHERE state = 'current';
+COMMENT ON TABLE cellcrypt.keyring IS 'Key versions of this database: fingerprints and KDF parameters only, never a key';
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'data_encryption_reader') THEN
+        CREATE ROLE data_encryption_reader NOLOGIN;
+    END IF;
+END
+$$;
+
+DO $$
+DECLARE
+    k text;
+    t text;
+BEGIN
+    FOREACH k IN ARRAY ARRAY['text', 'bytea', 'jsonb', 'numeric', 'date', 'timestamptz', 'int8'] LOOP
+        t := 'encrypted_' || k;
+        EXECUTE format('CREATE TYPE @extschema@.%I', t);
+        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(cstring, oid, integer) RETURNS @extschema@.%2$I
+                          AS 'MODULE_PATHNAME', 'cellcrypt_in' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t || '_in', t);
+        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS cstring
+                          AS 'MODULE_PATHNAME', 'cellcrypt_out' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t || '_out', t);
+        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(internal, oid, integer) RETURNS @extschema@.%2$I
+                          AS 'MODULE_PATHNAME', 'cellcrypt_recv' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t || '_recv', t);
+        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS bytea
+                          AS 'MODULE_PATHNAME', 'cellcrypt_send' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t || '_send', t);
+        EXECUTE format($f$CREATE TYPE @extschema@.%1$I (
+                              INPUT = @extschema@.%2$I, OUTPUT = @extschema@.%3$I,
+                              RECEIVE = @extschema@.%4$I, SEND = @extschema@.%5$I,
+                              INTERNALLENGTH = VARIABLE, ALIGNMENT = int4, STORAGE = external,
+                              CATEGORY = 'U')$f$, t, t || '_in', t || '_out', t || '_recv', t || '_send');
+        EXECUTE format('COMMENT ON TYPE @extschema@.%I IS %L', t,
+                       k || ', encrypted with AES-256-GCM by pg_cellcrypt; decrypt() or ::' || k || ' returns the plaintext');
+
+        -- encrypt(plain) always encrypts; it is also the assignment cast from the plain type.
+        EXECUTE format($f$CREATE FUNCTION @extschema@.encrypt(%1$s) RETURNS @extschema@.%2$I
+                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c VOLATILE STRICT PARALLEL SAFE$f$, k, t, 'cellcrypt_encrypt_' || k);
+        EXECUTE format('CREATE CAST (%s AS @extschema@.%I) WITH FUNCTION @extschema@.encrypt(%s) AS ASSIGNMENT', k, t, k);
+
+        -- decrypt(encrypted) is the explicit cast back; reserved to data_encryption_reader.
+        EXECUTE format($f$CREATE FUNCTION @extschema@.decrypt(@extschema@.%1$I) RETURNS %2$s
+                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t, k, 'cellcrypt_decrypt_' || k);
+        EXECUTE format('CREATE CAST (@extschema@.%I AS %s) WITH FUNCTION @extschema@.decrypt(@extschema@.%I)', t, k, t);
+        EXECUTE format('REVOKE ALL ON FUNCTION @extschema@.decrypt(@extschema@.%I) FROM PUBLIC', t);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.decrypt(@extschema@.%I) TO data_encryption_reader', t);
+    END LOOP;
+END
+$$;
+
+-- JDBC's setString sends varchar.
+CREATE CAST (varchar AS @extschema@.encrypted_text) WITH FUNCTION @extschema@.encrypt(text) AS ASSIGNMENT;
+
+-- Integer literals and parameters go where their plain types would take them.
+CREATE FUNCTION cellcrypt.int4_to_encrypted_int8(integer) RETURNS @extschema@.encrypted_int8
+    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE AS $$ SELECT @extschema@.encrypt($1::int8) $$;
+CREATE FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) RETURNS @extschema@.encrypted_numeric
+    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE AS $$ SELECT @extschema@.encrypt($1::numeric) $$;
+CREATE FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) RETURNS @extschema@.encrypted_numeric
+    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE AS $$ SELECT @extschema@.encrypt($1::numeric) $$;
+CREATE CAST (integer AS @extschema@.encrypted_int8) WITH FUNCTION cellcrypt.int4_to_encrypted_int8(integer) AS ASSIGNMENT;
+CREATE CAST (bigint AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) AS ASSIGNMENT;
+CREATE CAST (integer AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) AS ASSIGNMENT;
+
+CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
+REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
+-- Encryption is on from the start: the database gets its first key now.
+SELECT cellcrypt._initialize();
+"#,
+    name = "types",
+    finalize
+);
