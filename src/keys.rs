@@ -153,7 +153,32 @@ struct KeyRow {
     params: KdfParams,
 }
 
+/// Runs `f` as the bootstrap superuser, the way PostgreSQL's own internals read catalogs on
+/// behalf of an unprivileged caller. Used only for fixed, schema-qualified queries on
+/// `cellcrypt.*`: every role that writes encrypted columns must be able to load the key
+/// without any privilege on the keyring. An error aborts the transaction, which restores the
+/// caller's identity.
+fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    // SAFETY: plain backend calls; identity restored below and on abort by PostgreSQL.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
+    r
+}
+
 fn read_key_rows() -> Vec<KeyRow> {
+    as_extension_owner(read_key_rows_unchecked)
+}
+
+fn read_key_rows_unchecked() -> Vec<KeyRow> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism \

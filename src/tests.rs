@@ -1,1 +1,161 @@
+// In-database tests (`cargo pgrx test`): each runs inside one transaction of a pgrx-managed
+// server that preloads the extension.
 
+use pgrx::prelude::*;
+
+fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str) -> T {
+    Spi::get_one::<T>(sql).expect("query failed").expect("NULL result")
+}
+
+/// The text form of an encrypted expression, as a quoted SQL literal: feeding it back as an
+/// untyped literal goes through the type's input function, as a restored dump does. (A cast
+/// from text would encrypt the envelope text itself.)
+fn envelope_literal(expr: &str) -> String {
+    let text: String = one(&format!("SELECT format('%s', {expr})"));
+    pgrx::spi::quote_literal(text)
+}
+
+#[pg_test]
+fn encryption_is_active_after_create_extension() {
+    assert!(one::<bool>("SELECT is_data_encryption_active()"));
+    assert_eq!(one::<i64>("SELECT count(*) FROM cellcrypt.keyring WHERE state = 'current'"), 1);
+}
+
+#[pg_test]
+fn every_type_round_trips() {
+    let cases = [
+        ("encrypted_text", "text", "'héllo wörld'"),
+        ("encrypted_text", "text", "''"),
+        ("encrypted_bytea", "bytea", "'\\xdeadbeef00'::bytea"),
+        ("encrypted_bytea", "bytea", "''::bytea"),
+        ("encrypted_jsonb", "jsonb", "'{\"a\": [1, 2, {\"b\": null}]}'::jsonb"),
+        ("encrypted_jsonb", "jsonb", "'{}'::jsonb"),
+        ("encrypted_numeric", "numeric", "-12345678901234567890.000042"),
+        ("encrypted_numeric", "numeric", "'NaN'::numeric"),
+        ("encrypted_date", "date", "'2024-02-29'::date"),
+        ("encrypted_date", "date", "'infinity'::date"),
+        ("encrypted_timestamptz", "timestamptz", "'2024-01-01 12:34:56.789012+02'::timestamptz"),
+        ("encrypted_int8", "int8", "(-9223372036854775808)::int8"),
+    ];
+    for (enc, plain, value) in cases {
+        // through the cast from the plain type, and through decrypt() and the explicit cast back
+        let same: bool = one(&format!(
+            "SELECT decrypt(({value})::{plain}::{enc}) IS NOT DISTINCT FROM ({value})::{plain} \
+                AND (({value})::{plain}::{enc})::{plain} IS NOT DISTINCT FROM ({value})::{plain}"
+        ));
+        assert!(same, "{enc} did not round-trip {value}");
+        // through the text form (what pg_dump writes) read back by the input function
+        let lit = envelope_literal(&format!("({value})::{plain}::{enc}"));
+        let via_text: bool = one(&format!("SELECT decrypt({lit}::{enc}) IS NOT DISTINCT FROM ({value})::{plain}"));
+        assert!(via_text, "{enc} text form did not round-trip {value}");
+    }
+}
+
+#[pg_test]
+fn untyped_literals_encrypt_and_null_stays_null() {
+    Spi::run("CREATE TABLE lit (t encrypted_text, j encrypted_jsonb, n encrypted_numeric, i encrypted_int8, d encrypted_date)").unwrap();
+    Spi::run("INSERT INTO lit VALUES ('plain', '{\"k\": 1}', 1.5, 42, '2020-01-01'), (NULL, NULL, NULL, NULL, NULL)").unwrap();
+    assert_eq!(one::<String>("SELECT decrypt(t) FROM lit WHERE t IS NOT NULL"), "plain");
+    assert_eq!(one::<String>("SELECT decrypt(j)::text FROM lit WHERE j IS NOT NULL"), "{\"k\": 1}");
+    assert_eq!(one::<i64>("SELECT decrypt(i) FROM lit WHERE i IS NOT NULL"), 42);
+    assert_eq!(one::<i64>("SELECT count(*) FROM lit WHERE t IS NULL AND j IS NULL AND n IS NULL AND i IS NULL AND d IS NULL"), 1);
+}
+
+#[pg_test]
+fn select_shows_only_the_envelope_and_nonces_differ() {
+    Spi::run("CREATE TABLE env (c encrypted_text)").unwrap();
+    Spi::run("INSERT INTO env SELECT 'same secret'::text FROM generate_series(1, 50)").unwrap();
+    assert_eq!(one::<i64>("SELECT count(DISTINCT format('%s', c)) FROM env"), 50);
+    assert_eq!(one::<i64>("SELECT count(*) FROM env WHERE format('%s', c) LIKE '$cc$%' AND format('%s', c) NOT LIKE '%same secret%'"), 50);
+}
+
+#[pg_test]
+fn overhead_is_at_most_40_bytes() {
+    for len in [0, 1, 100, 126, 127, 1000, 100_000] {
+        let overhead: i32 = one(&format!(
+            "SELECT pg_column_size(repeat('x', {len})::encrypted_text) - {len}"
+        ));
+        assert!(overhead <= 40, "overhead {overhead} for a {len}-byte value");
+    }
+    assert_eq!(one::<String>("SELECT typstorage::text FROM pg_type WHERE typname = 'encrypted_text'"), "e");
+}
+
+#[pg_test]
+fn a_value_cannot_move_between_types() {
+    // an encrypted_text envelope presented as encrypted_bytea: the AAD binds the type
+    let lit = envelope_literal("'abc'::text::encrypted_text");
+    let r = PgTryBuilder::new(|| Spi::get_one::<Vec<u8>>(&format!("SELECT decrypt({lit}::encrypted_bytea)")).map(|_| "decrypted"))
+    .catch_others(|e| match e {
+        pg_sys::panic::CaughtError::PostgresError(r) => {
+            assert_eq!(r.sql_error_code(), PgSqlErrorCode::ERRCODE_DATA_CORRUPTED);
+            Ok("refused")
+        }
+        _ => Ok("other error"),
+    })
+    .execute();
+    assert_eq!(r.unwrap(), "refused");
+}
+
+#[pg_test(error = "invalid input syntax for type encrypted_text: malformed encrypted value: envelope is 3 bytes long, shorter than the 33 bytes of header, nonce and tag")]
+fn malformed_envelope_is_22p02() {
+    Spi::run("SELECT '$cc$AQAA'::encrypted_text").unwrap();
+}
+
+#[pg_test(error = "invalid input syntax for type encrypted_numeric: the value is not a valid numeric")]
+fn invalid_plaintext_is_not_echoed() {
+    Spi::run("SELECT 'twelve'::encrypted_numeric").unwrap();
+}
+
+#[pg_test(error = "could not decrypt a value of type encrypted_text: the encrypted value is corrupted or was tampered with")]
+fn tampered_ciphertext_is_xx001() {
+    // overwrite one base64 group inside the ciphertext (characters 29..32 = envelope bytes 18..20)
+    let lit = envelope_literal("overlay(format('%s', 'secret value'::text::encrypted_text) placing 'AAAA' from 29 for 4)");
+    Spi::run(&format!("SELECT decrypt({lit}::encrypted_text)")).unwrap();
+}
+
+#[pg_test]
+fn decrypt_requires_the_reader_role() {
+    Spi::run("CREATE ROLE cc_test_nobody").unwrap();
+    Spi::run("CREATE ROLE cc_test_reader IN ROLE data_encryption_reader").unwrap();
+    Spi::run("CREATE TABLE guarded (c encrypted_text); INSERT INTO guarded VALUES ('top secret')").unwrap();
+    Spi::run("GRANT SELECT ON guarded TO cc_test_nobody, cc_test_reader").unwrap();
+    Spi::run("SET LOCAL ROLE cc_test_reader").unwrap();
+    assert_eq!(one::<String>("SELECT decrypt(c) FROM guarded"), "top secret");
+    assert_eq!(one::<String>("SELECT c::text FROM guarded"), "top secret");
+    Spi::run("RESET ROLE").unwrap();
+    // EXECUTE on every decrypting function is revoked from PUBLIC
+    let public_exec: i64 = one(
+        "SELECT count(*) FROM pg_proc WHERE proname = 'decrypt' AND has_function_privilege('cc_test_nobody', oid, 'EXECUTE')",
+    );
+    assert_eq!(public_exec, 0);
+    assert_eq!(one::<i64>("SELECT count(*) FROM pg_proc WHERE proname = 'decrypt' AND pronamespace = 'public'::regnamespace"), 7);
+}
+
+#[pg_test(error = "permission denied to decrypt: only superusers and members of role data_encryption_reader may decrypt")]
+fn granting_execute_alone_does_not_allow_decrypting() {
+    Spi::run("CREATE ROLE cc_test_sneaky").unwrap();
+    Spi::run("GRANT EXECUTE ON FUNCTION decrypt(encrypted_text) TO cc_test_sneaky").unwrap();
+    Spi::run("SET LOCAL ROLE cc_test_sneaky").unwrap();
+    Spi::run("SELECT decrypt('x'::text::encrypted_text)").unwrap();
+}
+
+#[pg_test]
+fn declarations_are_truthful() {
+    // encryption volatile, decryption stable, all parallel safe
+    assert_eq!(one::<i64>("SELECT count(*) FROM pg_proc WHERE proname = 'encrypt' AND provolatile = 'v' AND proparallel = 's'"), 7);
+    assert_eq!(one::<i64>("SELECT count(*) FROM pg_proc WHERE proname = 'decrypt' AND provolatile = 's' AND proparallel = 's'"), 7);
+    // no comparison operators on randomized ciphertext
+    assert_eq!(one::<i64>("SELECT count(*) FROM pg_operator WHERE oprleft::regtype::text LIKE 'encrypted_%'"), 0);
+}
+
+#[pg_test]
+fn generated_keys_are_copy_safe() {
+    let k: String = one("SELECT generate_data_encryption_key()");
+    assert!(k.is_ascii() && k.starts_with("CCK1-"), "{k}");
+    assert_eq!(k.split('-').count(), 16);
+    // a cast from the plain type always encrypts, even text that looks like an envelope
+    let lit = envelope_literal("'abc'::text::encrypted_text");
+    let twice: String = one(&format!("SELECT decrypt({lit}::text::encrypted_text)"));
+    assert!(twice.starts_with("$cc$"));
+    assert_ne!(k, one::<String>("SELECT generate_data_encryption_key()"));
+}

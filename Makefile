@@ -1,0 +1,51 @@
+# pg_cellcrypt. `make demo` and `make test` each set up a fresh machine by themselves.
+SHELL := /bin/bash
+export PGRX_HOME := $(CURDIR)/pgrx-config
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
+
+.PHONY: all setup build install install-dev demo demo-stop test test-core test-pg test-integration clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	cargo build
+
+## Release build, installed into Debian's PostgreSQL 15.
+install: setup
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+## Dev build, installed into Debian's PostgreSQL 15 (what the integration tests run against).
+install-dev: setup
+	cargo pgrx install --pg-config $(PG_CONFIG)
+
+demo: install
+	@scripts/demo.sh
+
+demo-stop:
+	@scripts/cluster.sh stop $(CURDIR)/.demo
+	@echo "demo cluster stopped"
+
+## Every test layer; exits 0 only when all pass.
+test: setup test-core test-pg test-integration
+	@echo "make test: all layers passed"
+
+## The crypto core alone: vectors, tamper tests, properties.
+test-core:
+	cargo test -p cellcrypt-core -- --show-output 2>&1 | grep -vE '^(---- |$$)'; exit $${PIPESTATUS[0]}
+
+## #[pg_test]s inside a pgrx-managed server (run as the postgres user: initdb refuses root).
+test-pg: setup
+	rm -rf $(PGRX_PGDATA) && mkdir -p $(PGRX_PGDATA) && chown postgres:postgres $(PGRX_PGDATA)
+	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
+
+## Real clusters driven over TCP (with and without SSL) and Unix sockets.
+test-integration: install-dev
+	cargo test -p cellcrypt-integration -- --test-threads=2
+
+clean:
+	cargo clean
+	rm -rf .demo .test-clusters $(PGRX_PGDATA)

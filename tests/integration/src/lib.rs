@@ -1,0 +1,213 @@
+//! The integration harness: throwaway PostgreSQL 15 clusters (via `scripts/cluster.sh`) with
+//! pg_cellcrypt preloaded and SSL on, reached over TCP with and without SSL and over the Unix
+//! socket through a real client library, plus psql and pg_dump for what they do best.
+//!
+//! Clusters run as the `postgres` OS user in `/tmp/pg_cellcrypt-it/<name>-<port>` and are
+//! stopped and removed when the [`Cluster`] is dropped.
+
+use postgres::config::SslMode;
+use postgres::{Client, Config, NoTls};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP to 127.0.0.1 without SSL.
+    Tcp,
+    /// TCP to 127.0.0.1 with SSL required.
+    TcpSsl,
+    /// The Unix-domain socket.
+    Unix,
+}
+
+pub const ALL_TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::TcpSsl, Transport::Unix];
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+fn check(out: Output, what: &str) -> String {
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Cluster {
+    /// Starts a fresh cluster; `extra` lines are appended to postgresql.conf.
+    pub fn start(name: &str, extra: &[&str]) -> Cluster {
+        let port = 57000 + (std::process::id() % 100) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}"));
+        std::fs::create_dir_all("/tmp/pg_cellcrypt-it").unwrap();
+        let out = Command::new(repo().join("scripts/cluster.sh"))
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .args(extra)
+            .output()
+            .unwrap();
+        check(out, "starting the cluster");
+        Cluster { dir, port }
+    }
+
+    pub fn config(&self, how: Transport, db: &str) -> Config {
+        let mut c = Config::new();
+        c.user("postgres").dbname(db).port(self.port);
+        match how {
+            Transport::Tcp => c.host("127.0.0.1").ssl_mode(SslMode::Disable),
+            Transport::TcpSsl => c.host("127.0.0.1").ssl_mode(SslMode::Require),
+            Transport::Unix => c.host_path(&self.dir).ssl_mode(SslMode::Disable),
+        };
+        c
+    }
+
+    /// A client connected the given way.
+    pub fn connect(&self, how: Transport, db: &str) -> Client {
+        self.try_connect(how, db).unwrap_or_else(|e| panic!("connecting over {how:?}: {e}"))
+    }
+
+    pub fn try_connect(&self, how: Transport, db: &str) -> Result<Client, postgres::Error> {
+        let cfg = self.config(how, db);
+        if how == Transport::TcpSsl {
+            // The test clusters use a throwaway self-signed certificate.
+            let tls = native_tls::TlsConnector::builder().danger_accept_invalid_certs(true).build().unwrap();
+            cfg.connect(postgres_native_tls::MakeTlsConnector::new(tls))
+        } else {
+            cfg.connect(NoTls)
+        }
+    }
+
+    /// Runs SQL through psql over the Unix socket and returns its output, panicking on error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        check(self.psql_raw(db, sql), "psql")
+    }
+
+    /// Runs SQL through psql; the caller inspects success and stderr.
+    pub fn psql_raw(&self, db: &str, sql: &str) -> Output {
+        Command::new("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+            .arg("-h")
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .unwrap()
+    }
+
+    pub fn createdb(&self, db: &str) {
+        self.psql("postgres", &format!("CREATE DATABASE {db}"));
+    }
+
+    /// A database with the extension created.
+    pub fn database_with_extension(&self, db: &str) {
+        self.createdb(db);
+        self.psql(db, "CREATE EXTENSION pg_cellcrypt");
+    }
+
+    /// pg_dump in plain format, extra arguments appended.
+    pub fn pg_dump(&self, db: &str, args: &[&str]) -> String {
+        let out = Command::new(format!("{PGBIN}/pg_dump"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .arg(db)
+            .output()
+            .unwrap();
+        check(out, "pg_dump")
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{PGBIN}/pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(args)
+            .output()
+            .unwrap();
+        check(out, "pg_ctl");
+    }
+
+    pub fn restart(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "restart"]);
+    }
+
+    pub fn stop_immediate(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "start"]);
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The data directory path of a table's main fork.
+    pub fn relation_file(&self, db: &str, table: &str) -> PathBuf {
+        let rel = self.psql(db, &format!("SELECT pg_relation_filepath('{table}')"));
+        self.dir.join("data").join(rel.trim())
+    }
+
+    /// The key files of the `file` provider.
+    pub fn key_dir(&self) -> PathBuf {
+        self.dir.join("keys")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/cluster.sh")).arg("stop").arg(&self.dir).output();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("cluster kept for inspection: {}", self.dir.display());
+        }
+    }
+}
+
+/// True when `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `dir`, read whole.
+pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(read_tree(&p));
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push((p, b));
+            }
+        }
+    }
+    out
+}
