@@ -30,8 +30,8 @@ demo-stop:
 	@echo "demo cluster stopped"
 
 ## Every test layer; exits 0 only when all pass.
-test: setup test-core test-pg test-integration
-	@echo "make test: all layers passed"
+test: setup
+	@scripts/test.sh
 
 ## The crypto core alone: vectors, tamper tests, properties.
 test-core:

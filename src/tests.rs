@@ -159,3 +159,40 @@ fn generated_keys_are_copy_safe() {
     assert!(twice.starts_with("$cc$"));
     assert_ne!(k, one::<String>("SELECT generate_data_encryption_key()"));
 }
+
+/// An envelope literal of `expr` with its key id (bytes 1..5) replaced.
+fn envelope_with_key_id(expr: &str, key_id: u32) -> String {
+    let b = key_id.to_be_bytes();
+    one::<String>(&format!(
+        "SELECT quote_literal('$cc$' || translate(encode(set_byte(set_byte(set_byte(set_byte(\
+             decode(substr(format('%s', {expr}), 5), 'base64'), 1, {}), 2, {}), 3, {}), 4, {}), 'base64'), E'\\n', ''))",
+        b[0], b[1], b[2], b[3]
+    ))
+}
+
+#[pg_test(error = "the encrypted_text value was encrypted under key version 9, which this database does not have")]
+fn unknown_key_id_is_named() {
+    let lit = envelope_with_key_id("'under another key'::text::encrypted_text", 9);
+    Spi::run(&format!("SELECT decrypt({lit}::encrypted_text)")).unwrap();
+}
+
+#[pg_test]
+fn insert_on_conflict_do_update_encrypts() {
+    Spi::run("CREATE TABLE upsert (id int PRIMARY KEY, s encrypted_text)").unwrap();
+    Spi::run("INSERT INTO upsert VALUES (1, 'first')").unwrap();
+    Spi::run("INSERT INTO upsert VALUES (1, 'second') ON CONFLICT (id) DO UPDATE SET s = EXCLUDED.s").unwrap();
+    Spi::run("INSERT INTO upsert VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET s = decrypt(upsert.s) || ' and third'").unwrap();
+    assert_eq!(one::<String>("SELECT decrypt(s) FROM upsert WHERE id = 1"), "second and third");
+    assert_eq!(one::<i64>("SELECT count(*) FROM upsert WHERE format('%s', s) LIKE '$cc$%'"), 1);
+}
+
+#[pg_test]
+fn text_copy_of_plaintext_encrypts() {
+    Spi::run("CREATE TABLE copied (id int, s encrypted_text, j encrypted_jsonb)").unwrap();
+    // COPY FROM a program's output: plaintext lines, parsed by the types' input function
+    Spi::run("COPY copied FROM PROGRAM 'printf ''1\\tcopy secret\\t{\"a\": 1}\\n2\\t\\\\N\\t{}\\n''' (FORMAT text)").unwrap();
+    assert_eq!(one::<String>("SELECT decrypt(s) FROM copied WHERE id = 1"), "copy secret");
+    assert_eq!(one::<String>("SELECT decrypt(j)::text FROM copied WHERE id = 2"), "{}");
+    assert_eq!(one::<i64>("SELECT count(*) FROM copied WHERE s IS NULL"), 1);
+    assert_eq!(one::<i64>("SELECT count(*) FROM copied WHERE format('%s', s) LIKE '%copy secret%'"), 0);
+}

@@ -15,11 +15,15 @@
 //!
 //! ## The 2^32 limit of random GCM nonces
 //! NIST SP 800-38D allows at most 2^32 encryptions under one key with random 96-bit nonces
-//! (collision probability then below 2^-32). Every [`DataCipher`] counts the values it seals
-//! ([`DataCipher::sealed_count`]); the extension adds these counts up per key version and
-//! reports them. The plan: at 2^31 seals the extension warns and recommends a key change, and a
-//! key change re-encrypts every cell under a fresh key (new key id), which resets the budget.
-//! Yearly key changes, as the product recommends, keep any realistic database far below it.
+//! (collision probability then below 2^-32). The plan, in three parts:
+//! 1. every [`DataCipher`] counts the values it seals ([`DataCipher::sealed_count`]);
+//! 2. the extension's key management adds these counts up per key version across backends and
+//!    shows them in its status, warning from 2^31 seals on and recommending a key change;
+//! 3. a key change re-encrypts every cell under a fresh key (a new key id), which starts a new
+//!    budget. Yearly key changes, as the product recommends, keep any realistic database far
+//!    below the limit (2^32 is 136 inserts or updates per second, every second, for a year).
+//!
+//! Part 1 is here; parts 2 and 3 belong to the extension's key management.
 
 #![deny(unsafe_code)]
 
