@@ -5,6 +5,7 @@
 //! | `pg_cellcrypt.key_directory` | sighup | `<data_directory>/../pg_cellcrypt_keys` | where the `file` key provider keeps one key file per database. It must lie outside the data directory so base backups and replicas built from them do not carry the key. |
 //! | `pg_cellcrypt.kdf_memory_kib` | superuser | 19456 | Argon2id memory cost for new key versions |
 //! | `pg_cellcrypt.kdf_iterations` | superuser | 2 | Argon2id passes for new key versions |
+//! | `pg_cellcrypt.require_secure_transport` | superuser | on | key calls refuse TCP connections without SSL (SSL and Unix sockets are allowed) |
 //!
 //! The KDF settings apply when a key version is created; each version stores the parameters it
 //! was derived with, so changing them never makes an existing key unverifiable.
@@ -15,6 +16,7 @@ use std::ffi::CString;
 pub static KEY_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -34,6 +36,14 @@ pub fn init() {
         4 * 1024 * 1024,
         GucContext::Suset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_cellcrypt.require_secure_transport",
+        c"Key calls refuse TCP connections without SSL.",
+        c"SSL and Unix-socket connections are always allowed. Turn off only where the network path is protected otherwise (an SSH tunnel, a TLS-terminating proxy on the same host, IPsec).",
+        &REQUIRE_SECURE_TRANSPORT,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"pg_cellcrypt.kdf_iterations",

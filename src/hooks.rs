@@ -1,8 +1,8 @@
 //! `emit_log_hook`: the last look at every error before it reaches the log and the client.
 //!
-//! When PostgreSQL itself refuses EXECUTE on one of the decrypting functions ("permission denied
+//! When PostgreSQL itself refuses EXECUTE on one of our guarded functions ("permission denied
 //! for function decrypt"), the hook adds a hint that names the role that grants it, so every
-//! refusal to decrypt tells the user what to ask for.
+//! refusal tells the user what to ask for.
 
 use pgrx::pg_sys;
 use std::ffi::CStr;
@@ -17,17 +17,26 @@ pub fn init() {
     }
 }
 
-const DECRYPT_DENIED_PREFIX: &[u8] = b"permission denied for function decrypt";
-const DECRYPT_ROLE_HINT: &CStr = c"Only superusers and members of role data_encryption_reader may decrypt. Ask an administrator to run GRANT data_encryption_reader TO <your role>.";
+/// Refusals by PostgreSQL's EXECUTE check, and the hint that names the role to ask for.
+const ROLE_HINTS: [(&[u8], &CStr); 2] = [
+    (
+        b"permission denied for function decrypt",
+        c"Only superusers and members of role data_encryption_reader may decrypt. Ask an administrator to run GRANT data_encryption_reader TO <your role>.",
+    ),
+    (
+        b"permission denied for function retrieve_data_encryption_key",
+        c"Only superusers and members of role data_encryption_admin manage the data encryption key. Ask an administrator to run GRANT data_encryption_admin TO <your role>.",
+    ),
+];
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
     if let Some(e) = edata.as_mut() {
         if e.sqlerrcode == PERMISSION_DENIED_CODE && !e.message.is_null() && e.hint.is_null() {
             let msg = CStr::from_ptr(e.message).to_bytes();
-            if msg.starts_with(DECRYPT_DENIED_PREFIX) {
+            if let Some((_, hint)) = ROLE_HINTS.iter().find(|(prefix, _)| msg.starts_with(prefix)) {
                 // ErrorData strings live in ErrorContext, where the hook is called.
-                e.hint = pg_sys::pstrdup(DECRYPT_ROLE_HINT.as_ptr());
+                e.hint = pg_sys::pstrdup(hint.as_ptr());
             }
         }
     }

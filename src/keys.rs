@@ -370,6 +370,68 @@ fn is_data_encryption_active() -> bool {
     try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
 }
 
+/// True when this backend's client connection is protected: SSL, a Unix-domain socket, or no
+/// client at all (a background worker).
+fn connection_is_secure() -> bool {
+    // SAFETY: MyBEEntry is this backend's own status entry, set up at connection start.
+    unsafe {
+        let Some(entry) = pg_sys::MyBEEntry.as_ref() else {
+            return true;
+        };
+        if pg_sys::MyProcPort.is_null() {
+            return true;
+        }
+        entry.st_ssl || i32::from(entry.st_clientaddr.addr.ss_family) == libc::AF_UNIX
+    }
+}
+
+/// Key calls travel only over protected connections, like Dynamics' HTTPS rule.
+pub fn require_secure_transport(function: &str) {
+    if !crate::gucs::REQUIRE_SECURE_TRANSPORT.get() || connection_is_secure() {
+        return;
+    }
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+        format!("{function} requires a secure connection"),
+        Some("This connection is TCP without SSL, so a key would cross the network in the clear."),
+        Some("Reconnect with SSL (sslmode=require or stronger) or over the server's Unix socket."),
+    )
+}
+
+/// Only superusers and members of `data_encryption_admin` manage keys.
+pub fn require_admin(function: &str) {
+    // SAFETY: catalog/cache lookups inside a transaction.
+    let allowed = unsafe {
+        pg_sys::superuser() || {
+            let role = pg_sys::get_role_oid(c"data_encryption_admin".as_ptr(), true);
+            role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
+        }
+    };
+    if !allowed {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for {function}: only superusers and members of role data_encryption_admin manage the data encryption key"),
+            None,
+            Some("Ask an administrator to run GRANT data_encryption_admin TO <your role>."),
+        )
+    }
+}
+
+/// `retrieve_data_encryption_key() returns text`: the database's current key, for backup.
+/// Superusers and `data_encryption_admin` only, over a secure connection. The key is checked
+/// against the stored fingerprint before it is shown.
+#[pg_extern(volatile, parallel_unsafe)]
+fn retrieve_data_encryption_key() -> String {
+    require_admin("retrieve_data_encryption_key()");
+    require_secure_transport("retrieve_data_encryption_key()");
+    let keys = loaded();
+    let stored = file_provider::read_all().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
+    let Some((_, key)) = stored.iter().find(|(v, _)| *v == keys.current_version) else {
+        KeyUnavailable::ProviderError("the key provider no longer holds the current key".into()).raise();
+    };
+    key.as_str().to_owned()
+}
+
 /// `generate_data_encryption_key() returns text`: a fresh key in the copy-safe format. Changes
 /// nothing.
 #[pg_extern(volatile, parallel_safe)]

@@ -394,6 +394,9 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'data_encryption_reader') THEN
         CREATE ROLE data_encryption_reader NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'data_encryption_admin') THEN
+        CREATE ROLE data_encryption_admin NOLOGIN;
+    END IF;
 END
 $$;
 
@@ -453,6 +456,9 @@ CREATE CAST (integer AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.i
 CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
 REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.retrieve_data_encryption_key() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.retrieve_data_encryption_key() TO data_encryption_admin;
+
 -- Encryption is on from the start: the database gets its first key now.
 SELECT cellcrypt._initialize();
 "#,

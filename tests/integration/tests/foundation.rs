@@ -251,3 +251,44 @@ fn unprivileged_roles_write_but_only_readers_decrypt() {
     let plain: String = reader.query_one("SELECT decrypt(s) FROM t", &[]).unwrap().get(0);
     assert_eq!(plain, "written by writer");
 }
+
+#[test]
+fn retrieving_the_key_needs_a_secure_connection_and_the_admin_role() {
+    let c = Cluster::start("retrieve", &[]);
+    c.database_with_extension("app");
+    let on_disk = std::fs::read_to_string(std::fs::read_dir(c.key_dir()).unwrap().flatten().next().unwrap().path()).unwrap();
+    // TCP without SSL is refused, with a hint
+    let mut plain = c.connect(Transport::Tcp, "app");
+    let err = plain.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code(), &SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+    assert!(db.message().contains("requires a secure connection"), "{}", db.message());
+    assert!(db.hint().unwrap_or("").contains("SSL"), "{:?}", db.hint());
+    // SSL and the Unix socket are allowed, and give the key the provider holds
+    let mut keys = Vec::new();
+    for how in [Transport::TcpSsl, Transport::Unix] {
+        let key: String = c.connect(how, "app").query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+        assert!(key.starts_with("CCK1-") && on_disk.contains(&key), "{how:?}");
+        keys.push(key);
+    }
+    assert_eq!(keys[0], keys[1]);
+    // a superuser may relax the rule for the session
+    plain.batch_execute("SET pg_cellcrypt.require_secure_transport = off").unwrap();
+    let key: String = plain.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+    assert_eq!(key, keys[0]);
+    // roles: PUBLIC refused with a hint naming data_encryption_admin; members allowed
+    c.psql("app", "CREATE ROLE clerk LOGIN; CREATE ROLE keeper LOGIN IN ROLE data_encryption_admin");
+    let mut cfg = c.config(Transport::Unix, "app");
+    cfg.user("clerk");
+    let mut clerk = cfg.connect(postgres::NoTls).unwrap();
+    let err = clerk.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    assert!(db.hint().unwrap_or("").contains("data_encryption_admin"), "{:?}", db.hint());
+    let err = clerk.batch_execute("SET pg_cellcrypt.require_secure_transport = off").unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    let mut cfg = c.config(Transport::Unix, "app");
+    cfg.user("keeper");
+    let key: String = cfg.connect(postgres::NoTls).unwrap().query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+    assert_eq!(key, keys[0]);
+}
