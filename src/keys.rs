@@ -400,13 +400,7 @@ pub fn require_secure_transport(function: &str) {
 
 /// Only superusers and members of `data_encryption_admin` manage keys.
 pub fn require_admin(function: &str) {
-    // SAFETY: catalog/cache lookups inside a transaction.
-    let allowed = unsafe {
-        pg_sys::superuser() || {
-            let role = pg_sys::get_role_oid(c"data_encryption_admin".as_ptr(), true);
-            role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
-        }
-    };
+    let allowed = crate::roles::current_user_has(crate::roles::ADMIN);
     if !allowed {
         errors::raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,

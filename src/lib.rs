@@ -7,6 +7,7 @@
 //! | [`errors`] | how errors are raised: SQLSTATE, message, detail, hint |
 //! | [`keys`] | the data encryption key: generation, providers, loading, the SQL key functions |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
+//! | [`roles`] | the roles the extension creates; the membership check |
 //! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log, names the role in denials |
 
 use pgrx::prelude::*;
@@ -15,6 +16,7 @@ pub mod errors;
 pub mod gucs;
 pub mod hooks;
 pub mod keys;
+pub mod roles;
 pub mod types;
 
 ::pgrx::pg_module_magic!(name, version);

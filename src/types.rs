@@ -216,17 +216,9 @@ pub unsafe fn encrypt_plain_datum(kind: Kind, d: Datum) -> Datum {
 
 /// Raises 42501 unless the current user may decrypt.
 pub fn check_reader() {
-    // SAFETY: catalog/cache lookups inside a transaction.
-    unsafe {
-        if pg_sys::superuser() {
-            return;
-        }
-        let role = pg_sys::get_role_oid(c"data_encryption_reader".as_ptr(), true);
-        if role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role) {
-            return;
-        }
+    if !crate::roles::current_user_has(crate::roles::READER) {
+        errors::decrypt_denied()
     }
-    errors::decrypt_denied()
 }
 
 /// Decrypts an encrypted datum into a datum of the plain type.
