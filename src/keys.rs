@@ -211,6 +211,18 @@ fn read_key_rows_unchecked() -> Vec<KeyRow> {
     })
 }
 
+/// Parses a key text from the provider, derives its master key with the row's salt and
+/// parameters, and checks it against the row's fingerprint.
+fn verify(row: &KeyRow, key_text: &str) -> Result<(AdminKey, MasterKey), KeyUnavailable> {
+    let key = AdminKey::parse(key_text).map_err(|e| KeyUnavailable::ProviderError(format!("the key file holds an invalid key: {e}")))?;
+    let master = MasterKey::derive(&key, &row.salt, &row.params).map_err(|e| KeyUnavailable::ProviderError(e.to_string()))?;
+    let found = master.fingerprint().to_string();
+    if found != row.fingerprint {
+        return Err(KeyUnavailable::FingerprintMismatch { version: row.version, expected: row.fingerprint.clone(), found });
+    }
+    Ok((key, master))
+}
+
 fn load() -> Result<LoadedKeys, KeyUnavailable> {
     let relid = keyring_relid();
     let rows = read_key_rows();
@@ -220,24 +232,33 @@ fn load() -> Result<LoadedKeys, KeyUnavailable> {
     let stored = file_provider::read_all().map_err(KeyUnavailable::ProviderError)?;
     let mut ring = Keyring::new();
     for row in &rows {
+        let is_current = row.version == current.version;
         let Some((_, key_text)) = stored.iter().find(|(v, _)| *v == row.version) else {
-            if row.version == current.version {
+            if is_current {
                 return Err(KeyUnavailable::NotInProvider { version: row.version, fingerprint: row.fingerprint.clone() });
             }
             continue;
         };
-        let key = AdminKey::parse(key_text).map_err(|e| KeyUnavailable::ProviderError(format!("the key file holds an invalid key: {e}")))?;
-        let master = MasterKey::derive(&key, &row.salt, &row.params).map_err(|e| KeyUnavailable::ProviderError(e.to_string()))?;
-        let found = master.fingerprint().to_string();
-        if found != row.fingerprint {
-            if row.version == current.version {
-                return Err(KeyUnavailable::FingerprintMismatch { version: row.version, expected: row.fingerprint.clone(), found });
-            }
-            continue;
+        // An older version that does not verify is skipped; the current one must verify.
+        match verify(row, key_text) {
+            Ok((_, master)) => ring.insert(row.version, &master.data_key(), is_current),
+            Err(e) if is_current => return Err(e),
+            Err(_) => continue,
         }
-        ring.insert(row.version, &master.data_key(), row.version == current.version);
     }
     Ok(LoadedKeys { keyring_relid: relid, ring, current_version: current.version })
+}
+
+/// The current key as the provider holds it now, verified against the stored fingerprint.
+fn verified_current_key() -> Result<AdminKey, KeyUnavailable> {
+    let rows = read_key_rows();
+    let current = rows.first().ok_or(KeyUnavailable::NoKeyConfigured)?;
+    let stored = file_provider::read_all().map_err(KeyUnavailable::ProviderError)?;
+    let (_, key_text) = stored
+        .iter()
+        .find(|(v, _)| *v == current.version)
+        .ok_or_else(|| KeyUnavailable::NotInProvider { version: current.version, fingerprint: current.fingerprint.clone() })?;
+    verify(current, key_text).map(|(key, _)| key)
 }
 
 /// The `file` key provider.
@@ -371,17 +392,17 @@ fn is_data_encryption_active() -> bool {
 }
 
 /// True when this backend's client connection is protected: SSL, a Unix-domain socket, or no
-/// client at all (a background worker).
+/// client at all (a background worker). A client whose transport cannot be told is not trusted.
 fn connection_is_secure() -> bool {
-    // SAFETY: MyBEEntry is this backend's own status entry, set up at connection start.
+    // SAFETY: MyProcPort and MyBEEntry are this backend's own, set up at connection start.
     unsafe {
-        let Some(entry) = pg_sys::MyBEEntry.as_ref() else {
-            return true;
-        };
         if pg_sys::MyProcPort.is_null() {
             return true;
         }
-        entry.st_ssl || i32::from(entry.st_clientaddr.addr.ss_family) == libc::AF_UNIX
+        match pg_sys::MyBEEntry.as_ref() {
+            Some(entry) => entry.st_ssl || i32::from(entry.st_clientaddr.addr.ss_family) == libc::AF_UNIX,
+            None => false,
+        }
     }
 }
 
@@ -400,8 +421,7 @@ pub fn require_secure_transport(function: &str) {
 
 /// Only superusers and members of `data_encryption_admin` manage keys.
 pub fn require_admin(function: &str) {
-    let allowed = crate::roles::current_user_has(crate::roles::ADMIN);
-    if !allowed {
+    if !crate::roles::current_user_has(crate::roles::ADMIN) {
         errors::raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("permission denied for {function}: only superusers and members of role data_encryption_admin manage the data encryption key"),
@@ -418,12 +438,10 @@ pub fn require_admin(function: &str) {
 fn retrieve_data_encryption_key() -> String {
     require_admin("retrieve_data_encryption_key()");
     require_secure_transport("retrieve_data_encryption_key()");
-    let keys = loaded();
-    let stored = file_provider::read_all().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
-    let Some((_, key)) = stored.iter().find(|(v, _)| *v == keys.current_version) else {
-        KeyUnavailable::ProviderError("the key provider no longer holds the current key".into()).raise();
-    };
-    key.as_str().to_owned()
+    match verified_current_key() {
+        Ok(key) => key.as_str().to_owned(),
+        Err(e) => e.raise(),
+    }
 }
 
 /// `generate_data_encryption_key() returns text`: a fresh key in the copy-safe format. Changes
