@@ -77,13 +77,19 @@ impl Cluster {
         c
     }
 
-    /// A client connected the given way.
+    /// A client connected the given way, as the superuser `postgres`.
     pub fn connect(&self, how: Transport, db: &str) -> Client {
-        self.try_connect(how, db).unwrap_or_else(|e| panic!("connecting over {how:?}: {e}"))
+        self.connect_as(how, db, "postgres")
     }
 
-    pub fn try_connect(&self, how: Transport, db: &str) -> Result<Client, postgres::Error> {
-        let cfg = self.config(how, db);
+    /// A client connected the given way, as `user`.
+    pub fn connect_as(&self, how: Transport, db: &str, user: &str) -> Client {
+        self.try_connect_as(how, db, user).unwrap_or_else(|e| panic!("connecting over {how:?} as {user}: {e}"))
+    }
+
+    pub fn try_connect_as(&self, how: Transport, db: &str, user: &str) -> Result<Client, postgres::Error> {
+        let mut cfg = self.config(how, db);
+        cfg.user(user);
         if how == Transport::TcpSsl {
             // The test clusters use a throwaway self-signed certificate.
             let tls = native_tls::TlsConnector::builder().danger_accept_invalid_certs(true).build().unwrap();
@@ -100,18 +106,25 @@ impl Cluster {
 
     /// Runs SQL through psql; the caller inspects success and stderr.
     pub fn psql_raw(&self, db: &str, sql: &str) -> Output {
-        Command::new("psql")
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
+        self.psql_command(db).arg("-c").arg(sql).output().unwrap()
+    }
+
+    /// Runs a SQL file (a plain-format dump, say) through psql, panicking on error.
+    pub fn psql_file(&self, db: &str, file: &Path) {
+        check(self.psql_command(db).arg("-f").arg(file).output().unwrap(), "psql -f");
+    }
+
+    /// psql over the Unix socket, unaligned and tuples-only, stopping at the first error.
+    fn psql_command(&self, db: &str) -> Command {
+        let mut cmd = Command::new("psql");
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
             .arg("-h")
             .arg(&self.dir)
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-d")
-            .arg(db)
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .unwrap()
+            .arg(db);
+        cmd
     }
 
     pub fn createdb(&self, db: &str) {
@@ -162,10 +175,6 @@ impl Cluster {
 
     pub fn start_again(&self) {
         self.pg_ctl(&["-w", "-t", "60", "start"]);
-    }
-
-    pub fn server_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
     /// The data directory path of a table's main fork.

@@ -121,16 +121,7 @@ fn dump_restore_and_binary_copy_round_trip() {
     c.psql("app", "DROP TABLE t");
     let file = c.dir.join("t.sql");
     std::fs::write(&file, dump).unwrap();
-    let out = std::process::Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-d", "app", "-h"])
-        .arg(&c.dir)
-        .arg("-p")
-        .arg(c.port.to_string())
-        .arg("-f")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.psql_file("app", &file);
     assert_eq!(c.psql("app", digest), before);
     // binary COPY out and back in (send/recv)
     let bin = c.dir.join("t.bin");
@@ -234,10 +225,7 @@ fn unprivileged_roles_write_but_only_readers_decrypt() {
          CREATE TABLE t (s encrypted_text); GRANT SELECT, INSERT ON t TO writer, reader;",
     );
     // A fresh backend of a role with no privilege on the extension's internals loads the key.
-    let mut cfg = c.config(Transport::TcpSsl, "app");
-    cfg.user("writer");
-    let tls = native_tls::TlsConnector::builder().danger_accept_invalid_certs(true).build().unwrap();
-    let mut writer = cfg.connect(postgres_native_tls::MakeTlsConnector::new(tls)).unwrap();
+    let mut writer = c.connect_as(Transport::TcpSsl, "app", "writer");
     writer.execute("INSERT INTO t VALUES ($1::text)", &[&"written by writer"]).unwrap();
     let err = writer.query_one("SELECT decrypt(s) FROM t", &[]).unwrap_err();
     let db = err.as_db_error().unwrap();
@@ -245,9 +233,7 @@ fn unprivileged_roles_write_but_only_readers_decrypt() {
     assert!(db.hint().unwrap_or("").contains("data_encryption_reader"), "{:?}", db.hint());
     let err = writer.query_one("SELECT s::text FROM t", &[]).unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code(), &SqlState::INSUFFICIENT_PRIVILEGE);
-    let mut cfg = c.config(Transport::Unix, "app");
-    cfg.user("reader");
-    let mut reader = cfg.connect(postgres::NoTls).unwrap();
+    let mut reader = c.connect_as(Transport::Unix, "app", "reader");
     let plain: String = reader.query_one("SELECT decrypt(s) FROM t", &[]).unwrap().get(0);
     assert_eq!(plain, "written by writer");
 }
@@ -278,17 +264,26 @@ fn retrieving_the_key_needs_a_secure_connection_and_the_admin_role() {
     assert_eq!(key, keys[0]);
     // roles: PUBLIC refused with a hint naming data_encryption_admin; members allowed
     c.psql("app", "CREATE ROLE clerk LOGIN; CREATE ROLE keeper LOGIN IN ROLE data_encryption_admin");
-    let mut cfg = c.config(Transport::Unix, "app");
-    cfg.user("clerk");
-    let mut clerk = cfg.connect(postgres::NoTls).unwrap();
+    let mut clerk = c.connect_as(Transport::Unix, "app", "clerk");
     let err = clerk.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
     assert!(db.hint().unwrap_or("").contains("data_encryption_admin"), "{:?}", db.hint());
     let err = clerk.batch_execute("SET pg_cellcrypt.require_secure_transport = off").unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code(), &SqlState::INSUFFICIENT_PRIVILEGE);
-    let mut cfg = c.config(Transport::Unix, "app");
-    cfg.user("keeper");
-    let key: String = cfg.connect(postgres::NoTls).unwrap().query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+    let key: String = c.connect_as(Transport::Unix, "app", "keeper").query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
     assert_eq!(key, keys[0]);
+    // A key the provider holds but that does not match the fingerprint is never shown, even to
+    // a session that loaded the real key earlier.
+    let mut admin = c.connect(Transport::Unix, "app");
+    admin.batch_execute("CREATE TABLE warm (s encrypted_text); INSERT INTO warm VALUES ('loads the key')").unwrap();
+    let key_file = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "key")).unwrap();
+    let other: String = admin.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
+    std::fs::write(&key_file, on_disk.replace(&keys[0], &other)).unwrap();
+    let err = admin.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", db.message());
+    assert!(db.detail().unwrap_or("").contains("Expected fingerprint"), "{:?}", db.detail());
+    assert!(!db.message().contains(&other) && !db.detail().unwrap_or("").contains(&other));
+    std::fs::write(&key_file, &on_disk).unwrap();
 }
