@@ -287,3 +287,23 @@ fn retrieving_the_key_needs_a_secure_connection_and_the_admin_role() {
     assert!(!db.message().contains(&other) && !db.detail().unwrap_or("").contains(&other));
     std::fs::write(&key_file, &on_disk).unwrap();
 }
+
+#[test]
+fn pg_dump_into_a_second_cluster_arrives_unreadable() {
+    let a = Cluster::start("origin", &[]);
+    let b = Cluster::start("elsewhere", &[]);
+    a.database_with_extension("app");
+    a.psql("app", "CREATE TABLE t (id int, s encrypted_text); INSERT INTO t SELECT g, 'moved secret ' || g FROM generate_series(1, 50) g");
+    let envelopes = "SELECT md5(string_agg(format('%s', s), ',' ORDER BY id)) FROM t";
+    let before = a.psql("app", envelopes);
+    let file = b.dir.join("app.sql");
+    std::fs::write(&file, a.pg_dump("app", &[])).unwrap();
+    b.createdb("app");
+    b.psql_file("app", &file);
+    // The ciphertext arrives byte for byte, and the other cluster's key cannot open it.
+    assert_eq!(b.psql("app", envelopes), before);
+    let out = b.psql_raw("app", "SELECT decrypt(s) FROM t LIMIT 1");
+    assert!(!out.status.success(), "decrypted in a cluster that never had the key: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("moved secret"));
+    assert_eq!(a.psql("app", "SELECT decrypt(s) FROM t WHERE id = 7").trim(), "moved secret 7");
+}
