@@ -3,6 +3,8 @@
 //! | setting | context | default | meaning |
 //! |---|---|---|---|
 //! | `pg_cellcrypt.key_directory` | sighup | `<data_directory>/../pg_cellcrypt_keys` | where the `file` key provider keeps one key file per database. It must lie outside the data directory so base backups and replicas built from them do not carry the key. |
+//! | `pg_cellcrypt.key_provider` | sighup | `file` | where each database's key lives: `file`, `command` or `none` (see `providers.rs`) |
+//! | `pg_cellcrypt.key_command` | sighup | empty | for the `command` provider: a shell command that prints the database's key |
 //! | `pg_cellcrypt.kdf_memory_kib` | superuser | 19456 | Argon2id memory cost for new key versions |
 //! | `pg_cellcrypt.kdf_iterations` | superuser | 2 | Argon2id passes for new key versions |
 //! | `pg_cellcrypt.require_secure_transport` | superuser | on | key calls refuse TCP connections without SSL (SSL and Unix sockets are allowed) |
@@ -10,10 +12,23 @@
 //! The KDF settings apply when a key version is created; each version stores the parameters it
 //! was derived with, so changing them never makes an existing key unverifiable.
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 pub static KEY_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Where the database keys live.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KeyProvider {
+    #[name = c"file"]
+    File,
+    #[name = c"command"]
+    Command,
+    #[name = c"none"]
+    None,
+}
+
+pub static KEY_PROVIDER: GucSetting<KeyProvider> = GucSetting::<KeyProvider>::new(KeyProvider::File);
+pub static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -24,6 +39,22 @@ pub fn init() {
         c"Directory of the file key provider (one key file per database).",
         c"Must be outside the data directory. Empty means <data_directory>/../pg_cellcrypt_keys.",
         &KEY_DIRECTORY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_cellcrypt.key_provider",
+        c"Where each database's data encryption key lives: file, command or none.",
+        c"file: a key file per database in pg_cellcrypt.key_directory. command: pg_cellcrypt.key_command prints the key. none: shared memory only; restore the key after every restart.",
+        &KEY_PROVIDER,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_cellcrypt.key_command",
+        c"Shell command that prints a database's key, for the command key provider.",
+        c"Run with sh -c; PG_CELLCRYPT_DATABASE, PG_CELLCRYPT_DATABASE_OID and PG_CELLCRYPT_SYSTEM_IDENTIFIER say which key is wanted.",
+        &KEY_COMMAND,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
@@ -69,4 +100,9 @@ pub fn key_directory() -> std::path::PathBuf {
             abs.parent().map(|p| p.to_path_buf()).unwrap_or(abs).join("pg_cellcrypt_keys")
         }
     }
+}
+
+/// The key command, when one is set.
+pub fn key_command() -> Option<String> {
+    KEY_COMMAND.get().map(|s| s.to_string_lossy().into_owned()).filter(|s| !s.trim().is_empty())
 }

@@ -1,11 +1,20 @@
-//! `emit_log_hook`: the last look at every error before it reaches the log and the client.
+//! `emit_log_hook`: the last look at every message before it reaches the server log and the
+//! client. It does three things:
 //!
-//! When PostgreSQL itself refuses EXECUTE on one of our guarded functions ("permission denied
-//! for function decrypt"), the hook adds a hint that names the role that grants it, so every
-//! refusal tells the user what to ask for.
+//! 1. **Keeps keys out of the log.** When the statement being run mentions
+//!    `set_data_encryption_key`, the statement is not logged with errors (`hide_stmt`), and every
+//!    quoted string in the message, its detail and its context is replaced by `'<redacted>'`.
+//!    That covers `log_statement`, `log_min_duration_statement`, `log_min_error_statement` and
+//!    the parameters the extended protocol logs. Independently, anything shaped like a
+//!    generated key (`CCK1-` followed by key characters) is masked in every message.
+//! 2. **Names the role in refusals.** When PostgreSQL itself refuses EXECUTE on one of our
+//!    guarded functions ("permission denied for function decrypt"), it adds a hint that names
+//!    the role that grants it.
+//! 3. **Audits refused key calls.** Such a refusal of a key function is also recorded in the
+//!    audit record, since our own code never ran.
 
 use pgrx::pg_sys;
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
@@ -17,31 +26,73 @@ pub fn init() {
     }
 }
 
-/// Refusals by PostgreSQL's EXECUTE check, and the hint that names the role to ask for.
-const ROLE_HINTS: [(&[u8], &CStr); 2] = [
-    (
-        b"permission denied for function decrypt",
-        c"Only superusers and members of role data_encryption_reader may decrypt. Ask an administrator to run GRANT data_encryption_reader TO <your role>.",
-    ),
-    (
-        b"permission denied for function retrieve_data_encryption_key",
-        c"Only superusers and members of role data_encryption_admin manage the data encryption key. Ask an administrator to run GRANT data_encryption_admin TO <your role>.",
-    ),
+const READER_HINT: &CStr = c"Only superusers and members of role data_encryption_reader may decrypt. Ask an administrator to run GRANT data_encryption_reader TO <your role>.";
+const ADMIN_HINT: &CStr = c"Only superusers and members of role data_encryption_admin manage the data encryption key. Ask an administrator to run GRANT data_encryption_admin TO <your role>.";
+
+/// Refusals by PostgreSQL's privilege checks: the hint that names the role to ask for, and
+/// whether the refusal is an audited key call.
+const ROLE_HINTS: [(&str, &CStr, bool); 7] = [
+    ("permission denied for function decrypt", READER_HINT, false),
+    ("permission denied for function retrieve_data_encryption_key", ADMIN_HINT, true),
+    ("permission denied for function set_data_encryption_key", ADMIN_HINT, true),
+    ("permission denied for function data_encryption_status", ADMIN_HINT, false),
+    ("permission denied for function data_encryption_audit", ADMIN_HINT, false),
+    ("permission denied for view data_encryption_status", ADMIN_HINT, false),
+    ("permission denied for view data_encryption_audit", ADMIN_HINT, false),
 ];
+
+const KEY_FUNCTION: &str = "set_data_encryption_key";
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
     if let Some(e) = edata.as_mut() {
+        redact(e);
         if e.sqlerrcode == PERMISSION_DENIED_CODE && !e.message.is_null() && e.hint.is_null() {
-            let msg = CStr::from_ptr(e.message).to_bytes();
-            if let Some((_, hint)) = ROLE_HINTS.iter().find(|(prefix, _)| msg.starts_with(prefix)) {
+            let msg = CStr::from_ptr(e.message).to_string_lossy();
+            if let Some((prefix, hint, audited)) = ROLE_HINTS.iter().find(|(prefix, _, _)| msg.starts_with(prefix)) {
                 // ErrorData strings live in ErrorContext, where the hook is called.
                 e.hint = pg_sys::pstrdup(hint.as_ptr());
+                if *audited && pg_sys::IsTransactionState() {
+                    let function = prefix.rsplit(' ').next().unwrap_or(prefix);
+                    crate::audit::record(&crate::audit::Event {
+                        action: &format!("{function}()"),
+                        outcome: "refused",
+                        key_version: None,
+                        fingerprint: None,
+                        detail: "EXECUTE privilege denied (not a member of data_encryption_admin)",
+                    });
+                }
             }
         }
     }
     if let Some(prev) = PREV_EMIT_LOG_HOOK {
         prev(edata);
+    }
+}
+
+unsafe fn contains_key_function(p: *const std::ffi::c_char) -> bool {
+    !p.is_null() && CStr::from_ptr(p).to_string_lossy().to_ascii_lowercase().contains(KEY_FUNCTION)
+}
+
+unsafe fn redact(e: &mut pg_sys::ErrorData) {
+    let statement_has_key = contains_key_function(pg_sys::debug_query_string) || contains_key_function(e.message);
+    if statement_has_key {
+        e.hide_stmt = true;
+    }
+    for field in [&mut e.message, &mut e.detail, &mut e.context, &mut e.hint, &mut e.detail_log] {
+        if field.is_null() {
+            continue;
+        }
+        let text = CStr::from_ptr(*field).to_string_lossy();
+        let mut out = cellcrypt_core::redact::mask_generated_keys(&text);
+        if statement_has_key {
+            out = cellcrypt_core::redact::redact_quoted(&out);
+        }
+        if out != text {
+            if let Ok(c) = CString::new(out) {
+                *field = pg_sys::pstrdup(c.as_ptr());
+            }
+        }
     }
 }
 

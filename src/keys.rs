@@ -1,36 +1,40 @@
-//! The data encryption key of a database: generation, the `file` key provider, per-process
-//! loading and caching, and the SQL functions about the key.
+//! The data encryption key of a database: what the database stores about it, and how a backend
+//! loads and caches it.
 //!
 //! ## What lives where
-//! * **In the database** (`cellcrypt.keyring`): only what verifies and identifies a key: its
-//!   version, public fingerprint, Argon2id salt and parameters, state, who created it and when.
-//!   Never the key.
-//! * **In the key provider**: the administrator's key string. The `file` provider keeps one file
-//!   per database, `<key_directory>/<system identifier>_<database oid>.key`, mode 0600 in a
-//!   0700 directory, written atomically (temporary file, fsync, rename, fsync of the directory).
-//!   Naming it by the cluster's system identifier means a database restored into another
-//!   cluster never picks up a key it was not given.
-//! * **In each backend**: a [`Keyring`] of ready ciphers, loaded on first use by reading the
-//!   keyring rows, reading the provider, running Argon2id and checking the fingerprint. It is
-//!   revalidated once per transaction (a syscache lookup), so `DROP`/`CREATE EXTENSION` in a
-//!   session is noticed.
+//! * **In the database** (`cellcrypt.keyring`): what verifies and identifies each key version:
+//!   its version, public fingerprint, Argon2id salt and parameters, state, who created it and
+//!   when. Never a usable key. During a key change, older versions also keep their data key
+//!   wrapped under the current key (`cellcrypt_core::wrap`), useless without it.
+//! * **In the key provider** ([`crate::providers`]): the administrator's key string of the
+//!   current version.
+//! * **In shared memory** ([`crate::key_cache`]): the current key of each database, once one
+//!   backend has loaded it.
+//! * **In each backend**: a [`Keyring`] of ready ciphers. It is checked on every key access
+//!   against the shared generation counter (one atomic load), so a key change is noticed as
+//!   soon as it commits, and once per transaction against the keyring table's identity, so
+//!   `DROP`/`CREATE EXTENSION` is noticed.
 
 use crate::errors;
-use cellcrypt_core::kdf::{new_salt, KdfParams, MasterKey};
-use cellcrypt_core::{AdminKey, Keyring, NonceSource};
+use crate::key_cache;
+use crate::providers;
+use cellcrypt_core::kdf::{KdfParams, MasterKey};
+use cellcrypt_core::{AdminKey, Keyring, NonceSource, SecretKey};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::PathBuf;
-use zeroize::Zeroizing;
+use std::rc::Rc;
 
 /// The keys this backend holds for its database.
 pub struct LoadedKeys {
     keyring_relid: pg_sys::Oid,
+    generation: u64,
     pub ring: Keyring,
     pub current_version: u32,
+    /// The current master key (to wrap older data keys during a change).
+    pub master: MasterKey,
+    /// The data key of every version in `ring`, for re-wrapping during a change.
+    pub data_keys: Vec<(u32, SecretKey)>,
 }
 
 /// Why the database's key is not usable in this backend.
@@ -45,9 +49,10 @@ pub enum KeyUnavailable {
     ProviderError(String),
 }
 
+pub const RESTORE_HINT: &str = "Restore the database's key with SELECT set_data_encryption_key('<the original key>'); as an administrator over a secure connection.";
+
 impl KeyUnavailable {
     pub fn raise(&self) -> ! {
-        let restore_hint = "Restore the database's key with SELECT set_data_encryption_key('<the original key>'); as an administrator over a secure connection.";
         match self {
             KeyUnavailable::NoKeyConfigured => errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -58,27 +63,30 @@ impl KeyUnavailable {
             KeyUnavailable::NotInProvider { version, fingerprint } => errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("the data encryption key of this database is not loaded (key version {version}, fingerprint {fingerprint})"),
-                Some("The key provider has no key for this database, as after a restore into another cluster."),
-                Some(restore_hint),
+                Some(&format!(
+                    "The key provider \"{}\" has no key for this database, as after a restore into another cluster or, with provider \"none\", after a restart.",
+                    providers::name(providers::current())
+                )),
+                Some(RESTORE_HINT),
             ),
             KeyUnavailable::FingerprintMismatch { version, expected, found } => errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("the key provider holds a different key than this database expects (key version {version})"),
-                Some(&format!("Expected fingerprint {expected}, the provider's key has fingerprint {found}.")),
-                Some(restore_hint),
+                format!("the data encryption key of this database is not loaded: the key provider holds a different key (key version {version})"),
+                Some(&format!("Expected fingerprint {expected}, the provider's key has fingerprint {found}. This happens after a restore into another database or cluster.")),
+                Some(RESTORE_HINT),
             ),
             KeyUnavailable::ProviderError(e) => errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("could not read the data encryption key: {e}"),
                 None,
-                Some("Check pg_cellcrypt.key_directory and the permissions of the key file."),
+                Some("Check pg_cellcrypt.key_provider, pg_cellcrypt.key_directory or pg_cellcrypt.key_command, and the key file's permissions."),
             ),
         }
     }
 }
 
 thread_local! {
-    static LOADED: RefCell<Option<std::rc::Rc<LoadedKeys>>> = const { RefCell::new(None) };
+    static LOADED: RefCell<Option<Rc<LoadedKeys>>> = const { RefCell::new(None) };
     static NONCES: RefCell<Option<NonceSource>> = const { RefCell::new(None) };
     static VALIDATED_THIS_XACT: Cell<bool> = const { Cell::new(false) };
 }
@@ -90,11 +98,16 @@ pub fn init() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(_event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     VALIDATED_THIS_XACT.with(|v| v.set(false));
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => crate::key_admin::on_commit(),
+        pg_sys::XactEvent::XACT_EVENT_ABORT => crate::key_admin::on_abort(),
+        _ => {}
+    }
 }
 
-fn keyring_relid() -> pg_sys::Oid {
+pub fn keyring_relid() -> pg_sys::Oid {
     // SAFETY: syscache lookups inside a transaction.
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"cellcrypt".as_ptr(), true);
@@ -105,21 +118,21 @@ fn keyring_relid() -> pg_sys::Oid {
     }
 }
 
-/// Forgets this backend's keys (after a key change, or when the extension was reinstalled).
+/// Forgets this backend's keys.
 pub fn invalidate() {
     LOADED.with(|l| *l.borrow_mut() = None);
 }
 
 /// The keys of this database, loading them on first use. Raises the fitting error when the key
 /// is not available.
-pub fn loaded() -> std::rc::Rc<LoadedKeys> {
+pub fn loaded() -> Rc<LoadedKeys> {
     match try_loaded() {
         Ok(k) => k,
         Err(e) => e.raise(),
     }
 }
 
-pub fn try_loaded() -> Result<std::rc::Rc<LoadedKeys>, KeyUnavailable> {
+pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
     if !VALIDATED_THIS_XACT.with(|v| v.get()) {
         let relid = keyring_relid();
         LOADED.with(|l| {
@@ -130,12 +143,20 @@ pub fn try_loaded() -> Result<std::rc::Rc<LoadedKeys>, KeyUnavailable> {
         });
         VALIDATED_THIS_XACT.with(|v| v.set(true));
     }
+    let generation = key_cache::generation();
     if let Some(k) = LOADED.with(|l| l.borrow().clone()) {
-        return Ok(k);
+        if k.generation == generation {
+            return Ok(k);
+        }
     }
-    let k = std::rc::Rc::new(load()?);
+    let k = Rc::new(load(generation)?);
     LOADED.with(|l| *l.borrow_mut() = Some(k.clone()));
     Ok(k)
+}
+
+/// Installs keys this backend built itself (during its own key change).
+pub fn install(keys: LoadedKeys) {
+    LOADED.with(|l| *l.borrow_mut() = Some(Rc::new(keys)));
 }
 
 /// Runs `f` with this backend's nonce source (created on first use, after fork).
@@ -146,19 +167,22 @@ pub fn with_nonces<R>(f: impl FnOnce(&mut NonceSource) -> R) -> R {
     })
 }
 
-struct KeyRow {
-    version: u32,
-    fingerprint: String,
-    salt: Vec<u8>,
-    params: KdfParams,
+/// One row of `cellcrypt.keyring`.
+pub struct KeyRow {
+    pub version: u32,
+    pub fingerprint: String,
+    pub salt: Vec<u8>,
+    pub params: KdfParams,
+    pub state: String,
+    pub wrapped: Option<Vec<u8>>,
 }
 
 /// Runs `f` as the bootstrap superuser, the way PostgreSQL's own internals read catalogs on
 /// behalf of an unprivileged caller. Used only for fixed, schema-qualified queries on
-/// `cellcrypt.*`: every role that writes encrypted columns must be able to load the key
-/// without any privilege on the keyring. An error aborts the transaction, which restores the
-/// caller's identity.
-fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+/// `cellcrypt.*` and for re-encryption: every role that writes encrypted columns must be able
+/// to load the key without any privilege on the keyring. An error aborts the transaction,
+/// which restores the caller's identity.
+pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
     // SAFETY: plain backend calls; identity restored below and on abort by PostgreSQL.
@@ -174,14 +198,23 @@ fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn read_key_rows() -> Vec<KeyRow> {
-    as_extension_owner(read_key_rows_unchecked)
+/// The keyring's live rows (current first, then previous versions, newest first), read with
+/// the latest snapshot, as catalogs are: a key change that committed after this transaction
+/// began is seen, whatever the isolation level.
+pub fn read_key_rows() -> Vec<KeyRow> {
+    as_extension_owner(|| {
+        // SAFETY: a registered, pushed and popped snapshot around one read-only query.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+        let rows = read_key_rows_unchecked();
+        unsafe { pg_sys::PopActiveSnapshot() };
+        rows
+    })
 }
 
 fn read_key_rows_unchecked() -> Vec<KeyRow> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism \
+            "SELECT key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, wrapped_data_key \
              FROM cellcrypt.keyring WHERE state IN ('current', 'previous') ORDER BY state = 'current' DESC, key_version DESC",
             None,
             &[],
@@ -197,6 +230,8 @@ fn read_key_rows_unchecked() -> Vec<KeyRow> {
                     t_cost: row.get::<i32>(5)?.unwrap_or(0) as u32,
                     p_cost: row.get::<i32>(6)?.unwrap_or(0) as u32,
                 },
+                state: row.get::<String>(7)?.unwrap_or_default(),
+                wrapped: row.get::<Vec<u8>>(8)?,
             });
         }
         Ok::<_, pgrx::spi::Error>(out)
@@ -211,242 +246,90 @@ fn read_key_rows_unchecked() -> Vec<KeyRow> {
     })
 }
 
-/// Parses a key text from the provider, derives its master key with the row's salt and
-/// parameters, and checks it against the row's fingerprint.
-fn verify(row: &KeyRow, key_text: &str) -> Result<(AdminKey, MasterKey), KeyUnavailable> {
-    let key = AdminKey::parse(key_text).map_err(|e| KeyUnavailable::ProviderError(format!("the key file holds an invalid key: {e}")))?;
-    let master = MasterKey::derive(&key, &row.salt, &row.params).map_err(|e| KeyUnavailable::ProviderError(e.to_string()))?;
+/// Derives `key`'s master key with the row's salt and parameters and checks it against the
+/// row's fingerprint. On a mismatch, returns the fingerprint the key has.
+pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, String> {
+    let master = MasterKey::derive(key, &row.salt, &row.params).map_err(|e| e.to_string())?;
     let found = master.fingerprint().to_string();
     if found != row.fingerprint {
-        return Err(KeyUnavailable::FingerprintMismatch { version: row.version, expected: row.fingerprint.clone(), found });
+        return Err(found);
     }
-    Ok((key, master))
+    Ok(master)
 }
 
-fn load() -> Result<LoadedKeys, KeyUnavailable> {
+/// The current version's key from the shared cache or the provider, verified.
+pub fn current_key(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<String>), KeyUnavailable> {
+    if let Some(c) = key_cache::get() {
+        if c.version == current.version && cellcrypt_core::Fingerprint(c.fingerprint).to_string() == current.fingerprint {
+            return Ok((c.master, c.key_text));
+        }
+    }
+    let stored = providers::read().map_err(KeyUnavailable::ProviderError)?;
+    let candidate = stored
+        .iter()
+        .find(|(v, _)| *v == Some(current.version))
+        .or_else(|| stored.iter().find(|(v, _)| v.is_none()));
+    let Some((_, key_text)) = candidate else {
+        return Err(KeyUnavailable::NotInProvider { version: current.version, fingerprint: current.fingerprint.clone() });
+    };
+    let key = AdminKey::parse(key_text).map_err(|e| KeyUnavailable::ProviderError(format!("the key provider holds an invalid key: {e}")))?;
+    let master = verify(current, &key).map_err(|found| KeyUnavailable::FingerprintMismatch {
+        version: current.version,
+        expected: current.fingerprint.clone(),
+        found,
+    })?;
+    key_cache::put(current.version, &master, key.as_str());
+    Ok((master, zeroize::Zeroizing::new(key.as_str().to_owned())))
+}
+
+/// Builds the keys of this database from the keyring rows and the current master key: the
+/// current data key plus every previous version whose wrapped data key opens.
+pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], master: MasterKey) -> LoadedKeys {
+    let current = &rows[0];
+    let wrap = master.wrap_key();
+    let mut others = Vec::new();
+    for row in rows.iter().skip(1) {
+        let Some(w) = &row.wrapped else { continue };
+        match cellcrypt_core::wrap::unwrap_data_key(&wrap, current.version, row.version, w) {
+            Ok(k) => others.push((row.version, k)),
+            Err(_) => pgrx::warning!(
+                "pg_cellcrypt: the wrapped key of version {} does not open under key version {}; values under it cannot be read",
+                row.version,
+                current.version
+            ),
+        }
+    }
+    LoadedKeys::build(relid, generation, current.version, master, others)
+}
+
+impl LoadedKeys {
+    /// The current key plus older versions' data keys.
+    pub fn build(relid: pg_sys::Oid, generation: u64, current_version: u32, master: MasterKey, others: Vec<(u32, SecretKey)>) -> Self {
+        let mut ring = Keyring::new();
+        let data = master.data_key();
+        ring.insert(current_version, &data, true);
+        let mut data_keys = vec![(current_version, data)];
+        for (v, k) in others {
+            if v != current_version {
+                ring.insert(v, &k, false);
+                data_keys.push((v, k));
+            }
+        }
+        LoadedKeys { keyring_relid: relid, generation, ring, current_version, master, data_keys }
+    }
+}
+
+fn load(generation: u64) -> Result<LoadedKeys, KeyUnavailable> {
     let relid = keyring_relid();
     let rows = read_key_rows();
-    let Some(current) = rows.first() else {
+    let Some(current) = rows.first().filter(|r| r.state == "current") else {
         return Err(KeyUnavailable::NoKeyConfigured);
     };
-    let stored = file_provider::read_all().map_err(KeyUnavailable::ProviderError)?;
-    let mut ring = Keyring::new();
-    for row in &rows {
-        let is_current = row.version == current.version;
-        let Some((_, key_text)) = stored.iter().find(|(v, _)| *v == row.version) else {
-            if is_current {
-                return Err(KeyUnavailable::NotInProvider { version: row.version, fingerprint: row.fingerprint.clone() });
-            }
-            continue;
-        };
-        // An older version that does not verify is skipped; the current one must verify.
-        match verify(row, key_text) {
-            Ok((_, master)) => ring.insert(row.version, &master.data_key(), is_current),
-            Err(e) if is_current => return Err(e),
-            Err(_) => continue,
-        }
-    }
-    Ok(LoadedKeys { keyring_relid: relid, ring, current_version: current.version })
+    let (master, _) = current_key(current)?;
+    Ok(assemble(relid, generation, &rows, master))
 }
 
-/// The current key as the provider holds it now, verified against the stored fingerprint.
-fn verified_current_key() -> Result<AdminKey, KeyUnavailable> {
-    let rows = read_key_rows();
-    let current = rows.first().ok_or(KeyUnavailable::NoKeyConfigured)?;
-    let stored = file_provider::read_all().map_err(KeyUnavailable::ProviderError)?;
-    let (_, key_text) = stored
-        .iter()
-        .find(|(v, _)| *v == current.version)
-        .ok_or_else(|| KeyUnavailable::NotInProvider { version: current.version, fingerprint: current.fingerprint.clone() })?;
-    verify(current, key_text).map(|(key, _)| key)
-}
-
-/// The `file` key provider.
-pub mod file_provider {
-    use super::*;
-
-    /// `<key_directory>/<system identifier>_<database oid>.key`
-    pub fn path() -> PathBuf {
-        // SAFETY: plain reads of backend globals.
-        let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::MyDatabaseId) };
-        crate::gucs::key_directory().join(format!("{sysid}_{}.key", dboid.to_u32()))
-    }
-
-    /// Every `(version, key)` the file holds. A missing file holds nothing.
-    pub fn read_all() -> Result<Vec<(u32, Zeroizing<String>)>, String> {
-        let p = path();
-        let text = match std::fs::read_to_string(&p) {
-            Ok(t) => Zeroizing::new(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("could not read key file \"{}\": {e}", p.display())),
-        };
-        let mut out = Vec::new();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (v, k) = line.split_once(' ').ok_or_else(|| format!("key file \"{}\" is malformed", p.display()))?;
-            let v: u32 = v.parse().map_err(|_| format!("key file \"{}\" is malformed", p.display()))?;
-            out.push((v, Zeroizing::new(k.trim().to_owned())));
-        }
-        Ok(out)
-    }
-
-    /// Replaces the file's contents atomically and durably. A previous file is kept beside it
-    /// as `.key.replaced-<unix time>` so no key is ever destroyed by accident.
-    pub fn write_all(entries: &[(u32, &str)]) -> Result<(), String> {
-        let p = path();
-        let dir = p.parent().expect("key path has a directory").to_path_buf();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("could not create key directory \"{}\": {e}", dir.display()))?;
-        let mut body = Zeroizing::new(String::from(
-            "# pg_cellcrypt data encryption key. Keep this file secret and back it up:\n# without it the encrypted data of this database cannot be read.\n",
-        ));
-        for (v, k) in entries {
-            body.push_str(&format!("{v} {k}\n"));
-        }
-        let tmp = dir.join(format!(".{}.tmp{}", p.file_name().unwrap().to_string_lossy(), std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            f.write_all(body.as_bytes())?;
-            f.sync_all()?;
-            if p.exists() {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                let keep = dir.join(format!("{}.replaced-{now}", p.file_name().unwrap().to_string_lossy()));
-                std::fs::hard_link(&p, &keep)?;
-            }
-            std::fs::rename(&tmp, &p)?;
-            std::fs::File::open(&dir)?.sync_all()?;
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            format!("could not write key file \"{}\": {e}", p.display())
-        })
-    }
-}
-
-fn kdf_params_from_settings() -> KdfParams {
-    KdfParams {
-        m_cost_kib: crate::gucs::KDF_MEMORY_KIB.get() as u32,
-        t_cost: crate::gucs::KDF_ITERATIONS.get() as u32,
-        p_cost: 1,
-    }
-}
-
-/// Called once by the extension's install script: generates the database's first key, stores
-/// it through the provider and records its fingerprint. Encryption is active from then on.
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_cellcrypt_initialize() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
-
-#[unsafe(no_mangle)]
-#[pg_guard]
-pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let existing: i64 = Spi::get_one("SELECT count(*) FROM cellcrypt.keyring").ok().flatten().unwrap_or(0);
-    if existing > 0 {
-        return pg_sys::Datum::from(false);
-    }
-    let key = AdminKey::generate();
-    let salt = new_salt();
-    let params = kdf_params_from_settings();
-    let master = MasterKey::derive(&key, &salt, &params).unwrap_or_else(|e| {
-        errors::raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None, Some("Check pg_cellcrypt.kdf_memory_kib and pg_cellcrypt.kdf_iterations."))
-    });
-    if let Err(e) = file_provider::write_all(&[(1, key.as_str())]) {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_IO_ERROR,
-            e,
-            None,
-            Some("pg_cellcrypt.key_directory must name a directory the server can create and write, outside the data directory."),
-        );
-    }
-    Spi::run_with_args(
-        "INSERT INTO cellcrypt.keyring (key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider) \
-         VALUES (1, $1, $2, $3, $4, $5, 'current', 'file')",
-        &[
-            master.fingerprint().to_string().into(),
-            salt.to_vec().into(),
-            (params.m_cost_kib as i32).into(),
-            (params.t_cost as i32).into(),
-            (params.p_cost as i32).into(),
-        ],
-    )
-    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not record the key: {e}"), None, None));
-    invalidate();
-    pg_sys::Datum::from(true)
-}
-
-/// `is_data_encryption_active() returns boolean`: true when the database has a key and this
-/// backend could load and verify it.
-#[pg_extern(volatile, parallel_safe)]
-fn is_data_encryption_active() -> bool {
-    try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
-}
-
-/// True when this backend's client connection is protected: SSL, a Unix-domain socket, or no
-/// client at all (a background worker). A client whose transport cannot be told is not trusted.
-fn connection_is_secure() -> bool {
-    // SAFETY: MyProcPort and MyBEEntry are this backend's own, set up at connection start.
-    unsafe {
-        if pg_sys::MyProcPort.is_null() {
-            return true;
-        }
-        match pg_sys::MyBEEntry.as_ref() {
-            Some(entry) => entry.st_ssl || i32::from(entry.st_clientaddr.addr.ss_family) == libc::AF_UNIX,
-            None => false,
-        }
-    }
-}
-
-/// Key calls travel only over protected connections, like Dynamics' HTTPS rule.
-pub fn require_secure_transport(function: &str) {
-    if !crate::gucs::REQUIRE_SECURE_TRANSPORT.get() || connection_is_secure() {
-        return;
-    }
-    errors::raise(
-        PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
-        format!("{function} requires a secure connection"),
-        Some("This connection is TCP without SSL, so a key would cross the network in the clear."),
-        Some("Reconnect with SSL (sslmode=require or stronger) or over the server's Unix socket."),
-    )
-}
-
-/// Only superusers and members of `data_encryption_admin` manage keys.
-pub fn require_admin(function: &str) {
-    if !crate::roles::current_user_has(crate::roles::ADMIN) {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied for {function}: only superusers and members of role data_encryption_admin manage the data encryption key"),
-            None,
-            Some("Ask an administrator to run GRANT data_encryption_admin TO <your role>."),
-        )
-    }
-}
-
-/// `retrieve_data_encryption_key() returns text`: the database's current key, for backup.
-/// Superusers and `data_encryption_admin` only, over a secure connection. The key is checked
-/// against the stored fingerprint before it is shown.
-#[pg_extern(volatile, parallel_unsafe)]
-fn retrieve_data_encryption_key() -> String {
-    require_admin("retrieve_data_encryption_key()");
-    require_secure_transport("retrieve_data_encryption_key()");
-    match verified_current_key() {
-        Ok(key) => key.as_str().to_owned(),
-        Err(e) => e.raise(),
-    }
-}
-
-/// `generate_data_encryption_key() returns text`: a fresh key in the copy-safe format. Changes
-/// nothing.
-#[pg_extern(volatile, parallel_safe)]
-fn generate_data_encryption_key() -> String {
-    AdminKey::generate().as_str().to_owned()
+/// The current generation, for keys built by [`assemble`] now.
+pub fn generation_now() -> u64 {
+    key_cache::generation()
 }

@@ -5,7 +5,12 @@
 //! | `core/` (crate `cellcrypt-core`) | the crypto core, free of PostgreSQL |
 //! | [`gucs`] | every setting, in one place |
 //! | [`errors`] | how errors are raised: SQLSTATE, message, detail, hint |
-//! | [`keys`] | the data encryption key: generation, providers, loading, the SQL key functions |
+//! | [`keys`] | the data encryption key: what the database stores, how a backend loads and caches it |
+//! | [`key_cache`] | shared memory: each database's current key, and the generation that announces a change |
+//! | [`providers`] | where keys live: the `file`, `command` and `none` key providers |
+//! | [`key_admin`] | the administrator's SQL functions: set/change/restore/retrieve/status, the change lock |
+//! | [`reencrypt`] | moving every value under the current key |
+//! | [`audit`] | the audit record of key operations |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
 //! | [`roles`] | the roles the extension creates; the membership check |
 //! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log, names the role in denials |
@@ -15,7 +20,12 @@ use pgrx::prelude::*;
 pub mod errors;
 pub mod gucs;
 pub mod hooks;
+pub mod audit;
+pub mod key_admin;
+pub mod key_cache;
 pub mod keys;
+pub mod providers;
+pub mod reencrypt;
 pub mod roles;
 pub mod types;
 
@@ -47,8 +57,10 @@ pub extern "C-unwind" fn _PG_init() {
         );
     }
     gucs::init();
+    key_cache::init();
     hooks::init();
     keys::init();
+    key_admin::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

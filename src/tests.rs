@@ -196,3 +196,68 @@ fn text_copy_of_plaintext_encrypts() {
     assert_eq!(one::<i64>("SELECT count(*) FROM copied WHERE s IS NULL"), 1);
     assert_eq!(one::<i64>("SELECT count(*) FROM copied WHERE format('%s', s) LIKE '%copy secret%'"), 0);
 }
+
+/// Key calls need a secure transport; the pgrx test client connects over plain TCP. Tests run
+/// concurrently, so a test that changes the key first waits for the key-change lock (which
+/// set_data_encryption_key would otherwise refuse with 55P03).
+fn allow_plain_tcp() {
+    Spi::run("SET pg_cellcrypt.require_secure_transport = off").unwrap();
+    Spi::run("SELECT pg_advisory_xact_lock(1667464497, 1)").unwrap();
+}
+
+#[pg_test]
+fn a_key_change_reencrypts_every_value_and_old_envelopes_stay_readable() {
+    allow_plain_tcp();
+    Spi::run("CREATE TABLE kc (id int, t encrypted_text, j encrypted_jsonb, n encrypted_int8)").unwrap();
+    Spi::run("INSERT INTO kc SELECT g, 'secret ' || g, jsonb_build_object('g', g), g FROM generate_series(1, 50) g").unwrap();
+    Spi::run("INSERT INTO kc VALUES (0, NULL, NULL, NULL)").unwrap();
+    let old_envelope = envelope_literal("'kept aside'::text::encrypted_text");
+    let fp1: String = one("SELECT fingerprint FROM cellcrypt.keyring WHERE state = 'current'");
+    let msg: String = one("SELECT set_data_encryption_key(generate_data_encryption_key())");
+    assert!(msg.starts_with("changed: key version 2"), "{msg}");
+    assert!(msg.contains("50 values re-encrypted"), "{msg}");
+    // every value is now under version 2 and decrypts to what it was
+    assert_eq!(one::<i64>("SELECT count(*) FROM kc WHERE encryption_key_version(t) = 2 AND encryption_key_version(j) = 2 AND encryption_key_version(n) = 2"), 50);
+    assert_eq!(one::<i64>("SELECT count(*) FROM kc WHERE decrypt(t) = 'secret ' || id AND (decrypt(j)->>'g')::int = id AND decrypt(n) = id"), 50);
+    assert_eq!(one::<i64>("SELECT count(*) FROM kc WHERE t IS NULL"), 1);
+    // new writes use the new key; an envelope made under the old key still opens
+    assert_eq!(one::<i32>("SELECT encryption_key_version('new'::text::encrypted_text)"), 2);
+    assert_eq!(one::<String>(&format!("SELECT decrypt({old_envelope}::encrypted_text)")), "kept aside");
+    // the keyring keeps the old version's fingerprint, its data key only wrapped
+    assert_eq!(one::<String>("SELECT state FROM cellcrypt.keyring WHERE key_version = 1"), "previous");
+    assert_eq!(one::<String>("SELECT fingerprint FROM cellcrypt.keyring WHERE key_version = 1"), fp1);
+    assert_eq!(one::<i32>("SELECT length(wrapped_data_key) FROM cellcrypt.keyring WHERE key_version = 1"), 5 + 12 + 32 + 16);
+    // a third key: version 1 is wrapped under version 3 now and still opens
+    let msg: String = one("SELECT set_data_encryption_key(generate_data_encryption_key())");
+    assert!(msg.starts_with("changed: key version 3"), "{msg}");
+    assert_eq!(one::<String>(&format!("SELECT decrypt({old_envelope}::encrypted_text)")), "kept aside");
+    assert_eq!(one::<i64>("SELECT count(*) FROM kc WHERE encryption_key_version(t) = 3"), 50);
+}
+
+#[pg_test]
+fn setting_the_current_key_again_changes_nothing() {
+    allow_plain_tcp();
+    let key: String = one("SELECT retrieve_data_encryption_key()");
+    let msg: String = one(&format!("SELECT set_data_encryption_key({})", pgrx::spi::quote_literal(&key)));
+    assert!(msg.starts_with("unchanged"), "{msg}");
+    assert_eq!(one::<i64>("SELECT count(*) FROM cellcrypt.keyring"), 1);
+}
+
+#[pg_test(error = "the key is not acceptable: key is too short: 9 characters, at least 20 required")]
+fn a_weak_key_is_refused() {
+    allow_plain_tcp();
+    Spi::run("SELECT set_data_encryption_key('too short')").unwrap();
+}
+
+#[pg_test]
+fn status_shows_the_current_key() {
+    allow_plain_tcp();
+    Spi::run("SELECT set_data_encryption_key(generate_data_encryption_key())").unwrap();
+    let (active, version, fp): (Option<bool>, Option<i32>, Option<String>) =
+        Spi::get_three("SELECT active, key_version, fingerprint FROM data_encryption_status").unwrap();
+    assert_eq!(active, Some(true));
+    assert_eq!(version, Some(2));
+    assert_eq!(fp.unwrap(), one::<String>("SELECT fingerprint FROM cellcrypt.keyring WHERE state = 'current'"));
+    assert_eq!(one::<String>("SELECT previous_key_versions::text FROM data_encryption_status"), "{1}");
+    assert_eq!(one::<String>("SELECT provider FROM data_encryption_status"), "file");
+}

@@ -264,6 +264,35 @@ pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
     })
 }
 
+/// Re-seals an encrypted datum under the current key. A value already under the current key is
+/// returned as is. The plaintext exists only in a zeroized buffer inside this function.
+///
+/// # Safety
+/// `d` must be a non-null datum of `kind`'s encrypted type.
+pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
+    let bytes = varlena_bytes(d);
+    let Ok(env) = Envelope::parse(bytes) else {
+        errors::decryption_failed(kind.type_name());
+    };
+    let keys = keys::loaded();
+    if env.key_id() == keys.current_version {
+        return d;
+    }
+    let Some(cipher) = keys.ring.get(env.key_id()) else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("cannot re-encrypt a {} value: it was encrypted under key version {}, which this database does not have", kind.type_name(), env.key_id()),
+            Some(&format!("This database's key versions in use: {:?}.", keys.ring.key_ids())),
+            Some("Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again."),
+        );
+    };
+    let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
+    if with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut plain)).is_err() {
+        errors::decryption_failed(kind.type_name());
+    }
+    seal(kind, &plain)
+}
+
 /// Parses `input` as a value of the plain type, without letting the value reach an error
 /// message: the plain type's own error (which would quote it) is replaced by ours.
 unsafe fn parse_plain(kind: Kind, input: &CStr) -> Datum {
@@ -346,6 +375,22 @@ v1_function!(pg_finfo_cellcrypt_recv, cellcrypt_recv, |fcinfo| {
     new_varlena(bytes.len(), |out| out.copy_from_slice(bytes))
 });
 
+// cellcrypt.reencrypt(encrypted) → encrypted: the same value under the current key.
+v1_function!(pg_finfo_cellcrypt_reencrypt, cellcrypt_reencrypt, |fcinfo| {
+    let typoid = pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 0);
+    reencrypt_datum(kind_of_type(typoid), arg(fcinfo, 0))
+});
+
+// encryption_key_version(encrypted) → integer: the key version a value is sealed under. Reads
+// only the envelope's header, needs no key and reveals nothing about the plaintext.
+v1_function!(pg_finfo_cellcrypt_key_version, cellcrypt_key_version, |fcinfo| {
+    let bytes = varlena_bytes(arg(fcinfo, 0));
+    match Envelope::parse(bytes) {
+        Ok(env) => Datum::from(env.key_id() as i32),
+        Err(e) => errors::invalid_binary_envelope("encrypted value", &e),
+    }
+});
+
 macro_rules! kind_functions {
     ($kind:expr, $fi_enc:ident, $enc:ident, $fi_dec:ident, $dec:ident) => {
         v1_function!($fi_enc, $enc, |fcinfo| { encrypt_plain_datum($kind, arg(fcinfo, 0)) });
@@ -367,19 +412,26 @@ kind_functions!(Kind::Int8, pg_finfo_cellcrypt_encrypt_int8, cellcrypt_encrypt_i
 pgrx::extension_sql!(
     r#"
 CREATE TABLE cellcrypt.keyring (
-    key_version     integer PRIMARY KEY CHECK (key_version > 0),
-    fingerprint     text NOT NULL,
-    kdf_salt        bytea NOT NULL,
-    kdf_memory_kib  integer NOT NULL,
-    kdf_iterations  integer NOT NULL,
-    kdf_parallelism integer NOT NULL,
-    state           text NOT NULL CHECK (state IN ('current', 'previous', 'retired')),
-    provider        text NOT NULL,
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    created_by      name NOT NULL DEFAULT session_user
+    key_version        integer PRIMARY KEY CHECK (key_version > 0),
+    fingerprint        text NOT NULL,
+    kdf_salt           bytea NOT NULL,
+    kdf_memory_kib     integer NOT NULL,
+    kdf_iterations     integer NOT NULL,
+    kdf_parallelism    integer NOT NULL,
+    state              text NOT NULL CHECK (state IN ('current', 'previous', 'retired')),
+    provider           text NOT NULL,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    created_by         name NOT NULL DEFAULT session_user,
+    -- previous versions only: the data key, sealed under the current version's wrap key
+    wrapped_data_key   bytea,
+    reencrypted_values bigint,
+    -- true for rows that arrived from a dump (they replaced the key CREATE EXTENSION made)
+    restored           boolean NOT NULL DEFAULT false
 );
 CREATE UNIQUE INDEX keyring_one_current ON cellcrypt.keyring ((true)) WHERE state = 'current';
-COMMENT ON TABLE cellcrypt.keyring IS 'Key versions of this database: fingerprints and KDF parameters only, never a key';
+COMMENT ON TABLE cellcrypt.keyring IS 'Key versions of this database: fingerprints and KDF parameters only, never a usable key';
+-- pg_dump carries the keyring, so a restored database knows which key it needs.
+SELECT pg_catalog.pg_extension_config_dump('cellcrypt.keyring', '');
 
 DO $$
 BEGIN
@@ -427,6 +479,13 @@ BEGIN
         EXECUTE format('CREATE CAST (@extschema@.%I AS %s) WITH FUNCTION @extschema@.decrypt(@extschema@.%I)', t, k, t);
         EXECUTE format('REVOKE ALL ON FUNCTION @extschema@.decrypt(@extschema@.%I) FROM PUBLIC', t);
         EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.decrypt(@extschema@.%I) TO data_encryption_reader', t);
+
+        -- Key changes: which key version a value is under (public), and re-sealing (internal).
+        EXECUTE format($f$CREATE FUNCTION @extschema@.encryption_key_version(@extschema@.%1$I) RETURNS integer
+                          AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
+        EXECUTE format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
+                          AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE$f$, t);
+        EXECUTE format('REVOKE ALL ON FUNCTION cellcrypt.reencrypt(@extschema@.%I) FROM PUBLIC', t);
     END LOOP;
 END
 $$;
@@ -445,11 +504,39 @@ CREATE CAST (integer AS @extschema@.encrypted_int8) WITH FUNCTION cellcrypt.int4
 CREATE CAST (bigint AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) AS ASSIGNMENT;
 CREATE CAST (integer AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) AS ASSIGNMENT;
 
+-- Rows that arrive from a dump replace the key CREATE EXTENSION generated for this database;
+-- the database then waits for its original key (set_data_encryption_key restores it).
+CREATE FUNCTION cellcrypt._keyring_write_is_internal() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'cellcrypt_keyring_write_is_internal' LANGUAGE c VOLATILE;
+CREATE FUNCTION cellcrypt._keyring_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT cellcrypt._keyring_write_is_internal() THEN
+        DELETE FROM cellcrypt.keyring WHERE NOT restored;
+        NEW.restored := true;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION cellcrypt._keyring_before_insert() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cellcrypt._keyring_write_is_internal() FROM PUBLIC;
+CREATE TRIGGER keyring_before_insert BEFORE INSERT ON cellcrypt.keyring
+    FOR EACH ROW EXECUTE FUNCTION cellcrypt._keyring_before_insert();
+
 CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
 REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.retrieve_data_encryption_key() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.retrieve_data_encryption_key() TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.set_data_encryption_key(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.set_data_encryption_key(text) TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.data_encryption_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_status() TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.data_encryption_audit() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_audit() TO data_encryption_admin;
+CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();
+CREATE VIEW @extschema@.data_encryption_audit AS SELECT * FROM @extschema@.data_encryption_audit();
+REVOKE ALL ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit FROM PUBLIC;
+GRANT SELECT ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit TO data_encryption_admin;
 
 -- Encryption is on from the start: the database gets its first key now.
 SELECT cellcrypt._initialize();

@@ -4,6 +4,7 @@
 //! master      = Argon2id(admin key canonical text, salt, params) -> 32 bytes
 //! data key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 data key")
 //! index key   = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 blind index key")
+//! wrap key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 key wrap key")
 //! fingerprint = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 fingerprint")[..16]
 //! ```
 //! Argon2id is memory-hard, so a stolen fingerprint and salt cost an attacker one Argon2id run
@@ -71,6 +72,16 @@ impl MasterKey {
         Ok(MasterKey(SecretKey::from_bytes(*out)))
     }
 
+    /// Rebuilds a master key from its 32 bytes (as a process-shared key cache holds them).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        MasterKey(SecretKey::from_bytes(bytes))
+    }
+
+    /// The raw 32 bytes, for a process-shared key cache. Never log or store them.
+    pub fn expose(&self) -> &[u8; 32] {
+        self.0.expose()
+    }
+
     fn expand(&self, info: &[u8], out: &mut [u8]) {
         let hk = Hkdf::<Sha256>::from_prk(self.0.expose()).expect("a 32-byte PRK is valid for HKDF-SHA256");
         hk.expand(info, out).expect("HKDF output length is within limits");
@@ -87,6 +98,13 @@ impl MasterKey {
     pub fn index_key(&self) -> SecretKey {
         let mut k = Zeroizing::new([0u8; 32]);
         self.expand(b"pg_cellcrypt v1 blind index key", &mut k[..]);
+        SecretKey::from_bytes(*k)
+    }
+
+    /// The key that wraps older versions' data keys during a key change (see [`crate::wrap`]).
+    pub fn wrap_key(&self) -> SecretKey {
+        let mut k = Zeroizing::new([0u8; 32]);
+        self.expand(b"pg_cellcrypt v1 key wrap key", &mut k[..]);
         SecretKey::from_bytes(*k)
     }
 
@@ -150,6 +168,8 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.data_key().expose(), b.data_key().expose());
         assert_ne!(a.data_key().expose(), a.index_key().expose());
+        assert_ne!(a.data_key().expose(), a.wrap_key().expose());
+        assert_eq!(MasterKey::from_bytes(*a.expose()).fingerprint(), a.fingerprint());
         let fp = a.fingerprint().to_string();
         assert_eq!(fp.len(), 35);
         assert_eq!(fp.parse::<Fingerprint>().unwrap(), a.fingerprint());

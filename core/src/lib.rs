@@ -10,6 +10,8 @@
 //! | [`nonce`] | the per-process CSPRNG that draws 96-bit nonces (fork-safe, no syscall per value) |
 //! | [`admin_key`] | the administrator's key string: the copy-safe generated format and passphrase rules |
 //! | [`kdf`] | Argon2id from an admin key to a master key; HKDF sub-keys; the public fingerprint |
+//! | [`wrap`] | sealing an older version's data key under the current key during a key change |
+//! | [`redact`] | masking keys and quoted strings in log messages (used by the extension's log hook) |
 //! | [`secret`] | [`SecretKey`]: 256-bit key material, zeroized on drop, no `Debug` |
 //! | [`error`] | the error types; every decryption failure is the one opaque [`DecryptionFailed`] |
 //!
@@ -33,7 +35,9 @@ pub mod envelope;
 pub mod error;
 pub mod kdf;
 pub mod nonce;
+pub mod redact;
 pub mod secret;
+pub mod wrap;
 
 pub use admin_key::AdminKey;
 pub use cipher::{DataCipher, Keyring, OpenError};

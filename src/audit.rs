@@ -1,0 +1,173 @@
+//! The audit record of key operations.
+//!
+//! Every set, restore, retrieve and refused attempt appends one line to
+//! `<key_directory>/<system identifier>_<database oid>.audit`: when, who (session and current
+//! role), the client address, the action, the outcome, the key version and fingerprint, and a
+//! reason. The record lives outside the database on purpose: a refused or failed call rolls its
+//! transaction back, and a table row written by it would vanish with it. A change's outcome is
+//! recorded twice: `started` when the call ran, then `committed` or `rolled back` when its
+//! transaction ended.
+//!
+//! The record never holds a key: callers pass only versions, fingerprints and reasons that are
+//! built by this extension. Administrators read it through the `data_encryption_audit` view;
+//! PUBLIC cannot. Lines are tab-separated, with `\t`, `\n` and `\\` escaped.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+/// One event.
+pub struct Event<'a> {
+    pub action: &'a str,
+    pub outcome: &'a str,
+    pub key_version: Option<u32>,
+    pub fingerprint: Option<&'a str>,
+    pub detail: &'a str,
+}
+
+fn path() -> std::path::PathBuf {
+    // SAFETY: backend globals.
+    let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::MyDatabaseId) };
+    crate::gucs::key_directory().join(format!("{sysid}_{}.audit", dboid.to_u32()))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n")
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\\' {
+            match it.next() {
+                Some('t') => out.push('\t'),
+                Some('n') => out.push('\n'),
+                Some(o) => out.push(o),
+                None => {}
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn role_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: GetUserNameFromId with noerr returns NULL for a dropped role.
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(oid, true);
+        if p.is_null() { format!("role {}", oid.to_u32()) } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
+    }
+}
+
+/// The client's address: an IP address, `local` for a Unix socket, or empty for no client.
+pub fn client_address() -> String {
+    // SAFETY: MyBEEntry is this backend's own status entry; the address is a sockaddr_storage
+    // whose family says how to read it.
+    unsafe {
+        if pg_sys::MyProcPort.is_null() {
+            return String::new();
+        }
+        let Some(entry) = pg_sys::MyBEEntry.as_ref() else { return String::new() };
+        let ss = &entry.st_clientaddr.addr as *const _ as *const libc::sockaddr_storage;
+        match i32::from((*ss).ss_family) {
+            libc::AF_UNIX => "local".to_owned(),
+            libc::AF_INET => {
+                let sin = &*(ss as *const libc::sockaddr_in);
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string()
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*(ss as *const libc::sockaddr_in6);
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).to_string()
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+/// Appends one event, durably. Never raises: an audit failure is reported as a WARNING and the
+/// operation's own outcome stands. Safe to call from error and transaction-end callbacks.
+pub fn record(e: &Event) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    // SAFETY: backend globals.
+    let (session, current) = unsafe { (pg_sys::GetSessionUserId(), pg_sys::GetUserId()) };
+    let line = format!(
+        "{now}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+        escape(&role_name(session)),
+        escape(&role_name(current)),
+        escape(&client_address()),
+        escape(e.action),
+        escape(e.outcome),
+        e.key_version.map(|v| v.to_string()).unwrap_or_default(),
+        escape(e.fingerprint.unwrap_or("")),
+        escape(e.detail),
+    );
+    let p = path();
+    let res = (|| -> std::io::Result<()> {
+        if let Some(dir) = p.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&p)?;
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    })();
+    if let Err(err) = res {
+        pgrx::warning!("pg_cellcrypt could not write its audit record \"{}\": {err}", p.display());
+    }
+}
+
+/// `data_encryption_audit()`: the audit record of this database, oldest first.
+/// Superusers and `data_encryption_admin` only (EXECUTE is revoked from PUBLIC).
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn data_encryption_audit() -> TableIterator<
+    'static,
+    (
+        name!(at, pgrx::datum::TimestampWithTimeZone),
+        name!(session_role, String),
+        name!(current_role, String),
+        name!(client_addr, String),
+        name!(action, String),
+        name!(outcome, String),
+        name!(key_version, Option<i32>),
+        name!(fingerprint, Option<String>),
+        name!(detail, String),
+    ),
+> {
+    crate::key_admin::require_admin("data_encryption_audit()");
+    let text = match std::fs::read_to_string(path()) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => crate::errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("could not read the pg_cellcrypt audit record: {e}"),
+            None,
+            Some("Check pg_cellcrypt.key_directory and its permissions."),
+        ),
+    };
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 9 {
+            continue;
+        }
+        let micros: i64 = f[0].parse().unwrap_or(0);
+        // Unix epoch to PostgreSQL epoch (2000-01-01).
+        let pg_micros = micros - 946_684_800_000_000;
+        let at = pgrx::datum::TimestampWithTimeZone::try_from(pg_micros).unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::try_from(0i64).unwrap());
+        rows.push((
+            at,
+            unescape(f[1]),
+            unescape(f[2]),
+            unescape(f[3]),
+            unescape(f[4]),
+            unescape(f[5]),
+            f[6].parse::<i32>().ok(),
+            Some(unescape(f[7])).filter(|s| !s.is_empty()),
+            unescape(f[8]),
+        ));
+    }
+    TableIterator::new(rows)
+}

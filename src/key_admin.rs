@@ -1,0 +1,625 @@
+//! The administrator's SQL functions about the key: `is_data_encryption_active`,
+//! `generate_data_encryption_key`, `retrieve_data_encryption_key`, `set_data_encryption_key`
+//! and `data_encryption_status`; who may call them; one change at a time; and what happens when
+//! a change's transaction ends.
+//!
+//! ## A key change, step by step
+//! 1. The caller must be an administrator on a secure connection (else 42501 / 28000).
+//! 2. `pg_try_advisory_xact_lock` refuses a second change at once (55P03, naming who started
+//!    the running one and when). The lock is transaction-scoped, so a session that dies or a
+//!    server that crashes never leaves it behind.
+//! 3. The new key is validated (a weak key is refused with 22023) and derived with a fresh salt.
+//! 4. In the keyring, the old current version becomes `previous`, and the data key of every
+//!    older version still in use is wrapped under the new key; the new version becomes current.
+//! 5. The `file` provider gets a file holding both the old and the new key *before* commit, so a
+//!    crash at any point leaves a key file that opens whichever version the keyring says is
+//!    current. After commit the old key is dropped from the file; after a rollback the new one.
+//! 6. Every cell is re-encrypted under the new key, inside the call (`reencrypt.rs`).
+//! 7. At commit the new key goes to the shared key cache and the shared generation is bumped:
+//!    from then on every backend, and every parallel worker, seals with the new key.
+//!
+//! A **restore** (the database holds data whose key is not loaded) checks the given key
+//! against the stored fingerprint and, if it matches, stores it through the provider. A wrong
+//! key is refused with both fingerprints and changes nothing.
+
+use crate::audit::{self, Event};
+use crate::errors;
+use crate::gucs::KeyProvider;
+use crate::key_cache;
+use crate::keys::{self, KeyRow, KeyUnavailable};
+use crate::providers;
+use cellcrypt_core::kdf::{new_salt, KdfParams, MasterKey};
+use cellcrypt_core::AdminKey;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgSqlErrorCode};
+use std::cell::{Cell, RefCell};
+use zeroize::Zeroizing;
+
+/// The advisory lock that serializes key changes: `pg_try_advisory_xact_lock(1667464497, 1)`
+/// (1667464497 is "cck1" in ASCII).
+pub const LOCK_CLASSID: i32 = 0x6363_6b31;
+pub const LOCK_OBJID: i32 = 1;
+
+type KeyFile = Vec<(u32, Zeroizing<String>)>;
+
+/// What must happen when the transaction that changed the key ends.
+#[derive(Default)]
+struct Pending {
+    subxact: pg_sys::SubTransactionId,
+    /// Put into the shared cache and announce at commit.
+    publish: Option<(u32, MasterKey, Zeroizing<String>)>,
+    /// Forget the shared cache and announce at commit (the keyring was replaced by a restore).
+    forget: bool,
+    file_after_commit: Option<KeyFile>,
+    file_after_abort: Option<KeyFile>,
+    /// (action, version, fingerprint) to record as committed or rolled back.
+    audit: Vec<(&'static str, Option<u32>, String)>,
+}
+
+thread_local! {
+    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
+    static INTERNAL_WRITE: Cell<bool> = const { Cell::new(false) };
+}
+
+fn with_pending(f: impl FnOnce(&mut Pending)) {
+    // SAFETY: a backend call.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let p = p.get_or_insert_with(|| Pending { subxact, ..Default::default() });
+        p.subxact = p.subxact.max(subxact);
+        f(p)
+    })
+}
+
+pub fn init() {
+    // SAFETY: called once from _PG_init.
+    unsafe { pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    parent_subid: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    let mine = PENDING.with(|p| p.borrow().as_ref().map(|p| p.subxact == my_subid).unwrap_or(false));
+    if !mine {
+        return;
+    }
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => PENDING.with(|p| {
+            if let Some(p) = p.borrow_mut().as_mut() {
+                p.subxact = parent_subid;
+            }
+        }),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            on_abort();
+            keys::invalidate();
+        }
+        _ => {}
+    }
+}
+
+fn write_key_file(entries: &KeyFile) -> Result<(), String> {
+    let refs: Vec<(u32, &str)> = entries.iter().map(|(v, k)| (*v, k.as_str())).collect();
+    providers::file::write_all(&refs)
+}
+
+/// The transaction committed: announce the new key. Must not raise (the commit is done).
+pub fn on_commit() {
+    let Some(p) = PENDING.with(|p| p.borrow_mut().take()) else { return };
+    if let Some(entries) = &p.file_after_commit {
+        if let Err(e) = write_key_file(entries) {
+            pgrx::warning!("pg_cellcrypt: {e}; the key file still holds the previous key too, which is harmless");
+        }
+    }
+    if p.forget {
+        key_cache::forget();
+    }
+    if let Some((version, master, text)) = &p.publish {
+        if !key_cache::put(*version, master, text) {
+            pgrx::warning!("pg_cellcrypt: the shared key cache is full; other sessions will read the key from the key provider");
+        }
+    }
+    if p.forget || p.publish.is_some() {
+        key_cache::bump_generation();
+    }
+    for (action, version, fp) in &p.audit {
+        audit::record(&Event { action, outcome: "committed", key_version: *version, fingerprint: Some(fp), detail: "" });
+    }
+}
+
+/// The transaction (or the subtransaction that made the change) rolled back: undo what was
+/// done outside the database.
+pub fn on_abort() {
+    let Some(p) = PENDING.with(|p| p.borrow_mut().take()) else { return };
+    if let Some(entries) = &p.file_after_abort {
+        if let Err(e) = write_key_file(entries) {
+            pgrx::warning!("pg_cellcrypt: {e}; the key file holds the new key too, which is harmless");
+        }
+    }
+    for (action, version, fp) in &p.audit {
+        audit::record(&Event { action, outcome: "rolled back", key_version: *version, fingerprint: Some(fp), detail: "" });
+    }
+}
+
+/// True while this extension itself writes `cellcrypt.keyring`; rows written otherwise come
+/// from a restore (see the keyring trigger in the install SQL).
+fn internal_write<R>(f: impl FnOnce() -> R) -> R {
+    INTERNAL_WRITE.with(|w| w.set(true));
+    let r = f();
+    INTERNAL_WRITE.with(|w| w.set(false));
+    r
+}
+
+/// `cellcrypt._keyring_write_is_internal()`, called by the keyring's BEFORE INSERT trigger.
+/// False for rows that arrive from a dump being restored: they replace the key CREATE
+/// EXTENSION generated, and every backend must reload its keys.
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cellcrypt_keyring_write_is_internal() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn cellcrypt_keyring_write_is_internal(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let internal = INTERNAL_WRITE.with(|w| w.get());
+    if !internal {
+        keys::invalidate();
+        with_pending(|p| p.forget = true);
+    }
+    pg_sys::Datum::from(internal)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who may call
+
+/// True when this backend's client connection is protected: SSL, a Unix-domain socket, or no
+/// client at all (a background worker). A client whose transport cannot be told is not trusted.
+fn connection_is_secure() -> bool {
+    // SAFETY: MyProcPort and MyBEEntry are this backend's own, set up at connection start.
+    unsafe {
+        if pg_sys::MyProcPort.is_null() {
+            return true;
+        }
+        match pg_sys::MyBEEntry.as_ref() {
+            Some(entry) => entry.st_ssl || i32::from(entry.st_clientaddr.addr.ss_family) == libc::AF_UNIX,
+            None => false,
+        }
+    }
+}
+
+fn refuse(action: &str, detail: &str) {
+    audit::record(&Event { action, outcome: "refused", key_version: None, fingerprint: None, detail });
+}
+
+/// Key calls travel only over protected connections, like Dynamics' HTTPS rule.
+pub fn require_secure_transport(action: &str, function: &str) {
+    if !crate::gucs::REQUIRE_SECURE_TRANSPORT.get() || connection_is_secure() {
+        return;
+    }
+    refuse(action, "TCP connection without SSL");
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+        format!("{function} requires a secure connection"),
+        Some("This connection is TCP without SSL, so a key would cross the network in the clear."),
+        Some("Reconnect with SSL (sslmode=require or stronger) or over the server's Unix socket."),
+    )
+}
+
+/// Only superusers and members of `data_encryption_admin` manage keys.
+pub fn require_admin(function: &str) {
+    if !crate::roles::current_user_has(crate::roles::ADMIN) {
+        refuse(function, "not a member of data_encryption_admin");
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for {function}: only superusers and members of role data_encryption_admin manage the data encryption key"),
+            None,
+            Some("Ask an administrator to run GRANT data_encryption_admin TO <your role>."),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One change at a time
+
+/// Takes the key-change lock for this transaction, or raises 55P03 naming the holder.
+fn lock_key_changes(action: &str) {
+    let got: bool = Spi::get_one_with_args("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)", &[LOCK_CLASSID.into(), LOCK_OBJID.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if got {
+        return;
+    }
+    let holder: Option<String> = keys::as_extension_owner(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT format('process %s, role %s, from %s, started at %s', a.pid, coalesce(a.usename::text, '?'), \
+                    coalesce(host(a.client_addr), 'a local socket'), coalesce(a.xact_start::text, '?')) \
+             FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
+               AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2 AND l.granted LIMIT 1",
+            &[(LOCK_CLASSID as i64).into(), (LOCK_OBJID as i64).into()],
+        )
+        .ok()
+        .flatten()
+    });
+    let holder = holder.unwrap_or_else(|| "a session that has just ended".to_owned());
+    refuse(action, &format!("another key change is running: {holder}"));
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        "another data encryption key change is in progress in this database",
+        Some(&format!("It was started by {holder}.")),
+        Some("Wait until it finishes (it includes re-encrypting every value), then check data_encryption_status and try again if still needed."),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Creating the first key
+
+fn kdf_params_from_settings() -> KdfParams {
+    KdfParams {
+        m_cost_kib: crate::gucs::KDF_MEMORY_KIB.get() as u32,
+        t_cost: crate::gucs::KDF_ITERATIONS.get() as u32,
+        p_cost: 1,
+    }
+}
+
+fn derive_new(key: &AdminKey) -> ([u8; 16], KdfParams, MasterKey) {
+    let salt = new_salt();
+    let params = kdf_params_from_settings();
+    let master = MasterKey::derive(key, &salt, &params).unwrap_or_else(|e| {
+        errors::raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None, Some("Check pg_cellcrypt.kdf_memory_kib and pg_cellcrypt.kdf_iterations."))
+    });
+    (salt, params, master)
+}
+
+fn insert_key_row(version: u32, salt: &[u8], params: &KdfParams, master: &MasterKey) {
+    internal_write(|| {
+        Spi::run_with_args(
+            "INSERT INTO cellcrypt.keyring (key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'current', $7)",
+            &[
+                (version as i32).into(),
+                master.fingerprint().to_string().into(),
+                salt.to_vec().into(),
+                (params.m_cost_kib as i32).into(),
+                (params.t_cost as i32).into(),
+                (params.p_cost as i32).into(),
+                providers::name(providers::current()).into(),
+            ],
+        )
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not record the key: {e}"), None, None));
+}
+
+fn key_io_error(e: String) -> ! {
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_IO_ERROR,
+        e,
+        None,
+        Some("pg_cellcrypt.key_directory must name a directory the server can create and write, outside the data directory."),
+    )
+}
+
+/// Called once by the extension's install script: creates the database's first key, stores
+/// it through the provider and records its fingerprint. Encryption is active from then on.
+/// With the `command` provider the first key is the one the command prints (bring your own
+/// key); otherwise a fresh key is generated.
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cellcrypt_initialize() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let existing: i64 = Spi::get_one("SELECT count(*) FROM cellcrypt.keyring").ok().flatten().unwrap_or(0);
+    if existing > 0 {
+        return pg_sys::Datum::from(false);
+    }
+    let provider = providers::current();
+    let key = match provider {
+        KeyProvider::Command => {
+            let text = providers::command::run().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
+            AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}")))
+        }
+        _ => AdminKey::generate(),
+    };
+    let (salt, params, master) = derive_new(&key);
+    match provider {
+        KeyProvider::File => {
+            let previous = providers::file::read_all().unwrap_or_default();
+            write_key_file(&vec![(1, Zeroizing::new(key.as_str().to_owned()))]).unwrap_or_else(|e| key_io_error(e));
+            with_pending(|p| {
+                p.file_after_abort.get_or_insert(previous);
+            });
+        }
+        KeyProvider::None => {
+            pgrx::warning!(
+                "pg_cellcrypt.key_provider is \"none\": this database's key lives only in memory. Run SELECT retrieve_data_encryption_key(); now and keep the key safe: after a restart it must be restored with set_data_encryption_key."
+            );
+        }
+        KeyProvider::Command => {}
+    }
+    insert_key_row(1, &salt, &params, &master);
+    let fp = master.fingerprint().to_string();
+    keys::install(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), 1, MasterKey::from_bytes(*master.expose()), Vec::new()));
+    with_pending(|p| {
+        p.forget = true;
+        p.publish = Some((1, master, Zeroizing::new(key.as_str().to_owned())));
+    });
+    audit::record(&Event { action: "create", outcome: "started", key_version: Some(1), fingerprint: Some(&fp), detail: "first key, at CREATE EXTENSION" });
+    with_pending(|p| p.audit.push(("create", Some(1), fp)));
+    pg_sys::Datum::from(true)
+}
+
+fn weak_key(reason: &str) -> ! {
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("the key is not acceptable: {reason}"),
+        Some("A key is either a generated key (CCK1-...) or a passphrase of at least 20 characters with at least 80 bits of estimated entropy."),
+        Some("Use SELECT generate_data_encryption_key(); to get a strong key."),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SQL functions
+
+/// `is_data_encryption_active() returns boolean`: true when the database has a key and this
+/// backend could load and verify it. Anyone may call it.
+#[pg_extern(volatile, parallel_safe)]
+fn is_data_encryption_active() -> bool {
+    keys::try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
+}
+
+/// `generate_data_encryption_key() returns text`: a fresh key in the copy-safe format. Changes
+/// nothing.
+#[pg_extern(volatile, parallel_safe)]
+fn generate_data_encryption_key() -> String {
+    AdminKey::generate().as_str().to_owned()
+}
+
+/// `retrieve_data_encryption_key() returns text`: the database's current key, for backup.
+/// Superusers and `data_encryption_admin` only, over a secure connection. The key is checked
+/// against the stored fingerprint before it is shown.
+#[pg_extern(volatile, parallel_unsafe)]
+fn retrieve_data_encryption_key() -> String {
+    require_admin("retrieve_data_encryption_key()");
+    require_secure_transport("retrieve_data_encryption_key()", "retrieve_data_encryption_key()");
+    let rows = keys::read_key_rows();
+    let Some(current) = rows.first().filter(|r| r.state == "current") else {
+        refuse("retrieve_data_encryption_key()", "no key configured");
+        KeyUnavailable::NoKeyConfigured.raise()
+    };
+    match keys::current_key(current) {
+        Ok((_, text)) => {
+            audit::record(&Event {
+                action: "retrieve",
+                outcome: "succeeded",
+                key_version: Some(current.version),
+                fingerprint: Some(&current.fingerprint),
+                detail: "",
+            });
+            text.as_str().to_owned()
+        }
+        Err(e) => {
+            refuse("retrieve_data_encryption_key()", "the key is not loaded");
+            e.raise()
+        }
+    }
+}
+
+/// `set_data_encryption_key(key text) returns text`: sets, changes or restores the database's
+/// key, and returns what it did. See the module documentation.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_data_encryption_key(key: &str) -> String {
+    const F: &str = "set_data_encryption_key()";
+    require_admin(F);
+    require_secure_transport(F, F);
+    if key.len() > key_cache::MAX_KEY_TEXT {
+        refuse(F, "key longer than 256 bytes");
+        weak_key("it is longer than 256 bytes");
+    }
+    let new_key = match AdminKey::parse(key) {
+        Ok(k) => k,
+        Err(e) => {
+            refuse(F, &format!("weak or malformed key: {e}"));
+            weak_key(&e.to_string())
+        }
+    };
+    lock_key_changes(F);
+    let rows = keys::read_key_rows();
+    let Some(current) = rows.first().filter(|r| r.state == "current") else {
+        refuse(F, "no key configured");
+        KeyUnavailable::NoKeyConfigured.raise()
+    };
+    match keys::current_key(current) {
+        Ok((master, old_text)) => change(&rows, master, old_text, new_key),
+        Err(_) => restore(&rows, new_key),
+    }
+}
+
+fn restore(rows: &[KeyRow], key: AdminKey) -> String {
+    let current = &rows[0];
+    let master = match keys::verify(current, &key) {
+        Ok(m) => m,
+        Err(given) => {
+            audit::record(&Event {
+                action: "restore",
+                outcome: "refused",
+                key_version: Some(current.version),
+                fingerprint: Some(&current.fingerprint),
+                detail: &format!("wrong key: its fingerprint is {given}"),
+            });
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "this is not the key of this database's encrypted data; nothing was changed",
+                Some(&format!("Expected a key with fingerprint {} (key version {}); the given key has fingerprint {given}.", current.fingerprint, current.version)),
+                Some("Use the key retrieved with retrieve_data_encryption_key() from the database this data comes from."),
+            )
+        }
+    };
+    let fp = current.fingerprint.clone();
+    let mut message = format!("restored: key version {} (fingerprint {fp}) is loaded", current.version);
+    match providers::current() {
+        KeyProvider::File => {
+            let previous = providers::file::read_all().unwrap_or_default();
+            write_key_file(&vec![(current.version, Zeroizing::new(key.as_str().to_owned()))]).unwrap_or_else(|e| key_io_error(e));
+            with_pending(|p| {
+                p.file_after_abort.get_or_insert(previous);
+            });
+        }
+        KeyProvider::Command => {
+            message.push_str("; pg_cellcrypt.key_command must print this key before the next restart");
+            pgrx::warning!("{}", command_update_warning(current.version, &fp));
+        }
+        KeyProvider::None => {
+            message.push_str("; provider \"none\" holds it in memory until the next restart");
+        }
+    }
+    keys::install(keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, MasterKey::from_bytes(*master.expose())));
+    audit::record(&Event { action: "restore", outcome: "started", key_version: Some(current.version), fingerprint: Some(&fp), detail: "" });
+    with_pending(|p| {
+        p.publish = Some((current.version, master, Zeroizing::new(key.as_str().to_owned())));
+        p.audit.push(("restore", Some(current.version), fp));
+    });
+    message
+}
+
+fn command_update_warning(version: u32, fp: &str) -> String {
+    format!(
+        "the key provider is \"command\", which pg_cellcrypt never writes to: update the key source so that pg_cellcrypt.key_command prints the new key (key version {version}, fingerprint {fp}) before the server restarts; until then the server holds the key in memory"
+    )
+}
+
+fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, new_key: AdminKey) -> String {
+    let current = &rows[0];
+    // Setting the key that is already current changes nothing.
+    if keys::verify(current, &new_key).is_ok() {
+        audit::record(&Event {
+            action: "change",
+            outcome: "unchanged",
+            key_version: Some(current.version),
+            fingerprint: Some(&current.fingerprint),
+            detail: "the given key is already the current key",
+        });
+        return format!("unchanged: the given key is already the current key (version {}, fingerprint {})", current.version, current.fingerprint);
+    }
+    let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old_master);
+    let max_version: i32 = Spi::get_one("SELECT max(key_version) FROM cellcrypt.keyring").ok().flatten().unwrap_or(current.version as i32);
+    let new_version = max_version as u32 + 1;
+    let (salt, params, master) = derive_new(&new_key);
+    let fp = master.fingerprint().to_string();
+    audit::record(&Event { action: "change", outcome: "started", key_version: Some(new_version), fingerprint: Some(&fp), detail: &format!("replaces key version {}", current.version) });
+    with_pending(|p| p.audit.push(("change", Some(new_version), fp.clone())));
+
+    // The keyring: older versions keep their data key, wrapped under the new key.
+    let wrap = master.wrap_key();
+    internal_write(|| {
+        for (version, data_key) in &loaded.data_keys {
+            let wrapped = cellcrypt_core::wrap::wrap_data_key(&wrap, new_version, *version, data_key);
+            Spi::run_with_args(
+                "UPDATE cellcrypt.keyring SET state = 'previous', wrapped_data_key = $2 WHERE key_version = $1",
+                &[(*version as i32).into(), wrapped.into()],
+            )?;
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not update the keyring: {e}"), None, None));
+    insert_key_row(new_version, &salt, &params, &master);
+
+    let mut notes = Vec::new();
+    match providers::current() {
+        KeyProvider::File => {
+            let old_version = current.version;
+            let before = vec![(old_version, old_text.clone())];
+            let both = vec![(old_version, old_text), (new_version, Zeroizing::new(new_key.as_str().to_owned()))];
+            write_key_file(&both).unwrap_or_else(|e| key_io_error(e));
+            with_pending(|p| {
+                p.file_after_commit = Some(vec![(new_version, Zeroizing::new(new_key.as_str().to_owned()))]);
+                p.file_after_abort.get_or_insert(before);
+            });
+        }
+        KeyProvider::Command => {
+            pgrx::warning!("{}", command_update_warning(new_version, &fp));
+            notes.push("pg_cellcrypt.key_command must print the new key before the next restart".to_owned());
+        }
+        KeyProvider::None => {
+            notes.push("provider \"none\": back up the new key with retrieve_data_encryption_key()".to_owned());
+        }
+    }
+
+    // From here on this transaction seals with the new key.
+    let keys::LoadedKeys { data_keys, .. } = loaded;
+    keys::install(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), new_version, MasterKey::from_bytes(*master.expose()), data_keys));
+    with_pending(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
+
+    let moved = crate::reencrypt::reencrypt_all(new_version);
+    Spi::run_with_args(
+        "UPDATE cellcrypt.keyring SET reencrypted_values = $2 WHERE key_version = $1",
+        &[(new_version as i32).into(), moved.into()],
+    )
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not update the keyring: {e}"), None, None));
+
+    let mut msg = format!("changed: key version {new_version} (fingerprint {fp}) is current; {moved} values re-encrypted");
+    for n in notes {
+        msg.push_str("; ");
+        msg.push_str(&n);
+    }
+    msg
+}
+
+/// `data_encryption_status()`: one row about this database's key. Administrators only; the
+/// `data_encryption_status` view shows it.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn data_encryption_status() -> TableIterator<
+    'static,
+    (
+        name!(active, bool),
+        name!(key_version, Option<i32>),
+        name!(fingerprint, Option<String>),
+        name!(set_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(set_by, Option<String>),
+        name!(provider, String),
+        name!(previous_key_versions, Vec<i32>),
+        name!(reencryption, String),
+        name!(reencrypted_values, Option<i64>),
+    ),
+> {
+    require_admin("data_encryption_status()");
+    let active = keys::try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false);
+    type Row = (Option<i32>, Option<String>, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>, Option<i64>);
+    let cur: Row = keys::as_extension_owner(|| {
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT key_version, fingerprint, created_at, created_by::text, reencrypted_values FROM cellcrypt.keyring WHERE state = 'current'",
+                None,
+                &[],
+            )?;
+            for r in t {
+                return Ok::<Row, pgrx::spi::Error>((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?));
+            }
+            Ok((None, None, None, None, None))
+        })
+        .unwrap_or((None, None, None, None, None))
+    });
+    let previous: Vec<i32> = keys::read_key_rows().iter().filter(|r| r.state == "previous").map(|r| r.version as i32).collect();
+    let running: bool = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2::oid AND objsubid = 2 AND granted AND pid <> pg_catalog.pg_backend_pid() \
+           AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))",
+        &[(LOCK_CLASSID as i64).into(), (LOCK_OBJID as i64).into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    let reencryption = if running { "running" } else { "complete" }.to_owned();
+    TableIterator::once((active, cur.0, cur.1, cur.2, cur.3, providers::name(providers::current()).to_owned(), previous, reencryption, cur.4))
+}

@@ -1,0 +1,187 @@
+//! Key providers: where a database's current key lives outside the database.
+//!
+//! Chosen with `pg_cellcrypt.key_provider`:
+//!
+//! | provider | where the key is | after a restart | on a key change |
+//! |---|---|---|---|
+//! | `file` (default) | `<key_directory>/<system identifier>_<database oid>.key`, mode 0600 in a 0700 directory, written atomically and fsynced | read from the file, no manual step | the extension writes the new key |
+//! | `command` | printed by `pg_cellcrypt.key_command` (a KMS, Vault or HSM client) | the command is run, no manual step | the extension never writes through it: the administrator updates the key source, as the change's warning says |
+//! | `none` | only in shared memory | must be restored with `set_data_encryption_key` | held in shared memory |
+//!
+//! Whatever the provider, a key is accepted only when it matches the fingerprint stored in the
+//! database, and the shared key cache ([`crate::key_cache`]) spares other backends the provider
+//! and Argon2id once one backend has the key.
+//!
+//! Naming the key file after the cluster's system identifier means a database restored into
+//! another cluster never picks up a key it was not given.
+
+use crate::gucs::{self, KeyProvider};
+use pgrx::pg_sys;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+/// The provider in effect.
+pub fn current() -> KeyProvider {
+    gucs::KEY_PROVIDER.get()
+}
+
+pub fn name(p: KeyProvider) -> &'static str {
+    match p {
+        KeyProvider::File => "file",
+        KeyProvider::Command => "command",
+        KeyProvider::None => "none",
+    }
+}
+
+/// The keys the provider has for this database, as `(version, key text)`. A bare key (as a
+/// command prints it) has version `None`: it is meant to be the current one.
+pub fn read() -> Result<Vec<(Option<u32>, Zeroizing<String>)>, String> {
+    match current() {
+        KeyProvider::File => Ok(file::read_all()?.into_iter().map(|(v, k)| (Some(v), k)).collect()),
+        KeyProvider::Command => command::run().map(|k| vec![(None, k)]),
+        KeyProvider::None => Ok(Vec::new()),
+    }
+}
+
+/// The `file` provider.
+pub mod file {
+    use super::*;
+
+    /// `<key_directory>/<system identifier>_<database oid>.key`
+    pub fn path() -> PathBuf {
+        // SAFETY: plain reads of backend globals.
+        let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::MyDatabaseId) };
+        gucs::key_directory().join(format!("{sysid}_{}.key", dboid.to_u32()))
+    }
+
+    /// Every `(version, key)` the file holds. A missing file holds nothing.
+    pub fn read_all() -> Result<Vec<(u32, Zeroizing<String>)>, String> {
+        let p = path();
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => Zeroizing::new(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("could not read key file \"{}\": {e}", p.display())),
+        };
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (v, k) = line.split_once(' ').ok_or_else(|| format!("key file \"{}\" is malformed", p.display()))?;
+            let v: u32 = v.parse().map_err(|_| format!("key file \"{}\" is malformed", p.display()))?;
+            out.push((v, Zeroizing::new(k.trim().to_owned())));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the file's contents atomically and durably: temporary file, fsync, rename,
+    /// fsync of the directory. A crash leaves either the old or the new file, never a mix.
+    pub fn write_all(entries: &[(u32, &str)]) -> Result<(), String> {
+        let p = path();
+        let dir = p.parent().expect("key path has a directory").to_path_buf();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("could not create key directory \"{}\": {e}", dir.display()))?;
+        let mut body = Zeroizing::new(String::from(
+            "# pg_cellcrypt data encryption key. Keep this file secret and back it up:\n# without it the encrypted data of this database cannot be read.\n",
+        ));
+        for (v, k) in entries {
+            body.push_str(&format!("{v} {k}\n"));
+        }
+        let tmp = dir.join(format!(".{}.tmp{}", p.file_name().unwrap().to_string_lossy(), std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(body.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &p)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("could not write key file \"{}\": {e}", p.display())
+        })
+    }
+}
+
+/// The `command` provider.
+pub mod command {
+    use super::*;
+
+    /// How long the command may take.
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Runs `pg_cellcrypt.key_command` with `sh -c` and returns what it printed, trimmed. The
+    /// command learns which key is wanted from its environment:
+    /// `PG_CELLCRYPT_DATABASE` (name), `PG_CELLCRYPT_DATABASE_OID`, `PG_CELLCRYPT_SYSTEM_IDENTIFIER`.
+    /// Its stderr goes to the server log; its stdout is never logged.
+    pub fn run() -> Result<Zeroizing<String>, String> {
+        let cmd = gucs::key_command().ok_or_else(|| "pg_cellcrypt.key_provider is \"command\" but pg_cellcrypt.key_command is empty".to_owned())?;
+        // SAFETY: backend globals and a syscache lookup inside a transaction.
+        let (sysid, dboid, dbname) = unsafe {
+            let oid = pg_sys::MyDatabaseId;
+            let n = pg_sys::get_database_name(oid);
+            let name = if n.is_null() { String::new() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() };
+            (pg_sys::GetSystemIdentifier(), oid.to_u32(), name)
+        };
+        let mut child = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env("PG_CELLCRYPT_DATABASE", dbname)
+            .env("PG_CELLCRYPT_DATABASE_OID", dboid.to_string())
+            .env("PG_CELLCRYPT_SYSTEM_IDENTIFIER", sysid.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("could not run pg_cellcrypt.key_command: {e}"))?;
+        // Read without blocking, so a command that hangs is stopped at the timeout.
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        {
+            use std::os::fd::AsRawFd;
+            let fd = stdout.as_raw_fd();
+            // SAFETY: fcntl on a pipe we own.
+            unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
+        }
+        let mut out = Zeroizing::new(Vec::new());
+        let mut chunk = Zeroizing::new([0u8; 4096]);
+        let started = Instant::now();
+        let mut eof = false;
+        let status = loop {
+            while !eof {
+                match stdout.read(&mut chunk[..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) if out.len() + n <= 64 * 1024 => out.extend_from_slice(&chunk[..n]),
+                    Ok(_) => return Err("pg_cellcrypt.key_command printed more than 64 kB".to_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(format!("could not read the output of pg_cellcrypt.key_command: {e}")),
+                }
+            }
+            match child.try_wait() {
+                Ok(Some(s)) if eof => break s,
+                Ok(_) if started.elapsed() > TIMEOUT => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("pg_cellcrypt.key_command did not finish within {} seconds", TIMEOUT.as_secs()));
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => return Err(format!("could not wait for pg_cellcrypt.key_command: {e}")),
+            }
+        };
+        if !status.success() {
+            return Err(format!("pg_cellcrypt.key_command failed ({status})"));
+        }
+        let text = std::str::from_utf8(&out).map_err(|_| "pg_cellcrypt.key_command printed something that is not UTF-8".to_owned())?;
+        let key = Zeroizing::new(text.trim().to_owned());
+        if key.is_empty() {
+            return Err("pg_cellcrypt.key_command printed nothing".to_owned());
+        }
+        Ok(key)
+    }
+}
