@@ -3,7 +3,8 @@
 //!
 //! 1. **Keeps keys out of the log.** When the statement being run mentions
 //!    `set_data_encryption_key`, the statement is not logged with errors (`hide_stmt`), and every
-//!    quoted string in the message, its detail and its context is replaced by `'<redacted>'`.
+//!    quoted string in PostgreSQL's own messages (the logged statement, its parameters, a syntax
+//!    error), their detail and their context is replaced by `'<redacted>'`.
 //!    That covers `log_statement`, `log_min_duration_statement`, `log_min_error_statement` and
 //!    the parameters the extended protocol logs. Independently, anything shaped like a
 //!    generated key (`CCK1-` followed by key characters) is masked in every message.
@@ -75,10 +76,14 @@ unsafe fn contains_key_function(p: *const std::ffi::c_char) -> bool {
 }
 
 unsafe fn redact(e: &mut pg_sys::ErrorData) {
-    let statement_has_key = contains_key_function(pg_sys::debug_query_string) || contains_key_function(e.message);
+    let statement_has_key = contains_key_function(pg_sys::debug_query_string);
     if statement_has_key {
         e.hide_stmt = true;
     }
+    // Our own messages never carry a key (see errors.rs) and are left whole; PostgreSQL's own
+    // (the logged statement, its parameters, a syntax error) are redacted.
+    let ours = !e.filename.is_null() && CStr::from_ptr(e.filename).to_bytes().ends_with(b".rs");
+    let statement_has_key = statement_has_key && !ours;
     for field in [&mut e.message, &mut e.detail, &mut e.context, &mut e.hint, &mut e.detail_log] {
         if field.is_null() {
             continue;

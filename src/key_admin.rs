@@ -279,7 +279,7 @@ fn derive_new(key: &AdminKey) -> ([u8; 16], KdfParams, MasterKey) {
 }
 
 fn insert_key_row(version: u32, salt: &[u8], params: &KdfParams, master: &MasterKey) {
-    internal_write(|| {
+    keys::as_extension_owner(|| internal_write(|| {
         Spi::run_with_args(
             "INSERT INTO cellcrypt.keyring (key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider) \
              VALUES ($1, $2, $3, $4, $5, $6, 'current', $7)",
@@ -293,7 +293,7 @@ fn insert_key_row(version: u32, salt: &[u8], params: &KdfParams, master: &Master
                 providers::name(providers::current()).into(),
             ],
         )
-    })
+    }))
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not record the key: {e}"), None, None));
 }
 
@@ -364,7 +364,7 @@ fn weak_key(reason: &str) -> ! {
     errors::raise(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         format!("the key is not acceptable: {reason}"),
-        Some("A key is either a generated key (CCK1-...) or a passphrase of at least 20 characters with at least 80 bits of estimated entropy."),
+        Some("A key is either a generated key (from generate_data_encryption_key()) or a passphrase of at least 20 characters with at least 80 bits of estimated entropy."),
         Some("Use SELECT generate_data_encryption_key(); to get a strong key."),
     )
 }
@@ -513,7 +513,10 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         return format!("unchanged: the given key is already the current key (version {}, fingerprint {})", current.version, current.fingerprint);
     }
     let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old_master);
-    let max_version: i32 = Spi::get_one("SELECT max(key_version) FROM cellcrypt.keyring").ok().flatten().unwrap_or(current.version as i32);
+    let max_version: i32 = keys::as_extension_owner(|| Spi::get_one("SELECT max(key_version) FROM cellcrypt.keyring"))
+        .ok()
+        .flatten()
+        .unwrap_or(current.version as i32);
     let new_version = max_version as u32 + 1;
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();
@@ -522,7 +525,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
 
     // The keyring: older versions keep their data key, wrapped under the new key.
     let wrap = master.wrap_key();
-    internal_write(|| {
+    keys::as_extension_owner(|| internal_write(|| {
         for (version, data_key) in &loaded.data_keys {
             let wrapped = cellcrypt_core::wrap::wrap_data_key(&wrap, new_version, *version, data_key);
             Spi::run_with_args(
@@ -531,7 +534,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             )?;
         }
         Ok::<_, pgrx::spi::Error>(())
-    })
+    }))
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not update the keyring: {e}"), None, None));
     insert_key_row(new_version, &salt, &params, &master);
 
@@ -562,10 +565,12 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     with_pending(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
 
     let moved = crate::reencrypt::reencrypt_all(new_version);
-    Spi::run_with_args(
-        "UPDATE cellcrypt.keyring SET reencrypted_values = $2 WHERE key_version = $1",
-        &[(new_version as i32).into(), moved.into()],
-    )
+    keys::as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE cellcrypt.keyring SET reencrypted_values = $2 WHERE key_version = $1",
+            &[(new_version as i32).into(), moved.into()],
+        )
+    })
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not update the keyring: {e}"), None, None));
 
     let mut msg = format!("changed: key version {new_version} (fingerprint {fp}) is current; {moved} values re-encrypted");

@@ -203,7 +203,12 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// began is seen, whatever the isolation level.
 pub fn read_key_rows() -> Vec<KeyRow> {
     as_extension_owner(|| {
-        // SAFETY: a registered, pushed and popped snapshot around one read-only query.
+        // A parallel worker may not take a new snapshot; it reads with the one its leader
+        // shared (the leader checked the generation when the query started).
+        // SAFETY: plain backend calls; the pushed snapshot is popped below (and on abort).
+        if unsafe { pg_sys::IsInParallelMode() } {
+            return read_key_rows_unchecked();
+        }
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
         let rows = read_key_rows_unchecked();
         unsafe { pg_sys::PopActiveSnapshot() };

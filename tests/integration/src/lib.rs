@@ -151,6 +151,26 @@ impl Cluster {
         check(out, "pg_dump")
     }
 
+    /// pg_restore of a custom-format dump file into `db`.
+    pub fn pg_restore(&self, db: &str, file: &Path) {
+        let out = Command::new(format!("{PGBIN}/pg_restore"))
+            .args(["-U", "postgres", "--exit-on-error", "-h"])
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg(file)
+            .output()
+            .unwrap();
+        check(out, "pg_restore");
+    }
+
+    /// The server log so far.
+    pub fn server_log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("server.log")).unwrap_or_default()).into_owned()
+    }
+
     fn pg_ctl(&self, args: &[&str]) {
         let out = Command::new("runuser")
             .args(["-u", "postgres", "--"])
@@ -219,4 +239,12 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         }
     }
     out
+}
+
+/// The server's error from a failed call.
+pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> postgres::error::DbError {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("not a server error: {e}")),
+    }
 }

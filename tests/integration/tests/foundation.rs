@@ -188,7 +188,7 @@ fn missing_key_means_55000_and_unreadable_data() {
     let c = Cluster::start("nokey", &[]);
     c.database_with_extension("app");
     c.psql("app", "CREATE TABLE t (s encrypted_text); INSERT INTO t VALUES ('needs the key')");
-    let key_files: Vec<_> = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).collect();
+    let key_files: Vec<_> = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "key")).collect();
     assert_eq!(key_files.len(), 1, "one key file per database: {key_files:?}");
     let key_file = &key_files[0];
     let meta = std::fs::metadata(key_file).unwrap();
@@ -242,7 +242,8 @@ fn unprivileged_roles_write_but_only_readers_decrypt() {
 fn retrieving_the_key_needs_a_secure_connection_and_the_admin_role() {
     let c = Cluster::start("retrieve", &[]);
     c.database_with_extension("app");
-    let on_disk = std::fs::read_to_string(std::fs::read_dir(c.key_dir()).unwrap().flatten().next().unwrap().path()).unwrap();
+    let key_file = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "key")).unwrap();
+    let on_disk = std::fs::read_to_string(&key_file).unwrap();
     // TCP without SSL is refused, with a hint
     let mut plain = c.connect(Transport::Tcp, "app");
     let err = plain.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
@@ -273,13 +274,16 @@ fn retrieving_the_key_needs_a_secure_connection_and_the_admin_role() {
     assert_eq!(err.as_db_error().unwrap().code(), &SqlState::INSUFFICIENT_PRIVILEGE);
     let key: String = c.connect_as(Transport::Unix, "app", "keeper").query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
     assert_eq!(key, keys[0]);
-    // A key the provider holds but that does not match the fingerprint is never shown, even to
-    // a session that loaded the real key earlier.
+    // A key file swapped for another key is never shown: while the server holds the verified
+    // key it shows that one, and after a restart the swapped file is refused.
     let mut admin = c.connect(Transport::Unix, "app");
-    admin.batch_execute("CREATE TABLE warm (s encrypted_text); INSERT INTO warm VALUES ('loads the key')").unwrap();
-    let key_file = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "key")).unwrap();
     let other: String = admin.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
     std::fs::write(&key_file, on_disk.replace(&keys[0], &other)).unwrap();
+    let shown: String = admin.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+    assert_eq!(shown, keys[0]);
+    drop(admin);
+    c.restart();
+    let mut admin = c.connect(Transport::Unix, "app");
     let err = admin.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", db.message());

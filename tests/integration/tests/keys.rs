@@ -1,0 +1,467 @@
+//! The data encryption key against real clusters: changes that reach every session at commit,
+//! one change at a time, crashes mid-change, restores after an import, each key provider
+//! across restarts, separate databases, the audit record, and no key in the logs.
+
+use cellcrypt_integration::{db_error, Cluster, Transport};
+use postgres::error::SqlState;
+
+fn key_of(c: &Cluster, db: &str) -> String {
+    c.psql(db, "SELECT retrieve_data_encryption_key()").trim().to_owned()
+}
+
+fn generate(c: &Cluster, db: &str) -> String {
+    c.psql(db, "SELECT generate_data_encryption_key()").trim().to_owned()
+}
+
+fn set_key(c: &Cluster, db: &str, key: &str) -> String {
+    c.psql(db, &format!("SELECT set_data_encryption_key('{key}')")).trim().to_owned()
+}
+
+/// A checksum of every plaintext, to compare databases.
+const PLAINTEXT_DIGEST: &str = "SELECT md5(string_agg(decrypt(s) || '/' || decrypt(j)::text, ',' ORDER BY id)) FROM t";
+
+fn fill(c: &Cluster, db: &str, rows: i32) {
+    c.psql(
+        db,
+        &format!(
+            "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb); \
+             INSERT INTO t SELECT g, 'secret number ' || g, jsonb_build_object('g', g) FROM generate_series(1, {rows}) g"
+        ),
+    );
+}
+
+#[test]
+fn a_change_reaches_every_session_and_parallel_worker_at_commit() {
+    let c = Cluster::start("change", &[]);
+    c.database_with_extension("app");
+    fill(&c, "app", 300);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    let new_key = generate(&c, "app");
+
+    // A session that loaded the old key before the change.
+    let mut other = c.connect(Transport::Unix, "app");
+    other.batch_execute("INSERT INTO t VALUES (1000, 'before the change', '{}')").unwrap();
+
+    let mut admin = c.connect(Transport::TcpSsl, "app");
+    admin.batch_execute("BEGIN").unwrap();
+    let msg: String = admin.query_one("SELECT set_data_encryption_key($1)", &[&new_key]).unwrap().get(0);
+    assert!(msg.contains("key version 2") && msg.contains("301 values re-encrypted"), "{msg}");
+    // Until the change commits, other sessions keep the old key, and what they write under it
+    // stays readable afterwards.
+    other.batch_execute("INSERT INTO t VALUES (1001, 'during the change', '{}')").unwrap();
+    let v: i32 = other.query_one("SELECT encryption_key_version(s) FROM t WHERE id = 1001", &[]).unwrap().get(0);
+    assert_eq!(v, 1);
+    admin.batch_execute("COMMIT").unwrap();
+
+    // From the commit on, the same session seals with the new key, without reconnecting.
+    other.batch_execute("INSERT INTO t VALUES (1002, 'after the change', '{}')").unwrap();
+    let v: i32 = other.query_one("SELECT encryption_key_version(s) FROM t WHERE id = 1002", &[]).unwrap().get(0);
+    assert_eq!(v, 2);
+    // ... and so do parallel workers.
+    other
+        .batch_execute(
+            "SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; \
+             SET min_parallel_table_scan_size = 0; SET parallel_leader_participation = off",
+        )
+        .unwrap();
+    let plan: Vec<String> = other
+        .query("EXPLAIN (ANALYZE, COSTS OFF) SELECT min(encryption_key_version(encrypt(id::text))) FROM t", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Parallel Seq Scan") && plan.contains("Workers Launched: 2"), "{plan}");
+    let (lo, hi): (i32, i32) = {
+        let r = other.query_one("SELECT min(encryption_key_version(encrypt(id::text))), max(encryption_key_version(encrypt(id::text))) FROM t", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((lo, hi), (2, 2));
+    // Every value is readable: the 300 re-encrypted ones, and the one written under the old
+    // key during the change (the old key is kept, wrapped, until no cell needs it).
+    assert_eq!(c.psql("app", "SELECT count(*) FROM t WHERE id <= 300 AND encryption_key_version(s) = 2").trim(), "300");
+    assert_eq!(c.psql("app", "SELECT decrypt(s) FROM t WHERE id = 1001").trim(), "during the change");
+    assert_eq!(c.psql("app", "DELETE FROM t WHERE id >= 1000; SELECT 1").trim(), "1");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    assert_eq!(key_of(&c, "app"), new_key);
+    // The key file holds only the new key now.
+    let file = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "key")).unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(&new_key) && text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count() == 1, "{text}");
+    // The status says so.
+    let status = c.psql("app", "SELECT active, key_version, provider, previous_key_versions, reencryption, reencrypted_values FROM data_encryption_status");
+    assert_eq!(status.trim(), "t|2|file|{1}|complete|301");
+}
+
+#[test]
+fn only_one_change_runs_at_a_time() {
+    let c = Cluster::start("lock", &[]);
+    c.database_with_extension("app");
+    fill(&c, "app", 50);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    let (k2, k3) = (generate(&c, "app"), generate(&c, "app"));
+
+    // A change in progress (its transaction still open) refuses a second one at once.
+    let mut first = c.connect(Transport::Unix, "app");
+    let first_pid: i32 = first.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    first.batch_execute("BEGIN").unwrap();
+    first.query_one("SELECT set_data_encryption_key($1)", &[&k2]).unwrap();
+    let mut second = c.connect(Transport::TcpSsl, "app");
+    let started = std::time::Instant::now();
+    let err = db_error(second.query_one("SELECT set_data_encryption_key($1)", &[&k3]));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "the second change waited instead of failing");
+    assert_eq!(err.code(), &SqlState::LOCK_NOT_AVAILABLE);
+    let detail = err.detail().unwrap_or("");
+    assert!(detail.contains(&format!("process {first_pid}")) && detail.contains("role postgres") && detail.contains("started at"), "{detail}");
+    assert!(err.hint().is_some());
+    first.batch_execute("COMMIT").unwrap();
+    // Once it is over, the next change goes ahead.
+    let msg: String = second.query_one("SELECT set_data_encryption_key($1)", &[&k3]).unwrap().get(0);
+    assert!(msg.contains("key version 3"), "{msg}");
+
+    // Two sessions racing: exactly one wins, the other gets 55P03.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let results: Vec<Result<String, String>> = (0..2)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let mut client = c.connect(if i == 0 { Transport::Unix } else { Transport::TcpSsl }, "app");
+            let key: String = client.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
+            std::thread::spawn(move || {
+                client.batch_execute("BEGIN").unwrap();
+                barrier.wait();
+                let r = client.query_one("SELECT set_data_encryption_key($1)", &[&key]);
+                let r = match r {
+                    Ok(row) => {
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                        client.batch_execute("COMMIT").unwrap();
+                        Ok(row.get::<_, String>(0))
+                    }
+                    Err(e) => Err(e.code().map(|c| c.code().to_owned()).unwrap_or_default()),
+                };
+                r
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(results.iter().any(|r| r.as_ref().err().map(String::as_str) == Some("55P03")), "{results:?}");
+    assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "4");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_change_leaves_nothing_stuck() {
+    let c = Cluster::start("crash", &[]);
+    c.database_with_extension("app");
+    fill(&c, "app", 100);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    let old_key = key_of(&c, "app");
+    let mut admin = c.connect(Transport::Unix, "app");
+    admin.batch_execute("BEGIN").unwrap();
+    let k2 = generate(&c, "app");
+    admin.query_one("SELECT set_data_encryption_key($1)", &[&k2]).unwrap();
+    // The server dies with the change (and its re-encryption) uncommitted.
+    c.stop_immediate();
+    drop(admin);
+    c.start_again();
+    assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
+    assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "1");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    assert_eq!(key_of(&c, "app"), old_key);
+    // Neither the lock nor the key state is stuck: a new change goes through.
+    let k3 = generate(&c, "app");
+    assert!(set_key(&c, "app", &k3).contains("key version 2"));
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+
+    // A session killed mid-change behaves the same.
+    let mut admin = c.connect(Transport::Unix, "app");
+    let pid: i32 = admin.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    admin.batch_execute("BEGIN").unwrap();
+    admin.query_one("SELECT set_data_encryption_key(generate_data_encryption_key())", &[]).unwrap();
+    c.psql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
+    drop(admin);
+    assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "2");
+    assert_eq!(key_of(&c, "app"), k3);
+    assert!(set_key(&c, "app", &generate(&c, "app")).contains("key version 3"));
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+}
+
+#[test]
+fn set_needs_a_secure_connection_and_the_admin_role_and_everything_is_audited() {
+    let c = Cluster::start("setrules", &[]);
+    c.database_with_extension("app");
+    fill(&c, "app", 10);
+    let k2 = generate(&c, "app");
+    // TCP without SSL: refused with a hint.
+    let mut plain = c.connect(Transport::Tcp, "app");
+    let err = db_error(plain.query_one("SELECT set_data_encryption_key($1)", &[&k2]));
+    assert_eq!(err.code(), &SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+    assert!(err.hint().unwrap_or("").contains("SSL"));
+    // Not an administrator: refused, with the role named.
+    c.psql("app", "CREATE ROLE clerk LOGIN; CREATE ROLE keeper LOGIN IN ROLE data_encryption_admin");
+    let mut clerk = c.connect_as(Transport::Unix, "app", "clerk");
+    let err = db_error(clerk.query_one("SELECT set_data_encryption_key($1)", &[&k2]));
+    assert_eq!(err.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    assert!(err.hint().unwrap_or("").contains("data_encryption_admin"));
+    // A weak key: refused with a hint to generate one.
+    let mut keeper = c.connect_as(Transport::TcpSsl, "app", "keeper");
+    let err = db_error(keeper.query_one("SELECT set_data_encryption_key('password1234')", &[]));
+    assert_eq!(err.code(), &SqlState::INVALID_PARAMETER_VALUE);
+    assert!(err.hint().unwrap_or("").contains("generate_data_encryption_key()"));
+    // SSL and the Unix socket: allowed, for a member of data_encryption_admin too.
+    let msg: String = keeper.query_one("SELECT set_data_encryption_key($1)", &[&k2]).unwrap().get(0);
+    assert!(msg.contains("key version 2"), "{msg}");
+    let k3 = generate(&c, "app");
+    let msg: String = c.connect_as(Transport::Unix, "app", "keeper").query_one("SELECT set_data_encryption_key($1)", &[&k3]).unwrap().get(0);
+    assert!(msg.contains("key version 3"), "{msg}");
+    let _: String = keeper.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+
+    // The audit record: who, when, what, from where, and the outcome; never a key.
+    let rows = c.psql("app", "SELECT session_role, client_addr, action, outcome, coalesce(key_version::text, ''), detail FROM data_encryption_audit ORDER BY at");
+    let expect = [
+        "postgres|local|create|committed|1|",
+        "postgres|127.0.0.1|set_data_encryption_key()|refused||TCP connection without SSL",
+        "clerk|local|set_data_encryption_key()|refused||EXECUTE privilege denied",
+        "keeper|127.0.0.1|set_data_encryption_key()|refused||weak or malformed key",
+        "keeper|127.0.0.1|change|committed|2|",
+        "keeper|local|change|committed|3|",
+        "keeper|127.0.0.1|retrieve|succeeded|3|",
+    ];
+    for e in expect {
+        assert!(rows.lines().any(|l| l.starts_with(e)), "no audit line starting {e:?} in\n{rows}");
+    }
+    for key in [&k2, &k3] {
+        assert!(!rows.contains(key.as_str()));
+        for (_, bytes) in cellcrypt_integration::read_tree(&c.key_dir()).iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "audit")) {
+            assert!(!cellcrypt_integration::contains(bytes, &key.as_bytes()[5..]), "a key in the audit file");
+        }
+    }
+    // PUBLIC cannot read it.
+    let err = db_error(clerk.query("SELECT * FROM data_encryption_audit", &[]));
+    assert_eq!(err.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    let err = db_error(clerk.query("SELECT * FROM data_encryption_status", &[]));
+    assert_eq!(err.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    // is_data_encryption_active is for everyone.
+    let active: bool = clerk.query_one("SELECT is_data_encryption_active()", &[]).unwrap().get(0);
+    assert!(active);
+}
+
+#[test]
+fn restore_after_import_into_a_fresh_cluster() {
+    let a = Cluster::start("import-from", &[]);
+    let b = Cluster::start("import-to", &[]);
+    a.database_with_extension("app");
+    fill(&a, "app", 100);
+    // A value sealed under key version 1 and kept aside past a key change: the dump must carry
+    // what opens it too.
+    let old = a.psql("app", "SELECT format('%s', 'sealed under version 1'::text::encrypted_text)").trim().to_owned();
+    set_key(&a, "app", &generate(&a, "app"));
+    a.psql("app", &format!("INSERT INTO t VALUES (101, '{old}', '[]')"));
+    let digest = a.psql("app", PLAINTEXT_DIGEST);
+    let key = key_of(&a, "app");
+
+    let file = b.dir.join("app.sql");
+    std::fs::write(&file, a.pg_dump("app", &[])).unwrap();
+    b.createdb("app");
+    b.psql_file("app", &file);
+
+    // The data arrives and stays unreadable.
+    assert_eq!(b.psql("app", "SELECT count(*) FROM t").trim(), "101");
+    assert_eq!(b.psql("app", "SELECT is_data_encryption_active()").trim(), "f");
+    let mut client = b.connect(Transport::Unix, "app");
+    let err = db_error(client.query_one("SELECT decrypt(s) FROM t WHERE id = 1", &[]));
+    assert_eq!(err.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE);
+    assert!(err.hint().unwrap_or("").contains("set_data_encryption_key"), "{:?}", err.hint());
+
+    // A wrong key is refused with both fingerprints, and changes nothing.
+    let wrong = generate(&b, "app");
+    let err = db_error(client.query_one("SELECT set_data_encryption_key($1)", &[&wrong]));
+    assert_eq!(err.code(), &SqlState::INVALID_PARAMETER_VALUE);
+    let expected_fp = a.psql("app", "SELECT fingerprint FROM data_encryption_status").trim().to_owned();
+    let detail = err.detail().unwrap_or("").to_owned();
+    assert!(detail.contains(&format!("Expected a key with fingerprint {expected_fp}")) && detail.contains("the given key has fingerprint"), "{detail}");
+    assert!(!detail.contains(&wrong) && !err.message().contains(&wrong));
+    assert_eq!(b.psql("app", "SELECT is_data_encryption_active()").trim(), "f");
+
+    // The original key makes everything readable, in every session.
+    let msg: String = client.query_one("SELECT set_data_encryption_key($1)", &[&key]).unwrap().get(0);
+    assert!(msg.starts_with("restored: key version 2"), "{msg}");
+    assert_eq!(b.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
+    assert_eq!(b.psql("app", PLAINTEXT_DIGEST), digest);
+    assert_eq!(b.psql("app", "SELECT decrypt(s) FROM t WHERE id = 101").trim(), "sealed under version 1");
+    // ... and after a restart, from the file provider.
+    b.restart();
+    assert_eq!(b.psql("app", PLAINTEXT_DIGEST), digest);
+}
+
+#[test]
+fn dump_into_another_database_of_the_same_cluster_gives_identical_plaintext() {
+    let c = Cluster::start("samecluster", &[]);
+    c.database_with_extension("app");
+    fill(&c, "app", 200);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    let key = key_of(&c, "app");
+    for (target, format) in [("copy_plain", "p"), ("copy_custom", "c")] {
+        let file = c.dir.join(format!("{target}.dump"));
+        let out = std::process::Command::new(format!("{}/pg_dump", cellcrypt_integration::PGBIN))
+            .args(["-U", "postgres", "-h"])
+            .arg(&c.dir)
+            .args(["-p", &c.port.to_string(), "-F", format, "-f"])
+            .arg(&file)
+            .arg("app")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        c.createdb(target);
+        if format == "p" {
+            c.psql_file(target, &file);
+        } else {
+            c.pg_restore(target, &file);
+        }
+        assert_eq!(c.psql(target, "SELECT is_data_encryption_active()").trim(), "f", "{target}");
+        assert!(set_key(&c, target, &key).starts_with("restored"));
+        assert_eq!(c.psql(target, PLAINTEXT_DIGEST), digest, "{target}");
+    }
+}
+
+#[test]
+fn databases_have_separate_keys() {
+    let c = Cluster::start("separate", &[]);
+    c.database_with_extension("one");
+    c.database_with_extension("two");
+    fill(&c, "one", 20);
+    fill(&c, "two", 20);
+    let (k1, k2) = (key_of(&c, "one"), key_of(&c, "two"));
+    assert_ne!(k1, k2);
+    let fp2 = c.psql("two", "SELECT fingerprint FROM data_encryption_status");
+    let d2 = c.psql("two", PLAINTEXT_DIGEST);
+    set_key(&c, "one", &generate(&c, "one"));
+    assert_eq!(c.psql("two", "SELECT fingerprint FROM data_encryption_status"), fp2);
+    assert_eq!(c.psql("two", "SELECT key_version FROM data_encryption_status").trim(), "1");
+    assert_eq!(key_of(&c, "two"), k2);
+    assert_eq!(c.psql("two", PLAINTEXT_DIGEST), d2);
+    assert_eq!(c.psql("one", "SELECT key_version FROM data_encryption_status").trim(), "2");
+    let key_files = std::fs::read_dir(c.key_dir()).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "key")).count();
+    assert_eq!(key_files, 2);
+}
+
+#[test]
+fn the_file_provider_needs_no_step_after_a_restart() {
+    let c = Cluster::start("prov-file", &[]);
+    c.database_with_extension("app");
+    fill(&c, "app", 30);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    set_key(&c, "app", &generate(&c, "app"));
+    c.restart();
+    assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+}
+
+#[test]
+fn the_command_provider_reads_the_key_from_a_kms_and_never_writes_to_it() {
+    let kms = std::path::PathBuf::from(format!("/tmp/pg_cellcrypt-it/kms-{}", std::process::id()));
+    std::fs::create_dir_all(&kms).unwrap();
+    let first = "kms managed passphrase 7f3a9c2e 1b5d8f04 a6c3 Zq8xR2";
+    std::fs::write(kms.join("app.key"), first).unwrap();
+    let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&kms).status();
+    let command = format!("pg_cellcrypt.key_command = 'cat {}/$PG_CELLCRYPT_DATABASE.key'", kms.display());
+    let c = Cluster::start("prov-command", &["pg_cellcrypt.key_provider = command", &command]);
+    c.database_with_extension("app");
+    fill(&c, "app", 30);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    // Bring your own key: the first key is the one the command prints.
+    assert_eq!(key_of(&c, "app"), first);
+    assert!(std::fs::read_dir(c.key_dir()).map(|d| d.flatten().all(|e| e.path().extension().is_none_or(|x| x != "key"))).unwrap_or(true));
+    c.restart();
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest, "no manual step after a restart");
+
+    // A change does not write to the KMS; it says what to update.
+    let second = generate(&c, "app");
+    let out = c.psql_raw("app", &format!("SELECT set_data_encryption_key('{second}')"));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARNING") && stderr.contains("pg_cellcrypt.key_command prints the new key"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(kms.join("app.key")).unwrap(), first);
+    // Until the restart, the server holds the new key: new sessions read and write.
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    // The administrator updates the KMS; the next restart needs no manual step either.
+    std::fs::write(kms.join("app.key"), &second).unwrap();
+    c.restart();
+    assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "2");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    let _ = std::fs::remove_dir_all(&kms);
+}
+
+#[test]
+fn the_none_provider_keeps_the_key_in_memory_and_needs_a_restore_after_a_restart() {
+    let c = Cluster::start("prov-none", &["pg_cellcrypt.key_provider = none"]);
+    c.createdb("app");
+    let out = c.psql_raw("app", "CREATE EXTENSION pg_cellcrypt");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retrieve_data_encryption_key()"), "the admin is told to back the key up");
+    fill(&c, "app", 30);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    let key = key_of(&c, "app");
+    assert!(std::fs::read_dir(c.key_dir()).map(|d| d.flatten().all(|e| e.path().extension().is_none_or(|x| x != "key"))).unwrap_or(true), "nothing on disk");
+    c.restart();
+    assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "f");
+    let mut client = c.connect(Transport::Unix, "app");
+    let err = db_error(client.query_one("SELECT decrypt(s) FROM t LIMIT 1", &[]));
+    assert_eq!(err.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE);
+    assert!(err.hint().unwrap_or("").contains("set_data_encryption_key"));
+    let err = db_error(client.query_one("SELECT set_data_encryption_key(generate_data_encryption_key())", &[]));
+    assert_eq!(err.code(), &SqlState::INVALID_PARAMETER_VALUE);
+    let msg: String = client.query_one("SELECT set_data_encryption_key($1)", &[&key]).unwrap().get(0);
+    assert!(msg.starts_with("restored"), "{msg}");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    // A change works with it too, and the new key must be restored after the next restart.
+    let k2 = generate(&c, "app");
+    set_key(&c, "app", &k2);
+    c.restart();
+    assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "f");
+    assert!(set_key(&c, "app", &k2).starts_with("restored: key version 2"));
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+}
+
+#[test]
+fn no_key_reaches_the_server_log_or_pg_stat_statements() {
+    let c = Cluster::start(
+        "canary",
+        &[
+            "shared_preload_libraries = 'pg_cellcrypt,pg_stat_statements'",
+            "log_statement = all",
+            "log_min_duration_statement = 0",
+            "log_min_error_statement = error",
+            "log_parameter_max_length = -1",
+            "log_parameter_max_length_on_error = -1",
+        ],
+    );
+    c.database_with_extension("app");
+    c.psql("app", "CREATE EXTENSION pg_stat_statements");
+    fill(&c, "app", 5);
+    let canary = generate(&c, "app");
+    let passphrase = "canary passphrase Zq8xR2mW5vT9 kP3nL7";
+    let mistyped = format!("{}Z", &canary[..canary.len() - 1]);
+    // successes, over the simple and the extended protocol
+    set_key(&c, "app", &canary);
+    let mut ssl = c.connect(Transport::TcpSsl, "app");
+    ssl.query_one("SELECT set_data_encryption_key($1)", &[&passphrase]).unwrap();
+    // failures: a mistyped key, a syntax error, plain TCP, a wrong restore-time key
+    assert!(!c.psql_raw("app", &format!("SELECT set_data_encryption_key('{mistyped}')")).status.success());
+    assert!(!c.psql_raw("app", &format!("SELECT set_data_encryption_key('{canary}'")).status.success());
+    let mut plain = c.connect(Transport::Tcp, "app");
+    assert!(plain.query_one("SELECT set_data_encryption_key($1)", &[&canary]).is_err());
+    ssl.query_one("SELECT set_data_encryption_key($1)", &[&canary]).unwrap();
+    let _: String = ssl.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+
+    let log = c.server_log();
+    assert!(log.contains("set_data_encryption_key"), "the statements were logged (redacted)");
+    let statements = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_statements");
+    assert!(statements.contains("set_data_encryption_key"), "{statements}");
+    for secret in [&canary[5..], &mistyped[5..], passphrase, &canary[5..24]] {
+        assert!(!log.contains(secret), "a key in the server log:\n{log}");
+        assert!(!statements.contains(secret), "a key in pg_stat_statements:\n{statements}");
+    }
+}
