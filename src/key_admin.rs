@@ -170,7 +170,10 @@ pub unsafe extern "C-unwind" fn cellcrypt_keyring_write_is_internal(_fcinfo: pg_
     let internal = INTERNAL_WRITE.with(|w| w.get());
     if !internal {
         keys::invalidate();
-        with_pending(|p| p.forget = true);
+        with_pending(|p| {
+            p.forget = true;
+            p.publish = None;
+        });
     }
     pg_sys::Datum::from(internal)
 }
