@@ -68,3 +68,13 @@ pub fn decrypt_denied() -> ! {
         Some("Ask an administrator to run GRANT data_encryption_reader TO <your role>."),
     )
 }
+
+/// A value names a key version this database does not have: 42704, naming the version.
+pub fn unknown_key_version(type_name: &str, key_id: u32, versions: &[u32], doing: &str, hint: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("cannot {doing} a value of type {type_name}: it was encrypted under key version {key_id}, which this database does not have"),
+        Some(&format!("This database's key versions in use: {versions:?}.")),
+        Some(hint),
+    )
+}

@@ -233,11 +233,12 @@ pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
     };
     let keys = keys::loaded();
     let Some(cipher) = keys.ring.get(env.key_id()) else {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("the {} value was encrypted under key version {}, which this database does not have", kind.type_name(), env.key_id()),
-            Some(&format!("This database's key versions in use: {:?}.", keys.ring.key_ids())),
-            Some("The value comes from another database or was encrypted under a retired key. Restore it from a backup of this database."),
+        errors::unknown_key_version(
+            kind.type_name(),
+            env.key_id(),
+            &keys.ring.key_ids(),
+            "decrypt",
+            "The value comes from another database or was encrypted under a retired key. Restore it from a backup of this database.",
         );
     };
     with_context(kind, |ctx| match kind.fixed_len() {
@@ -279,11 +280,12 @@ pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
         return d;
     }
     let Some(cipher) = keys.ring.get(env.key_id()) else {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("cannot re-encrypt a {} value: it was encrypted under key version {}, which this database does not have", kind.type_name(), env.key_id()),
-            Some(&format!("This database's key versions in use: {:?}.", keys.ring.key_ids())),
-            Some("Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again."),
+        errors::unknown_key_version(
+            kind.type_name(),
+            env.key_id(),
+            &keys.ring.key_ids(),
+            "re-encrypt",
+            "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.",
         );
     };
     let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
