@@ -5,6 +5,8 @@
 //! | `pg_cellcrypt.key_directory` | sighup | `<data_directory>/../pg_cellcrypt_keys` | where the `file` key provider keeps one key file per database. It must lie outside the data directory so base backups and replicas built from them do not carry the key. |
 //! | `pg_cellcrypt.key_provider` | sighup | `file` | where each database's key lives: `file`, `command` or `none` (see `providers.rs`) |
 //! | `pg_cellcrypt.key_command` | sighup | empty | for the `command` provider: a shell command that prints the database's key |
+//! | `pg_cellcrypt.reencrypt_batch_size` | superuser | 1000 | rows per re-encryption batch (one short transaction each) |
+//! | `pg_cellcrypt.reencrypt_pause` | superuser | 10 ms | pause between re-encryption batches, to protect production load |
 //! | `pg_cellcrypt.kdf_memory_kib` | superuser | 19456 | Argon2id memory cost for new key versions |
 //! | `pg_cellcrypt.kdf_iterations` | superuser | 2 | Argon2id passes for new key versions |
 //! | `pg_cellcrypt.require_secure_transport` | superuser | on | key calls refuse TCP connections without SSL (SSL and Unix sockets are allowed) |
@@ -29,6 +31,8 @@ pub enum KeyProvider {
 
 pub static KEY_PROVIDER: GucSetting<KeyProvider> = GucSetting::<KeyProvider>::new(KeyProvider::File);
 pub static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static REENCRYPT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -57,6 +61,26 @@ pub fn init() {
         &KEY_COMMAND,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_cellcrypt.reencrypt_batch_size",
+        c"Rows per re-encryption batch after a key change.",
+        c"Each batch is one short transaction of the background worker or of finish_data_encryption_reencryption().",
+        &REENCRYPT_BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_cellcrypt.reencrypt_pause",
+        c"Pause between re-encryption batches of the background worker.",
+        c"Raise it to leave more room to production load while a key change re-encrypts.",
+        &REENCRYPT_PAUSE_MS,
+        0,
+        60_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"pg_cellcrypt.kdf_memory_kib",

@@ -52,6 +52,10 @@ struct Pending {
     forget: bool,
     file_after_commit: Option<KeyFile>,
     file_after_abort: Option<KeyFile>,
+    /// Bump the generation at commit (older keys were retired).
+    announce: bool,
+    /// Start this database's re-encryption worker at commit.
+    launch_worker: bool,
     /// (action, version, fingerprint) to record as committed or rolled back.
     audit: Vec<(&'static str, Option<u32>, String)>,
 }
@@ -123,8 +127,14 @@ pub fn on_commit() {
             pgrx::warning!("pg_cellcrypt: the shared key cache is full; other sessions will read the key from the key provider");
         }
     }
-    if p.forget || p.publish.is_some() {
+    if p.forget || p.publish.is_some() || p.announce {
         key_cache::bump_generation();
+    }
+    // SAFETY: a backend global.
+    if p.launch_worker && !crate::worker::start_worker(unsafe { pg_sys::MyDatabaseId }) {
+        pgrx::warning!(
+            "pg_cellcrypt could not start its re-encryption worker (no free background worker slot); run CALL finish_data_encryption_reencryption(); or raise max_worker_processes"
+        );
     }
     for (action, version, fp) in &p.audit {
         audit::record(&Event { action, outcome: "committed", key_version: *version, fingerprint: Some(fp), detail: "" });
@@ -143,6 +153,11 @@ pub fn on_abort() {
     for (action, version, fp) in &p.audit {
         audit::record(&Event { action, outcome: "rolled back", key_version: *version, fingerprint: Some(fp), detail: "" });
     }
+}
+
+/// Makes every backend reload its keys when this transaction commits.
+pub fn announce_at_commit() {
+    with_pending(|p| p.announce = true);
 }
 
 /// True while this extension itself writes `cellcrypt.keyring`; rows written otherwise come
@@ -257,7 +272,27 @@ fn lock_key_changes(action: &str) {
         PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
         "another data encryption key change is in progress in this database",
         Some(&format!("It was started by {holder}.")),
-        Some("Wait until it finishes (it includes re-encrypting every value), then check data_encryption_status and try again if still needed."),
+        Some("Wait until it finishes (a change includes re-encrypting every value: see data_encryption_progress, or finish it now with CALL finish_data_encryption_reencryption();), then try again."),
+    )
+}
+
+/// A change's re-encryption must finish before the next change: 55P03, saying who started it,
+/// when, and how far it is.
+fn refuse_while_reencrypting(action: &str) {
+    let running: Option<String> = keys::as_extension_owner(|| {
+        Spi::get_one::<String>(
+            "SELECT format('the change to key version %s started by role %s at %s: %s of %s tables done, %s values re-encrypted so far',                     max(key_version), min(created_by), min(created_at), count(*) FILTER (WHERE state = 'verified'), count(*), sum(cells_done))              FROM cellcrypt.reencryption_job HAVING count(*) > 0",
+        )
+        .ok()
+        .flatten()
+    });
+    let Some(running) = running else { return };
+    refuse(action, &format!("re-encryption still running: {running}"));
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        "the previous data encryption key change is still re-encrypting this database",
+        Some(&format!("Re-encryption of {running}.")),
+        Some("Wait for it to finish (see the views data_encryption_status and data_encryption_progress), or finish it now with CALL finish_data_encryption_reencryption();."),
     )
 }
 
@@ -437,6 +472,7 @@ fn set_data_encryption_key(key: &str) -> String {
             weak_key(&e.to_string())
         }
     };
+    refuse_while_reencrypting(F);
     lock_key_changes(F);
     let rows = keys::read_key_rows();
     let Some(current) = rows.first().filter(|r| r.state == "current") else {
@@ -492,6 +528,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     with_pending(|p| {
         p.publish = Some((current.version, master, Zeroizing::new(key.as_str().to_owned())));
         p.audit.push(("restore", Some(current.version), fp));
+        p.launch_worker = rows.len() > 1;
     });
     message
 }
@@ -567,16 +604,11 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     keys::install(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), new_version, MasterKey::from_bytes(*master.expose()), data_keys));
     with_pending(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
 
-    let moved = crate::reencrypt::reencrypt_all(new_version);
-    keys::as_extension_owner(|| {
-        Spi::run_with_args(
-            "UPDATE cellcrypt.keyring SET reencrypted_values = $2 WHERE key_version = $1",
-            &[(new_version as i32).into(), moved.into()],
-        )
-    })
-    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not update the keyring: {e}"), None, None));
-
-    let mut msg = format!("changed: key version {new_version} (fingerprint {fp}) is current; {moved} values re-encrypted");
+    let tables = crate::reencrypt::create_jobs(new_version);
+    with_pending(|p| p.launch_worker = tables > 0);
+    let mut msg = format!(
+        "changed: key version {new_version} (fingerprint {fp}) is current; {tables} tables will be re-encrypted in the background (see data_encryption_progress)"
+    );
     for n in notes {
         msg.push_str("; ");
         msg.push_str(&n);
@@ -620,14 +652,13 @@ fn data_encryption_status() -> TableIterator<
         .unwrap_or((None, None, None, None, None))
     });
     let previous: Vec<i32> = keys::read_key_rows().iter().filter(|r| r.state == "previous").map(|r| r.version as i32).collect();
-    let running: bool = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2::oid AND objsubid = 2 AND granted AND pid <> pg_catalog.pg_backend_pid() \
-           AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))",
-        &[(LOCK_CLASSID as i64).into(), (LOCK_OBJID as i64).into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    let reencryption = if running { "running" } else { "complete" }.to_owned();
+    let jobs: (Option<i64>, Option<i64>) = keys::as_extension_owner(|| {
+        Spi::get_two("SELECT count(*) FILTER (WHERE state = 'verified'), count(*) FROM cellcrypt.reencryption_job").unwrap_or((None, None))
+    });
+    let reencryption = match jobs {
+        (Some(done), Some(total)) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
+        _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),
+        _ => "complete".to_owned(),
+    };
     TableIterator::once((active, cur.0, cur.1, cur.2, cur.3, providers::name(providers::current()).to_owned(), previous, reencryption, cur.4))
 }

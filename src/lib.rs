@@ -9,7 +9,8 @@
 //! | [`key_cache`] | shared memory: each database's current key, and the generation that announces a change |
 //! | [`providers`] | where keys live: the `file`, `command` and `none` key providers |
 //! | [`key_admin`] | the administrator's SQL functions: set/change/restore/retrieve/status, the change lock |
-//! | [`reencrypt`] | moving every value under the current key |
+//! | [`reencrypt`] | moving every value under the current key, in batches; retiring old keys |
+//! | [`worker`] | the launcher and the per-database re-encryption workers |
 //! | [`audit`] | the audit record of key operations |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
 //! | [`roles`] | the roles the extension creates; the membership check |
@@ -26,6 +27,7 @@ pub mod key_cache;
 pub mod keys;
 pub mod providers;
 pub mod reencrypt;
+pub mod worker;
 pub mod roles;
 pub mod types;
 
@@ -61,6 +63,7 @@ pub extern "C-unwind" fn _PG_init() {
     hooks::init();
     keys::init();
     key_admin::init();
+    worker::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

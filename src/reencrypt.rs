@@ -1,77 +1,290 @@
-//! Re-encryption: moving every encrypted value of the database under the current key.
+//! Re-encryption: moving every encrypted value of the database under the current key, online.
 //!
-//! Until the background re-encryption worker exists, a key change re-encrypts inside
-//! `set_data_encryption_key`, in its transaction: one `UPDATE` per table that holds encrypted
-//! columns, touching only rows with a value under an older key version. Values written
-//! concurrently under the old key (by transactions that began before the change committed)
-//! stay readable, because older versions keep their wrapped data key.
+//! ## The work
+//! A key change records one job per table that has encrypted columns
+//! (`cellcrypt.reencryption_job`), in the change's own transaction. The jobs are then worked
+//! off in small committed batches, by the background worker (`worker.rs`, started when the
+//! change commits and again after every server start) or in the foreground by
+//! `CALL finish_data_encryption_reencryption()`. Both call [`step`], which does one unit of
+//! work per transaction:
 //!
-//! What it covers: every column of an encrypted type in ordinary tables and partitions the
-//! database holds (temporary tables of other sessions excepted). Encrypted values inside arrays,
-//! composite types or materialized views are not rewritten; they stay readable through the
-//! previous versions' keys.
+//! * **batch**: claim one pending job (`FOR UPDATE SKIP LOCKED`, so two runners never do the
+//!   same batch), and rewrite the rows of the next range of blocks whose values are under an
+//!   older key: `UPDATE t SET c = cellcrypt.reencrypt(c) WHERE ctid >= '(a,0)' AND ctid <
+//!   '(b,0)' AND encryption_key_version(c) <> v`. A TID range scan reads only those blocks; the
+//!   job's next block is committed with the batch, so a crash loses at most one batch, which is
+//!   simply done again. Row locks are those of a plain UPDATE, and a row an application
+//!   updates meanwhile is re-checked by PostgreSQL (its new version has moved, so the batch
+//!   skips it and keeps the application's value);
+//! * **verify**: at the end of a table, count the values still under an older key (written by
+//!   sessions that had not seen the change yet); if any, go over the table again;
+//! * **finish**: once every table is verified and every transaction that began before the work
+//!   started has ended, verify all tables once more, then **retire** the older key versions:
+//!   their wrapped keys are deleted from the keyring, so nothing in the database can decrypt
+//!   with them any more, and the audit record notes the completion.
 //!
-//! The updates run as the extension's owner (so a `data_encryption_admin` who is not the owner
-//! of every table can change the key), with `session_replication_role = replica`, so user
-//! triggers do not fire: re-encryption does not change any value, only its envelope.
+//! What it covers: every column of an encrypted type in ordinary tables and partitions
+//! (partitioned tables through their partitions), in every schema, except temporary tables.
+//! Encrypted values inside arrays, composite types or materialized views are not rewritten.
+//!
+//! The updates run as the extension's owner, with `session_replication_role = replica`, so
+//! user triggers do not fire: re-encryption changes no value, only its envelope.
 
+use crate::audit::{self, Event};
 use crate::errors;
 use crate::keys;
 use pgrx::prelude::*;
-use pgrx::PgSqlErrorCode;
+use pgrx::{pg_sys, PgSqlErrorCode};
 
-/// The columns to re-encrypt, as (table, [column]) with quoted identifiers.
-fn encrypted_columns() -> Vec<(String, Vec<String>)> {
-    let rows: Vec<(String, String)> = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT c.oid::pg_catalog.regclass::text, pg_catalog.quote_ident(a.attname) \
-             FROM pg_catalog.pg_attribute a \
-             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-             WHERE a.atttypid IN (SELECT d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid \
-                                  WHERE e.extname = 'pg_cellcrypt' AND d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype = 'e') \
-               AND c.relkind = 'r' AND c.relpersistence <> 't' AND a.attnum > 0 AND NOT a.attisdropped \
-             ORDER BY c.oid, a.attnum",
+fn spi_err(what: &str) -> impl Fn(pgrx::spi::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+fn fail(msg: String) -> ! {
+    errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, msg, None, None)
+}
+
+/// The extension's schema, quoted.
+fn ext_schema() -> String {
+    Spi::get_one(
+        "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_cellcrypt'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| "public".into())
+}
+
+/// Records one job per table with encrypted columns; called by a key change. Returns how many.
+pub fn create_jobs(version: u32) -> i64 {
+    keys::as_extension_owner(|| {
+        Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns) \
+                 SELECT c.oid, $1, array_agg(pg_catalog.quote_ident(a.attname) ORDER BY a.attnum) \
+                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 WHERE a.atttypid IN (SELECT d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid \
+                                      WHERE e.extname = 'pg_cellcrypt' AND d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype = 'e') \
+                   AND c.relkind = 'r' AND c.relpersistence <> 't' AND a.attnum > 0 AND NOT a.attisdropped \
+                 GROUP BY c.oid",
+                None,
+                &[(version as i32).into()],
+            )
+            .map(|t| t.len() as i64)
+        })
+        .unwrap_or_else(|e| fail(format!("could not plan the re-encryption: {e}")))
+    })
+}
+
+struct Job {
+    relid: pg_sys::Oid,
+    version: i32,
+    columns: Vec<String>,
+    next_block: i64,
+}
+
+fn filter(schema: &str, columns: &[String], version: i32) -> String {
+    columns.iter().map(|c| format!("{schema}.encryption_key_version({c}) <> {version}")).collect::<Vec<_>>().join(" OR ")
+}
+
+/// One unit of re-encryption work, in the caller's transaction. Returns what it did:
+/// `batch`, `verify`, `busy` (another runner holds the only pending job), `waiting` (for
+/// transactions older than the work), `done` (this call retired the old keys) or `idle`.
+pub fn step() -> String {
+    keys::as_extension_owner(|| {
+        let previous_role: String = Spi::get_one("SELECT pg_catalog.current_setting('session_replication_role')").ok().flatten().unwrap_or_else(|| "origin".into());
+        Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'replica', true)").unwrap_or_else(|e| fail(format!("could not prepare re-encryption: {e}")));
+        let r = step_inner().unwrap_or_else(|e| fail(e));
+        Spi::run_with_args("SELECT pg_catalog.set_config('session_replication_role', $1, true)", &[previous_role.into()])
+            .unwrap_or_else(|e| fail(format!("could not finish re-encryption: {e}")));
+        r
+    })
+}
+
+fn step_inner() -> Result<String, String> {
+    Spi::run("UPDATE cellcrypt.reencryption_job SET started_at = pg_catalog.clock_timestamp() WHERE started_at IS NULL")
+        .map_err(spi_err("could not start the re-encryption"))?;
+    let job = Spi::connect_mut(|c| {
+        let t = c.update(
+            "SELECT relid, key_version, columns, next_block FROM cellcrypt.reencryption_job \
+             WHERE state = 'pending' ORDER BY relid LIMIT 1 FOR UPDATE SKIP LOCKED",
             None,
             &[],
         )?;
+        let mut job = None;
+        for r in t {
+            job = Some(Job {
+                relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                version: r.get::<i32>(2)?.unwrap_or(0),
+                columns: r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                next_block: r.get::<i64>(4)?.unwrap_or(0),
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(job)
+    })
+    .map_err(spi_err("could not read the re-encryption jobs"))?;
+    if let Some(job) = job {
+        return process(job);
+    }
+    let (pending, total): (i64, i64) = Spi::get_two("SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FROM cellcrypt.reencryption_job")
+        .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
+        .map_err(spi_err("could not read the re-encryption jobs"))?;
+    if total == 0 {
+        // Older key versions without jobs (a database restored from a dump taken during a
+        // change): plan the work now; they are retired only after it is verified.
+        let previous: bool = Spi::get_one("SELECT EXISTS (SELECT FROM cellcrypt.keyring WHERE state = 'previous')")
+            .map_err(spi_err("could not read the keyring"))?
+            .unwrap_or(false);
+        if !previous {
+            return Ok("idle".into());
+        }
+        let current = keys::loaded().current_version;
+        create_jobs(current);
+        Spi::run("INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns, state) SELECT 0, 0, '{}', 'verified' WHERE NOT EXISTS (SELECT FROM cellcrypt.reencryption_job)")
+            .map_err(spi_err("could not plan the re-encryption"))?;
+        return Ok("verify".into());
+    }
+    if pending > 0 {
+        return Ok("busy".into());
+    }
+    finish()
+}
+
+fn process(job: Job) -> Result<String, String> {
+    let exists: bool = Spi::get_one_with_args("SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = $1)", &[job.relid.into()])
+        .map_err(spi_err("could not look up a table"))?
+        .unwrap_or(false);
+    if !exists {
+        Spi::run_with_args("DELETE FROM cellcrypt.reencryption_job WHERE relid = $1", &[job.relid.into()]).map_err(spi_err("could not drop a job"))?;
+        return Ok("batch".into());
+    }
+    let table: String = Spi::get_one_with_args("SELECT $1::pg_catalog.regclass::text", &[job.relid.into()])
+        .map_err(spi_err("could not name a table"))?
+        .unwrap_or_default();
+    let schema = ext_schema();
+    let filter = filter(&schema, &job.columns, job.version);
+    let (nblocks, rows_per_block): (i64, f64) = Spi::get_two_with_args(
+        "SELECT (pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::int)::bigint, \
+                CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END::float8 \
+         FROM pg_catalog.pg_class WHERE oid = $1",
+        &[job.relid.into()],
+    )
+    .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(50.0)))
+    .map_err(spi_err("could not size a table"))?;
+    if job.next_block >= nblocks {
+        // End of the table: anything still under an older key means another pass.
+        let left: i64 = Spi::get_one(&format!("SELECT count(*) FROM {table} WHERE {filter}"))
+            .map_err(spi_err("could not verify a table"))?
+            .unwrap_or(0);
+        let sql = if left == 0 {
+            "UPDATE cellcrypt.reencryption_job SET state = 'verified', total_blocks = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1"
+        } else {
+            "UPDATE cellcrypt.reencryption_job SET next_block = 0, pass = pass + 1, total_blocks = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1"
+        };
+        Spi::run_with_args(sql, &[job.relid.into(), nblocks.into()]).map_err(spi_err("could not record progress"))?;
+        return Ok("verify".into());
+    }
+    let batch_rows = crate::gucs::REENCRYPT_BATCH_SIZE.get().max(1) as f64;
+    let blocks = ((batch_rows / rows_per_block.max(1.0)).floor() as i64).max(1);
+    let end = (job.next_block + blocks).min(nblocks);
+    let set = job.columns.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({filter})",
+        job.next_block
+    );
+    let n = Spi::connect_mut(|c| c.update(sql.as_str(), None, &[]).map(|t| t.len() as i64)).map_err(spi_err(&format!("could not re-encrypt table {table}")))?;
+    Spi::run_with_args(
+        "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done + $4, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
+        &[job.relid.into(), end.into(), nblocks.into(), (n * job.columns.len() as i64).into()],
+    )
+    .map_err(spi_err("could not record progress"))?;
+    Ok("batch".into())
+}
+
+fn finish() -> Result<String, String> {
+    // Only one runner finishes: it must hold every job row.
+    let (locked, total): (i64, i64) = Spi::connect_mut(|c| {
+        let t = c.update("SELECT count(*) FROM (SELECT FROM cellcrypt.reencryption_job FOR UPDATE SKIP LOCKED) s", None, &[])?;
+        let locked = t.first().get_one::<i64>()?.unwrap_or(0);
+        let total = c.select("SELECT count(*) FROM cellcrypt.reencryption_job", None, &[])?.first().get_one::<i64>()?.unwrap_or(0);
+        Ok::<_, pgrx::spi::Error>((locked, total))
+    })
+    .map_err(spi_err("could not lock the re-encryption jobs"))?;
+    if locked < total {
+        return Ok("busy".into());
+    }
+    // Sessions whose transaction began before the work started may still seal with the old
+    // key; wait for them before the last verification.
+    let waiting: i64 = Spi::get_one(
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+         WHERE datid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
+           AND pid <> pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL AND backend_type <> 'autovacuum worker' \
+           AND xact_start < (SELECT min(started_at) FROM cellcrypt.reencryption_job)",
+    )
+    .map_err(spi_err("could not check running transactions"))?
+    .unwrap_or(0);
+    if waiting > 0 {
+        return Ok("waiting".into());
+    }
+    let schema = ext_schema();
+    let jobs: Vec<(pg_sys::Oid, i32, Vec<String>)> = Spi::connect(|c| {
+        let t = c.select("SELECT relid, key_version, columns FROM cellcrypt.reencryption_job WHERE relid IN (SELECT oid FROM pg_catalog.pg_class)", None, &[])?;
         let mut out = Vec::new();
         for r in t {
-            out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default()));
+            out.push((r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), r.get::<i32>(2)?.unwrap_or(0), r.get::<Vec<String>>(3)?.unwrap_or_default()));
         }
         Ok::<_, pgrx::spi::Error>(out)
     })
-    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not list encrypted columns: {e}"), None, None));
-    let mut tables: Vec<(String, Vec<String>)> = Vec::new();
-    for (t, c) in rows {
-        match tables.last_mut() {
-            Some((last, cols)) if *last == t => cols.push(c),
-            _ => tables.push((t, vec![c])),
+    .map_err(spi_err("could not read the re-encryption jobs"))?;
+    let mut again = false;
+    for (relid, version, columns) in &jobs {
+        let table: String = Spi::get_one_with_args("SELECT $1::pg_catalog.regclass::text", &[(*relid).into()]).map_err(spi_err("could not name a table"))?.unwrap_or_default();
+        let left: i64 = Spi::get_one(&format!("SELECT count(*) FROM {table} WHERE {}", filter(&schema, columns, *version)))
+            .map_err(spi_err("could not verify a table"))?
+            .unwrap_or(0);
+        if left > 0 {
+            again = true;
+            Spi::run_with_args("UPDATE cellcrypt.reencryption_job SET state = 'pending', next_block = 0, pass = pass + 1 WHERE relid = $1", &[(*relid).into()])
+                .map_err(spi_err("could not record progress"))?;
         }
     }
-    tables
+    if again {
+        return Ok("verify".into());
+    }
+    // Every value is under the current key: retire the older versions.
+    let (retired, cells): (Option<String>, Option<i64>) = Spi::get_two(
+        "SELECT (SELECT string_agg(key_version::text, ', ' ORDER BY key_version) FROM cellcrypt.keyring WHERE state = 'previous'), \
+                (SELECT sum(cells_done)::bigint FROM cellcrypt.reencryption_job)",
+    )
+    .map_err(spi_err("could not read the keyring"))?;
+    let current: (Option<i32>, Option<String>) = Spi::get_two("SELECT key_version, fingerprint FROM cellcrypt.keyring WHERE state = 'current'").map_err(spi_err("could not read the keyring"))?;
+    Spi::run("UPDATE cellcrypt.keyring SET reencrypted_values = coalesce(reencrypted_values, 0) + coalesce((SELECT sum(cells_done) FROM cellcrypt.reencryption_job), 0) WHERE state = 'current'")
+        .map_err(spi_err("could not update the keyring"))?;
+    Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state = 'previous'").map_err(spi_err("could not retire old keys"))?;
+    Spi::run("DELETE FROM cellcrypt.reencryption_job").map_err(spi_err("could not clear the jobs"))?;
+    let detail = format!("{} values re-encrypted; retired key versions: {}", cells.unwrap_or(0), retired.as_deref().unwrap_or("none"));
+    audit::record(&Event {
+        action: "reencryption",
+        outcome: "completed",
+        key_version: current.0.map(|v| v as u32),
+        fingerprint: current.1.as_deref(),
+        detail: &detail,
+    });
+    crate::key_admin::announce_at_commit();
+    Ok("done".into())
 }
 
-/// Re-encrypts every value not under `version`; returns how many rows were rewritten.
-pub fn reencrypt_all(version: u32) -> i64 {
-    keys::as_extension_owner(|| {
-        let previous_role: String = Spi::get_one("SELECT pg_catalog.current_setting('session_replication_role')").ok().flatten().unwrap_or_else(|| "origin".into());
-        Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'replica', true)")
-            .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not prepare re-encryption: {e}"), None, None));
-        let schema: String = Spi::get_one("SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_cellcrypt'")
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| "public".into());
-        let mut total = 0i64;
-        for (table, cols) in encrypted_columns() {
-            let set = cols.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
-            let filter = cols.iter().map(|c| format!("{schema}.encryption_key_version({c}) <> {version}")).collect::<Vec<_>>().join(" OR ");
-            let sql = format!("UPDATE {table} SET {set} WHERE {filter}");
-            let n = Spi::connect_mut(|c| c.update(sql.as_str(), None, &[]).map(|t| t.len() as i64))
-                .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not re-encrypt table {table}: {e}"), None, None));
-            total += n;
-        }
-        Spi::run_with_args("SELECT pg_catalog.set_config('session_replication_role', $1, true)", &[previous_role.into()])
-            .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not finish re-encryption: {e}"), None, None));
-        total
-    })
+/// `cellcrypt._reencrypt_step() returns text`: one unit of work (see [`step`]).
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cellcrypt_reencrypt_step() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn cellcrypt_reencrypt_step(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    crate::key_admin::require_admin("finish_data_encryption_reencryption()");
+    let s = step();
+    pgrx::IntoDatum::into_datum(s).unwrap_or(pg_sys::Datum::from(0))
 }

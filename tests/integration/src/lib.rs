@@ -109,6 +109,15 @@ impl Cluster {
         self.psql_command(db).arg("-c").arg(sql).output().unwrap()
     }
 
+    /// Runs several commands through one psql session, each in its own transaction (`-c` each).
+    pub fn psql_raw_many(&self, db: &str, commands: &[&str]) -> Output {
+        let mut cmd = self.psql_command(db);
+        for c in commands {
+            cmd.arg("-c").arg(c);
+        }
+        cmd.output().unwrap()
+    }
+
     /// Runs a SQL file (a plain-format dump, say) through psql, panicking on error.
     pub fn psql_file(&self, db: &str, file: &Path) {
         check(self.psql_command(db).arg("-f").arg(file).output().unwrap(), "psql -f");
@@ -164,6 +173,20 @@ impl Cluster {
             .output()
             .unwrap();
         check(out, "pg_restore");
+    }
+
+    /// Waits until the re-encryption after a key change has finished and retired the older
+    /// keys (at most two minutes).
+    pub fn wait_reencrypted(&self, db: &str) {
+        let started = std::time::Instant::now();
+        loop {
+            let s = self.psql(db, "SELECT reencryption FROM data_encryption_status");
+            if s.trim() == "complete" {
+                return;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(120), "re-encryption did not finish: {s}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// The server log so far.

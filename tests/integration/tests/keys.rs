@@ -45,7 +45,7 @@ fn a_change_reaches_every_session_and_parallel_worker_at_commit() {
     let mut admin = c.connect(Transport::TcpSsl, "app");
     admin.batch_execute("BEGIN").unwrap();
     let msg: String = admin.query_one("SELECT set_data_encryption_key($1)", &[&new_key]).unwrap().get(0);
-    assert!(msg.contains("key version 2") && msg.contains("301 values re-encrypted"), "{msg}");
+    assert!(msg.contains("key version 2") && msg.contains("1 tables will be re-encrypted"), "{msg}");
     // Until the change commits, other sessions keep the old key, and what they write under it
     // stays readable afterwards.
     other.batch_execute("INSERT INTO t VALUES (1001, 'during the change', '{}')").unwrap();
@@ -77,9 +77,12 @@ fn a_change_reaches_every_session_and_parallel_worker_at_commit() {
         (r.get(0), r.get(1))
     };
     assert_eq!((lo, hi), (2, 2));
-    // Every value is readable: the 300 re-encrypted ones, and the one written under the old
-    // key during the change (the old key is kept, wrapped, until no cell needs it).
-    assert_eq!(c.psql("app", "SELECT count(*) FROM t WHERE id <= 300 AND encryption_key_version(s) = 2").trim(), "300");
+    // Every value is readable: the one written under the old key during the change (the old
+    // key is kept, wrapped, until no cell needs it), and, once the background work is over,
+    // every value is under the new key.
+    assert_eq!(c.psql("app", "SELECT decrypt(s) FROM t WHERE id = 1001").trim(), "during the change");
+    c.wait_reencrypted("app");
+    assert_eq!(c.psql("app", "SELECT count(*) FROM t WHERE encryption_key_version(s) <> 2 OR encryption_key_version(j) <> 2").trim(), "0");
     assert_eq!(c.psql("app", "SELECT decrypt(s) FROM t WHERE id = 1001").trim(), "during the change");
     assert_eq!(c.psql("app", "DELETE FROM t WHERE id >= 1000; SELECT 1").trim(), "1");
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
@@ -90,12 +93,12 @@ fn a_change_reaches_every_session_and_parallel_worker_at_commit() {
     assert!(text.contains(&new_key) && text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count() == 1, "{text}");
     // The status says so.
     let status = c.psql("app", "SELECT active, key_version, provider, previous_key_versions, reencryption, reencrypted_values FROM data_encryption_status");
-    assert_eq!(status.trim(), "t|2|file|{1}|complete|301");
+    assert_eq!(status.trim(), "t|2|file|{}|complete|604");
 }
 
 #[test]
 fn only_one_change_runs_at_a_time() {
-    let c = Cluster::start("lock", &[]);
+    let c = Cluster::start("lock", &["pg_cellcrypt.reencrypt_batch_size = 10", "pg_cellcrypt.reencrypt_pause = 300"]);
     c.database_with_extension("app");
     fill(&c, "app", 50);
     let digest = c.psql("app", PLAINTEXT_DIGEST);
@@ -115,9 +118,17 @@ fn only_one_change_runs_at_a_time() {
     assert!(detail.contains(&format!("process {first_pid}")) && detail.contains("role postgres") && detail.contains("started at"), "{detail}");
     assert!(err.hint().is_some());
     first.batch_execute("COMMIT").unwrap();
+    // Its re-encryption runs in the background (10 rows every 300 ms here), and the change
+    // lasts until it is done: the next change is refused, and the status says why.
+    let err = db_error(second.query_one("SELECT set_data_encryption_key($1)", &[&k3]));
+    assert_eq!(err.code(), &SqlState::LOCK_NOT_AVAILABLE, "{}", err.message());
+    let status: String = second.query_one("SELECT reencryption FROM data_encryption_status", &[]).unwrap().get(0);
+    assert!(status.starts_with("running"), "{status}");
+    c.wait_reencrypted("app");
     // Once it is over, the next change goes ahead.
     let msg: String = second.query_one("SELECT set_data_encryption_key($1)", &[&k3]).unwrap().get(0);
     assert!(msg.contains("key version 3"), "{msg}");
+    c.wait_reencrypted("app");
 
     // Two sessions racing: exactly one wins, the other gets 55P03.
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
@@ -148,6 +159,7 @@ fn only_one_change_runs_at_a_time() {
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
     assert!(results.iter().any(|r| r.as_ref().err().map(String::as_str) == Some("55P03")), "{results:?}");
     assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "4");
+    c.wait_reencrypted("app");
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
 }
 
@@ -173,6 +185,7 @@ fn a_crash_in_the_middle_of_a_change_leaves_nothing_stuck() {
     // Neither the lock nor the key state is stuck: a new change goes through.
     let k3 = generate(&c, "app");
     assert!(set_key(&c, "app", &k3).contains("key version 2"));
+    c.wait_reencrypted("app");
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
 
     // A session killed mid-change behaves the same.
@@ -185,6 +198,7 @@ fn a_crash_in_the_middle_of_a_change_leaves_nothing_stuck() {
     assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "2");
     assert_eq!(key_of(&c, "app"), k3);
     assert!(set_key(&c, "app", &generate(&c, "app")).contains("key version 3"));
+    c.wait_reencrypted("app");
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
 }
 
@@ -213,6 +227,7 @@ fn set_needs_a_secure_connection_and_the_admin_role_and_everything_is_audited() 
     // SSL and the Unix socket: allowed, for a member of data_encryption_admin too.
     let msg: String = keeper.query_one("SELECT set_data_encryption_key($1)", &[&k2]).unwrap().get(0);
     assert!(msg.contains("key version 2"), "{msg}");
+    c.wait_reencrypted("app");
     let k3 = generate(&c, "app");
     let msg: String = c.connect_as(Transport::Unix, "app", "keeper").query_one("SELECT set_data_encryption_key($1)", &[&k3]).unwrap().get(0);
     assert!(msg.contains("key version 3"), "{msg}");
@@ -226,6 +241,7 @@ fn set_needs_a_secure_connection_and_the_admin_role_and_everything_is_audited() 
         "clerk|local|set_data_encryption_key()|refused||EXECUTE privilege denied",
         "keeper|127.0.0.1|set_data_encryption_key()|refused||weak or malformed key",
         "keeper|127.0.0.1|change|committed|2|",
+        "postgres||reencryption|completed|2|20 values re-encrypted; retired key versions: 1",
         "keeper|local|change|committed|3|",
         "keeper|127.0.0.1|retrieve|succeeded|3|",
     ];
@@ -250,15 +266,16 @@ fn set_needs_a_secure_connection_and_the_admin_role_and_everything_is_audited() 
 
 #[test]
 fn restore_after_import_into_a_fresh_cluster() {
-    let a = Cluster::start("import-from", &[]);
+    // Slow re-encryption at the source, so the dump is taken in the middle of a key change.
+    let a = Cluster::start("import-from", &["pg_cellcrypt.reencrypt_batch_size = 10", "pg_cellcrypt.reencrypt_pause = 300"]);
     let b = Cluster::start("import-to", &[]);
     a.database_with_extension("app");
-    fill(&a, "app", 100);
-    // A value sealed under key version 1 and kept aside past a key change: the dump must carry
+    fill(&a, "app", 1000);
+    // A value sealed under key version 1 and written during the change: the dump must carry
     // what opens it too.
     let old = a.psql("app", "SELECT format('%s', 'sealed under version 1'::text::encrypted_text)").trim().to_owned();
     set_key(&a, "app", &generate(&a, "app"));
-    a.psql("app", &format!("INSERT INTO t VALUES (101, '{old}', '[]')"));
+    a.psql("app", &format!("INSERT INTO t VALUES (1001, '{old}', '[]')"));
     let digest = a.psql("app", PLAINTEXT_DIGEST);
     let key = key_of(&a, "app");
 
@@ -268,7 +285,8 @@ fn restore_after_import_into_a_fresh_cluster() {
     b.psql_file("app", &file);
 
     // The data arrives and stays unreadable.
-    assert_eq!(b.psql("app", "SELECT count(*) FROM t").trim(), "101");
+    assert_eq!(b.psql("app", "SELECT count(*) FROM t").trim(), "1001");
+    assert_ne!(b.psql("app", "SELECT count(*) FROM t WHERE encryption_key_version(s) = 1").trim(), "0", "the dump was taken mid-change");
     assert_eq!(b.psql("app", "SELECT is_data_encryption_active()").trim(), "f");
     let mut client = b.connect(Transport::Unix, "app");
     let err = db_error(client.query_one("SELECT decrypt(s) FROM t WHERE id = 1", &[]));
@@ -290,8 +308,11 @@ fn restore_after_import_into_a_fresh_cluster() {
     assert!(msg.starts_with("restored: key version 2"), "{msg}");
     assert_eq!(b.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
     assert_eq!(b.psql("app", PLAINTEXT_DIGEST), digest);
-    assert_eq!(b.psql("app", "SELECT decrypt(s) FROM t WHERE id = 101").trim(), "sealed under version 1");
-    // ... and after a restart, from the file provider.
+    assert_eq!(b.psql("app", "SELECT decrypt(s) FROM t WHERE id = 1001").trim(), "sealed under version 1");
+    // The restore resumes the interrupted change's re-encryption there.
+    b.wait_reencrypted("app");
+    assert_eq!(b.psql("app", "SELECT count(*) FROM t WHERE encryption_key_version(s) <> 2").trim(), "0");
+    // ... and after a restart the key comes from the file provider.
     b.restart();
     assert_eq!(b.psql("app", PLAINTEXT_DIGEST), digest);
 }
@@ -357,6 +378,7 @@ fn the_file_provider_needs_no_step_after_a_restart() {
     c.restart();
     assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    c.wait_reencrypted("app");
 }
 
 #[test]
@@ -419,6 +441,7 @@ fn the_none_provider_keeps_the_key_in_memory_and_needs_a_restore_after_a_restart
     // A change works with it too, and the new key must be restored after the next restart.
     let k2 = generate(&c, "app");
     set_key(&c, "app", &k2);
+    c.wait_reencrypted("app");
     c.restart();
     assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "f");
     assert!(set_key(&c, "app", &k2).starts_with("restored: key version 2"));
@@ -446,8 +469,10 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
     let mistyped = format!("{}Z", &canary[..canary.len() - 1]);
     // successes, over the simple and the extended protocol
     set_key(&c, "app", &canary);
+    c.wait_reencrypted("app");
     let mut ssl = c.connect(Transport::TcpSsl, "app");
     ssl.query_one("SELECT set_data_encryption_key($1)", &[&passphrase]).unwrap();
+    c.wait_reencrypted("app");
     // failures: a mistyped key, a syntax error, plain TCP, a wrong restore-time key
     assert!(!c.psql_raw("app", &format!("SELECT set_data_encryption_key('{mistyped}')")).status.success());
     assert!(!c.psql_raw("app", &format!("SELECT set_data_encryption_key('{canary}'")).status.success());

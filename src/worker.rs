@@ -1,0 +1,143 @@
+//! The background work of key changes: a launcher at server start and one re-encryption worker
+//! per database that has work.
+//!
+//! * The **launcher** (a static background worker, started once recovery has finished) lists
+//!   the databases that accept connections and starts a re-encryption worker for each; a worker
+//!   in a database without the extension or without pending work exits at once. So after a
+//!   restart or a crash, unfinished re-encryption resumes with no administrator action.
+//! * A key change starts its database's **worker** when it commits.
+//! * A worker runs [`crate::reencrypt::step`] in its own short transactions, each holding the
+//!   key-change advisory lock; `set_data_encryption_key` is refused with 55P03 while jobs are
+//!   left, so the lock and the jobs together cover the whole change. It pauses
+//!   `pg_cellcrypt.reencrypt_pause` between batches. Should it fail or be killed, PostgreSQL
+//!   restarts it after a few seconds (and the launcher starts it after a server restart).
+
+use crate::key_admin::{LOCK_CLASSID, LOCK_OBJID};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::pg_sys;
+use std::time::Duration;
+
+pub const WORKER_TYPE: &str = "pg_cellcrypt re-encryption";
+
+/// Registers the launcher; from `_PG_init`.
+pub fn init() {
+    BackgroundWorkerBuilder::new("pg_cellcrypt launcher")
+        .set_type("pg_cellcrypt launcher")
+        .set_library("pg_cellcrypt")
+        .set_function("cellcrypt_launcher_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        .load();
+}
+
+/// Starts the re-encryption worker of database `dboid`. False when no worker slot is free.
+pub fn start_worker(dboid: pg_sys::Oid) -> bool {
+    BackgroundWorkerBuilder::new(&format!("{WORKER_TYPE} for database {}", dboid.to_u32()))
+        .set_type(WORKER_TYPE)
+        .set_library("pg_cellcrypt")
+        .set_function("cellcrypt_reencrypt_worker_main")
+        .enable_spi_access()
+        .set_argument(Some(pg_sys::Datum::from(dboid.to_u32())))
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load_dynamic()
+        .is_ok()
+}
+
+/// The databases that accept connections, read from the shared catalog like autovacuum does.
+fn databases() -> Vec<pg_sys::Oid> {
+    let mut out = Vec::new();
+    // SAFETY: a catalog heap scan inside a transaction, as autovacuum's get_database_list.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            let db = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
+            if (*db).datallowconn {
+                out.push((*db).oid);
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    }
+    out
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let dbs = BackgroundWorker::transaction(databases);
+    for db in dbs {
+        while !start_worker(db) {
+            // All worker slots are taken: wait for one to free up.
+            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                return;
+            }
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    let has_work = BackgroundWorker::transaction(|| {
+        let installed = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_cellcrypt') \
+               AND pg_catalog.to_regclass('cellcrypt.reencryption_job') IS NOT NULL",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        // Without the key (a restored database not restored yet, the none provider after a
+        // restart) there is nothing this worker can do; the key restore starts it again.
+        installed
+            && crate::keys::try_loaded().is_ok()
+            && Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT FROM cellcrypt.reencryption_job) OR EXISTS (SELECT FROM cellcrypt.keyring WHERE state = 'previous')",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    });
+    if !has_work {
+        return;
+    }
+    pgrx::log!("pg_cellcrypt: re-encryption started in database {}", dboid.to_u32());
+    loop {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: reloading the configuration file in a background worker's main loop.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        // Each batch holds the key-change lock for its transaction; between batches, a key
+        // change is refused because the jobs are still there.
+        let status = BackgroundWorker::transaction(|| {
+            let got = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)", &[LOCK_CLASSID.into(), LOCK_OBJID.into()])
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+            if got { crate::reencrypt::step() } else { "busy".to_owned() }
+        });
+        let pause = match status.as_str() {
+            "done" | "idle" => break,
+            "waiting" | "busy" => Duration::from_millis(500),
+            _ => Duration::from_millis(crate::gucs::REENCRYPT_PAUSE_MS.get().max(0) as u64),
+        };
+        if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {
+            return;
+        }
+        if BackgroundWorker::sigterm_received() {
+            return;
+        }
+    }
+    pgrx::log!("pg_cellcrypt: re-encryption finished in database {}", dboid.to_u32());
+}
