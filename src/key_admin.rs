@@ -14,9 +14,11 @@
 //! 5. The `file` provider gets a file holding both the old and the new key *before* commit, so a
 //!    crash at any point leaves a key file that opens whichever version the keyring says is
 //!    current. After commit the old key is dropped from the file; after a rollback the new one.
-//! 6. Every cell is re-encrypted under the new key, inside the call (`reencrypt.rs`).
+//! 6. One re-encryption job per table with encrypted columns is recorded (`reencrypt.rs`).
 //! 7. At commit the new key goes to the shared key cache and the shared generation is bumped:
-//!    from then on every backend, and every parallel worker, seals with the new key.
+//!    from then on every backend, and every parallel worker, seals with the new key; and the
+//!    database's re-encryption worker is started (`worker.rs`). The next change is refused
+//!    until the jobs are done and the old key retired.
 //!
 //! A **restore** (the database holds data whose key is not loaded) checks the given key
 //! against the stored fingerprint and, if it matches, stores it through the provider. A wrong
