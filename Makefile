@@ -4,7 +4,7 @@ export PGRX_HOME := $(CURDIR)/pgrx-config
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
 
-.PHONY: all setup build install install-dev demo demo-stop test test-core test-pg test-integration clean
+.PHONY: all setup build install install-dev demo demo-stop test test-core test-pg test-integration bench clean
 
 all: build
 
@@ -45,6 +45,11 @@ test-pg: setup
 ## Real clusters driven over TCP (with and without SSL) and Unix sockets.
 test-integration: install-dev
 	cargo test -p cellcrypt-integration -- --test-threads=2
+
+## Release build, its own tuned cluster, every case against its baselines in the same run:
+## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.
+bench: install
+	@scripts/bench.sh
 
 clean:
 	cargo clean

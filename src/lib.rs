@@ -58,6 +58,15 @@ pub extern "C-unwind" fn _PG_init() {
             Some("Add pg_cellcrypt to shared_preload_libraries in postgresql.conf, e.g. shared_preload_libraries = 'pg_cellcrypt', and restart the server."),
         );
     }
+    #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
+    if !(std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "this build of pg_cellcrypt needs a CPU with the AES-NI and PCLMULQDQ instructions",
+            Some("It was compiled with them enabled (.cargo/config.toml) for speed."),
+            Some("Rebuild it without the rustflags in .cargo/config.toml for this machine."),
+        );
+    }
     gucs::init();
     key_cache::init();
     hooks::init();

@@ -16,10 +16,12 @@
 //!   simply done again. Row locks are those of a plain UPDATE, and a row an application
 //!   updates meanwhile is re-checked by PostgreSQL (its new version has moved, so the batch
 //!   skips it and keeps the application's value);
-//! * **verify**: at the end of a table, count the values still under an older key (written by
-//!   sessions that had not seen the change yet); if any, go over the table again;
-//! * **finish**: once every table is verified and every transaction that began before the work
-//!   started has ended, verify all tables once more, then **retire** the older key versions:
+//! * **verify**: a pass covers the blocks the table had when it began (rewritten rows land
+//!   beyond them, already under the new key); at its end the table is marked done;
+//! * **finish**: once every table is done and every transaction that began before the work
+//!   started has ended, count in every table the values still under an older key (written or
+//!   copied by sessions meanwhile); a table with any gets another pass. When none is left,
+//!   **retire** the older key versions:
 //!   their wrapped keys are deleted from the keyring, so nothing in the database can decrypt
 //!   with them any more, and the audit record notes the completion.
 //!
@@ -80,6 +82,7 @@ struct Job {
     version: i32,
     columns: Vec<String>,
     next_block: i64,
+    total_blocks: i64,
 }
 
 fn filter(schema: &str, columns: &[String], version: i32) -> String {
@@ -105,7 +108,7 @@ fn step_inner() -> Result<String, String> {
         .map_err(spi_err("could not start the re-encryption"))?;
     let job = Spi::connect_mut(|c| {
         let t = c.update(
-            "SELECT relid, key_version, columns, next_block FROM cellcrypt.reencryption_job \
+            "SELECT relid, key_version, columns, next_block, total_blocks FROM cellcrypt.reencryption_job \
              WHERE state = 'pending' ORDER BY relid LIMIT 1 FOR UPDATE SKIP LOCKED",
             None,
             &[],
@@ -117,6 +120,7 @@ fn step_inner() -> Result<String, String> {
                 version: r.get::<i32>(2)?.unwrap_or(0),
                 columns: r.get::<Vec<String>>(3)?.unwrap_or_default(),
                 next_block: r.get::<i64>(4)?.unwrap_or(0),
+                total_blocks: r.get::<i64>(5)?.unwrap_or(0),
             });
         }
         Ok::<_, pgrx::spi::Error>(job)
@@ -162,7 +166,7 @@ fn process(job: Job) -> Result<String, String> {
         .unwrap_or_default();
     let schema = ext_schema();
     let filter = filter(&schema, &job.columns, job.version);
-    let (nblocks, rows_per_block): (i64, f64) = Spi::get_two_with_args(
+    let (size_now, rows_per_block): (i64, f64) = Spi::get_two_with_args(
         "SELECT (pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::int)::bigint, \
                 CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END::float8 \
          FROM pg_catalog.pg_class WHERE oid = $1",
@@ -170,17 +174,16 @@ fn process(job: Job) -> Result<String, String> {
     )
     .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(50.0)))
     .map_err(spi_err("could not size a table"))?;
+    // A pass covers the blocks the table had when the pass began: rows rewritten by the pass
+    // land beyond them (or in freed space) and are already under the new key. Anything written
+    // under an old key meanwhile is found by the verification in `finish`.
+    let nblocks = if job.total_blocks > 0 { job.total_blocks } else { size_now };
     if job.next_block >= nblocks {
-        // End of the table: anything still under an older key means another pass.
-        let left: i64 = Spi::get_one(&format!("SELECT count(*) FROM {table} WHERE {filter}"))
-            .map_err(spi_err("could not verify a table"))?
-            .unwrap_or(0);
-        let sql = if left == 0 {
-            "UPDATE cellcrypt.reencryption_job SET state = 'verified', total_blocks = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1"
-        } else {
-            "UPDATE cellcrypt.reencryption_job SET next_block = 0, pass = pass + 1, total_blocks = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1"
-        };
-        Spi::run_with_args(sql, &[job.relid.into(), nblocks.into()]).map_err(spi_err("could not record progress"))?;
+        Spi::run_with_args(
+            "UPDATE cellcrypt.reencryption_job SET state = 'verified', updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
+            &[job.relid.into()],
+        )
+        .map_err(spi_err("could not record progress"))?;
         return Ok("verify".into());
     }
     let batch_rows = crate::gucs::REENCRYPT_BATCH_SIZE.get().max(1) as f64;
@@ -243,7 +246,7 @@ fn finish() -> Result<String, String> {
             .unwrap_or(0);
         if left > 0 {
             again = true;
-            Spi::run_with_args("UPDATE cellcrypt.reencryption_job SET state = 'pending', next_block = 0, pass = pass + 1 WHERE relid = $1", &[(*relid).into()])
+            Spi::run_with_args("UPDATE cellcrypt.reencryption_job SET state = 'pending', next_block = 0, total_blocks = 0, pass = pass + 1 WHERE relid = $1", &[(*relid).into()])
                 .map_err(spi_err("could not record progress"))?;
         }
     }

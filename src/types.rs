@@ -221,12 +221,31 @@ pub fn check_reader() {
     }
 }
 
-/// Decrypts an encrypted datum into a datum of the plain type.
+/// Raises 42501 unless the current user may decrypt, remembering a positive answer for this
+/// call site and user in `fn_extra` (as PostgreSQL checks EXECUTE once per query, not per row).
+///
+/// # Safety
+/// `fcinfo` must be the call's own.
+unsafe fn check_reader_at(fcinfo: pg_sys::FunctionCallInfo) {
+    let flinfo = (*fcinfo).flinfo;
+    let user = pg_sys::GetUserId();
+    if !flinfo.is_null() && !(*flinfo).fn_extra.is_null() && *((*flinfo).fn_extra as *const Oid) == user {
+        return;
+    }
+    check_reader();
+    if !flinfo.is_null() {
+        let slot = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<Oid>()) as *mut Oid;
+        *slot = user;
+        (*flinfo).fn_extra = slot.cast();
+    }
+}
+
+/// Decrypts an encrypted datum into a datum of the plain type. The caller has checked that
+/// the current user may decrypt.
 ///
 /// # Safety
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
-    check_reader();
     let bytes = varlena_bytes(d);
     let Ok(env) = Envelope::parse(bytes) else {
         errors::decryption_failed(kind.type_name());
@@ -396,7 +415,10 @@ v1_function!(pg_finfo_cellcrypt_key_version, cellcrypt_key_version, |fcinfo| {
 macro_rules! kind_functions {
     ($kind:expr, $fi_enc:ident, $enc:ident, $fi_dec:ident, $dec:ident) => {
         v1_function!($fi_enc, $enc, |fcinfo| { encrypt_plain_datum($kind, arg(fcinfo, 0)) });
-        v1_function!($fi_dec, $dec, |fcinfo| { decrypt_datum($kind, arg(fcinfo, 0)) });
+        v1_function!($fi_dec, $dec, |fcinfo| {
+            check_reader_at(fcinfo);
+            decrypt_datum($kind, arg(fcinfo, 0))
+        });
     };
 }
 

@@ -129,7 +129,7 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
         });
         let pause = match status.as_str() {
             "done" | "idle" => break,
-            "waiting" | "busy" => Duration::from_millis(500),
+            "waiting" | "busy" => Duration::from_millis(100),
             _ => Duration::from_millis(crate::gucs::REENCRYPT_PAUSE_MS.get().max(0) as u64),
         };
         if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {

@@ -6,7 +6,6 @@ use crate::nonce::NonceSource;
 use crate::secret::SecretKey;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -149,7 +148,9 @@ impl std::error::Error for OpenError {}
 #[derive(Default)]
 pub struct Keyring {
     current: Option<Arc<DataCipher>>,
-    all: HashMap<u32, Arc<DataCipher>>,
+    /// A database holds one or two key versions, three during a change: a vector searched
+    /// linearly beats hashing here.
+    all: Vec<(u32, Arc<DataCipher>)>,
 }
 
 impl Keyring {
@@ -163,12 +164,13 @@ impl Keyring {
         if current {
             self.current = Some(cipher.clone());
         }
-        self.all.insert(key_id, cipher);
+        self.all.retain(|(id, _)| *id != key_id);
+        self.all.push((key_id, cipher));
     }
 
     /// Removes a key: values sealed under it can no longer be opened by this keyring.
     pub fn remove(&mut self, key_id: u32) {
-        self.all.remove(&key_id);
+        self.all.retain(|(id, _)| *id != key_id);
         if self.current.as_ref().map(|c| c.key_id()) == Some(key_id) {
             self.current = None;
         }
@@ -179,11 +181,11 @@ impl Keyring {
     }
 
     pub fn get(&self, key_id: u32) -> Option<&Arc<DataCipher>> {
-        self.all.get(&key_id)
+        self.all.iter().find(|(id, _)| *id == key_id).map(|(_, c)| c)
     }
 
     pub fn key_ids(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self.all.keys().copied().collect();
+        let mut ids: Vec<u32> = self.all.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids
     }

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# make bench: pg_cellcrypt against plaintext and pgcrypto, in one run on one tuned cluster.
+# Prints a table of times and ratios, and writes BENCHMARKS.md and bench/results.csv.
+# BENCH_ROWS (default 1000000) scales the row counts for a quick look.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+dir=${BENCH_DIR:-/tmp/pg_cellcrypt-bench}
+port=${BENCH_PORT:-55460}
+rows=${BENCH_ROWS:-1000000}
+pgp_rows=$((rows / 50))
+big_rows=${BENCH_BIG_ROWS:-2000}
+reps=3
+bin=/usr/lib/postgresql/15/bin
+
+"$here/scripts/cluster.sh" stop "$dir" >/dev/null 2>&1 || true
+rm -rf "$dir"
+"$here/scripts/cluster.sh" start "$dir" "$port" \
+    "shared_buffers = 2GB" "max_wal_size = 16GB" "checkpoint_timeout = 30min" "synchronous_commit = off" \
+    "autovacuum = off" "jit = off" "max_parallel_workers_per_gather = 0" "work_mem = 64MB" \
+    "pg_cellcrypt.reencrypt_pause = 0" >/dev/null
+trap '"$here/scripts/cluster.sh" stop "$dir" >/dev/null 2>&1 || true' EXIT
+
+q() { psql -X -q -A -t -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -d bench "$@"; }
+psql -X -q -h "$dir" -p "$port" -U postgres -d postgres -c "CREATE DATABASE bench"
+q -c "CREATE EXTENSION pg_cellcrypt" -c "CREATE EXTENSION pgcrypto"
+
+# Milliseconds of one statement, as psql's \timing reports it.
+ms() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1; }
+# Best of $reps runs of a statement, running $2 (untimed) before each.
+best() {
+    local sql=$1 before=${2:-} b= t
+    for _ in $(seq $reps); do
+        [ -n "$before" ] && q -c "$before"
+        t=$(ms "$sql")
+        if [ -z "$b" ] || awk -v t="$t" -v b="$b" 'BEGIN{exit !(t<b)}'; then b=$t; fi
+    done
+    echo "$b"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+
+results=()
+row() { results+=("$1|$2|$3|$4|$5"); printf '%-58s %12s %-6s %8s  %s\n' "$1" "$2" "$3" "$4" "$5"; }
+
+echo "== crypto core, alone"
+core=$(cd "$here" && cargo run --quiet --release -p cellcrypt-core --example throughput)
+core_seal=$(echo "$core" | awk -F, '$1=="core_seal_64k"{print $2}')
+core_open=$(echo "$core" | awk -F, '$1=="core_open_64k"{print $2}')
+row "crypto core: seal 64 KiB" "$core_seal" "MB/s" "" ""
+row "crypto core: open 64 KiB" "$core_open" "MB/s" "" ""
+row "crypto core: seal 100 B" "$(echo "$core" | awk -F, '$1=="core_seal_100b"{print $2}')" "ns" "" ""
+row "crypto core: open 100 B" "$(echo "$core" | awk -F, '$1=="core_open_100b"{print $2}')" "ns" "" ""
+
+# 100-byte values: three md5 hex strings and 4 characters.
+val="repeat(md5(g::text), 3) || 'abcd'"
+q -c "CREATE TABLE enc (c encrypted_text); CREATE TABLE plain (c text); CREATE TABLE pgc_raw (c bytea); CREATE TABLE pgc_pgp (c bytea)"
+
+echo "== 1. INSERT ... SELECT of $rows 100-byte values"
+t_plain=$(best "INSERT INTO plain SELECT $val FROM generate_series(1, $rows) g" "TRUNCATE plain; CHECKPOINT")
+t_enc=$(best "INSERT INTO enc SELECT $val FROM generate_series(1, $rows) g" "TRUNCATE enc; CHECKPOINT")
+t_raw=$(best "INSERT INTO pgc_raw SELECT encrypt(convert_to($val, 'UTF8'), 'a 32 byte key for aes-256 bench.', 'aes') FROM generate_series(1, $rows) g" "TRUNCATE pgc_raw; CHECKPOINT")
+t_pgp=$(best "INSERT INTO pgc_pgp SELECT pgp_sym_encrypt($val, 'bench passphrase') FROM generate_series(1, $pgp_rows) g" "TRUNCATE pgc_pgp; CHECKPOINT")
+t_pgp_scaled=$(awk -v t="$t_pgp" -v r="$rows" -v p="$pgp_rows" 'BEGIN{printf "%.1f", t*r/p}')
+row "INSERT plain text" "$t_plain" "ms" "1.00" "baseline"
+row "INSERT encrypted_text" "$t_enc" "ms" "$(ratio "$t_enc" "$t_plain")" "target <= 1.3 x plain"
+row "INSERT pgcrypto encrypt(aes), unauthenticated" "$t_raw" "ms" "$(ratio "$t_enc" "$t_raw")" "encrypted_text / pgcrypto raw, target <= 1.0"
+row "INSERT pgcrypto pgp_sym_encrypt (scaled from $pgp_rows rows)" "$t_pgp_scaled" "ms" "$(ratio "$t_pgp_scaled" "$t_enc")" "pgp / encrypted_text, target >= 50"
+
+echo "== 2. COPY FROM a file of $rows rows"
+q -c "COPY (SELECT $val FROM generate_series(1, $rows) g) TO '$dir/copy.txt'"
+t_copy_plain=$(best "COPY plain FROM '$dir/copy.txt'" "TRUNCATE plain; CHECKPOINT")
+t_copy_enc=$(best "COPY enc FROM '$dir/copy.txt'" "TRUNCATE enc; CHECKPOINT")
+row "COPY plain text" "$t_copy_plain" "ms" "1.00" "baseline"
+row "COPY encrypted_text" "$t_copy_enc" "ms" "$(ratio "$t_copy_enc" "$t_copy_plain")" "encrypted / plain"
+
+echo "== 3. Full scan of $rows values"
+q -c "TRUNCATE pgc_raw; INSERT INTO pgc_raw SELECT encrypt(convert_to(c, 'UTF8'), 'a 32 byte key for aes-256 bench.', 'aes') FROM plain" -c "VACUUM ANALYZE enc, plain, pgc_raw"
+t_scan_plain=$(best "SELECT sum(length(c)) FROM plain")
+t_scan_enc=$(best "SELECT sum(length(decrypt(c))) FROM enc")
+t_scan_raw=$(best "SELECT sum(length(decrypt(c, 'a 32 byte key for aes-256 bench.', 'aes'))) FROM pgc_raw")
+row "scan plain text" "$t_scan_plain" "ms" "1.00" "baseline"
+row "scan decrypt(encrypted_text)" "$t_scan_enc" "ms" "$(ratio "$t_scan_enc" "$t_scan_plain")" "target <= 2.0 x plain"
+row "scan pgcrypto decrypt(aes)" "$t_scan_raw" "ms" "$(ratio "$t_scan_enc" "$t_scan_raw")" "encrypted_text / pgcrypto raw, target <= 1.0"
+
+echo "== 4. 64 KiB values ($big_rows documents)"
+# Incompressible content: 64 KiB of md5 output as bytes, and a jsonb array of hex strings.
+q -c "CREATE TABLE big_plain (b bytea, j jsonb); ALTER TABLE big_plain ALTER b SET STORAGE external, ALTER j SET STORAGE external" \
+  -c "INSERT INTO big_plain SELECT (SELECT decode(string_agg(md5(g::text || ':' || i), ''), 'hex') FROM generate_series(1, 4096) i),
+                                    (SELECT jsonb_agg(md5(g::text || ':' || i)) FROM generate_series(1, 1724) i)
+      FROM generate_series(1, $big_rows) g" \
+  -c "CREATE TABLE big_enc AS SELECT b::encrypted_bytea AS b, j::encrypted_jsonb AS j FROM big_plain" -c "VACUUM ANALYZE big_plain, big_enc"
+bbytes=$(q -c "SELECT sum(length(b)) FROM big_plain")
+jbytes=$(q -c "SELECT sum(pg_column_size(j)) FROM big_plain")
+mbs() { awk -v b="$1" -v t="$2" 'BEGIN{printf "%.0f", b/1e6/(t/1000)}'; }
+t_read_b=$(best "SELECT sum(get_byte(b, 0)) FROM big_plain")
+t_enc_b=$(best "SELECT count(encrypt(b)) FROM big_plain")
+t_dec_b=$(best "SELECT count(decrypt(b)) FROM big_enc")
+t_read_j=$(best "SELECT sum(jsonb_array_length(j)) FROM big_plain")
+t_enc_j=$(best "SELECT count(encrypt(j)) FROM big_plain")
+t_dec_j=$(best "SELECT count(decrypt(j)) FROM big_enc")
+for kind in b j; do
+    name=$([ $kind = b ] && echo encrypted_bytea || echo encrypted_jsonb)
+    bytes=$([ $kind = b ] && echo "$bbytes" || echo "$jbytes")
+    tr=$(eval echo \$t_read_$kind); te=$(eval echo \$t_enc_$kind); td=$(eval echo \$t_dec_$kind)
+    enc_mbs=$(mbs "$bytes" "$te"); dec_mbs=$(mbs "$bytes" "$td")
+    row "64 KiB $name: encrypt through SQL" "$enc_mbs" "MB/s" "$(ratio "$enc_mbs" "$core_seal")" "of the core's seal MB/s, target >= 0.70"
+    row "64 KiB $name: decrypt through SQL" "$dec_mbs" "MB/s" "$(ratio "$dec_mbs" "$core_open")" "of the core's open MB/s, target >= 0.70"
+    row "64 KiB $name: reading the plain values alone" "$(mbs "$bytes" "$tr")" "MB/s" "" "detoasting, which both directions include"
+done
+
+echo "== 5. Key change: re-encryption of $rows rows vs UPDATE t SET c = c"
+q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1, $rows) g; INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc, plain" -c "CHECKPOINT"
+t_update=$(ms "UPDATE plain SET c = c")
+q -c "VACUUM plain" -c "CHECKPOINT"
+q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10000" -c "SELECT pg_reload_conf()" >/dev/null
+start=$(date +%s.%N)
+q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
+# Wait in one session (a poll per new connection would steal CPU from the worker on small
+# machines); each iteration commits, so the worker does not wait for this session.
+q -c "DO \$\$ BEGIN LOOP EXIT WHEN (SELECT reencryption FROM data_encryption_status) = 'complete'; COMMIT; PERFORM pg_sleep(0.02); COMMIT; END LOOP; END \$\$"
+t_reenc=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", (e-s)*1000}')
+row "UPDATE plain SET c = c ($rows rows)" "$t_update" "ms" "1.00" "baseline"
+row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update")" "target <= 1.5 x plain UPDATE"
+
+echo "== 5b. pgbench TPS on other tables while re-encryption runs"
+q -c "VACUUM enc" -c "CHECKPOINT"
+"$bin/pgbench" -q -i -s 10 -h "$dir" -p "$port" -U postgres bench >/dev/null 2>&1
+q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 1000" -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = '10ms'" -c "SELECT pg_reload_conf()" >/dev/null
+pgb() { "$bin/pgbench" -n -c 2 -j 2 -T "$1" -h "$dir" -p "$port" -U postgres bench 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'; }
+tps_base=$(pgb 10)
+q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
+tps_during=$(pgb 10)
+still=$(q -c "SELECT reencryption FROM data_encryption_status")
+done_cells=$(q -c "SELECT coalesce(sum(cells_done), 0) FROM data_encryption_progress")
+row "pgbench -c 2 TPS, alone" "$tps_base" "tps" "1.00" "baseline"
+row "pgbench -c 2 TPS, during re-encryption" "$tps_during" "tps" "$(ratio "$tps_during" "$tps_base")" "target >= 0.70 (worker still running at the end: ${still%%:*}, $done_cells cells done)"
+until [ "$(q -c "SELECT reencryption FROM data_encryption_status")" = complete ]; do sleep 0.2; done
+
+# ---- reports
+mkdir -p "$here/bench"
+{
+    echo "case,value,unit,ratio,note"
+    for r in "${results[@]}"; do IFS='|' read -r a b c d e <<<"$r"; printf '"%s",%s,%s,%s,"%s"\n' "$a" "$b" "$c" "$d" "$e"; done
+} >"$here/bench/results.csv"
+cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+{
+    echo "# Benchmarks"
+    echo
+    echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d): $cpu, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
+    echo "$(uname -sr), PostgreSQL $(q -c 'SHOW server_version' | cut -d' ' -f1), $(rustc --version | cut -d' ' -f1-2), release build."
+    echo "Cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off, no parallel query;"
+    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for the key change and pgbench)."
+    echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."
+    echo
+    echo "| case | value | unit | ratio | note |"
+    echo "|---|---:|---|---:|---|"
+    for r in "${results[@]}"; do IFS='|' read -r a b c d e <<<"$r"; echo "| $a | $b | $c | $d | $e |"; done
+    if [ -f "$here/bench/NOTES.md" ]; then echo; cat "$here/bench/NOTES.md"; fi
+} >"$here/BENCHMARKS.md"
+echo
+echo "Wrote BENCHMARKS.md and bench/results.csv"
