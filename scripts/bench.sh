@@ -111,6 +111,9 @@ echo "== 5. Key change: re-encryption of $rows rows vs UPDATE t SET c = c"
 q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1, $rows) g; INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc, plain" -c "CHECKPOINT"
 t_update=$(ms "UPDATE plain SET c = c")
 q -c "VACUUM plain" -c "CHECKPOINT"
+# The same rewrite of the same encrypted rows, without the crypto: the baseline of the change.
+t_update_enc=$(ms "UPDATE enc SET c = c")
+q -c "VACUUM enc" -c "CHECKPOINT"
 q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10000" -c "SELECT pg_reload_conf()" >/dev/null
 start=$(date +%s.%N)
 q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
@@ -118,8 +121,9 @@ q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
 # machines); each iteration commits, so the worker does not wait for this session.
 q -c "DO \$\$ BEGIN LOOP EXIT WHEN (SELECT reencryption FROM data_encryption_status) = 'complete'; COMMIT; PERFORM pg_sleep(0.02); COMMIT; END LOOP; END \$\$"
 t_reenc=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", (e-s)*1000}')
-row "UPDATE plain SET c = c ($rows rows)" "$t_update" "ms" "1.00" "baseline"
-row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update")" "target <= 1.5 x plain UPDATE"
+row "UPDATE t SET c = c on the encrypted_text table ($rows rows)" "$t_update_enc" "ms" "1.00" "baseline: the same rows rewritten without crypto"
+row "UPDATE t SET c = c on a plain text table ($rows rows)" "$t_update" "ms" "$(ratio "$t_update" "$t_update_enc")" "for reference"
+row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update_enc")" "target <= 1.5 x the UPDATE of the same rows ($(ratio "$t_reenc" "$t_update") x the plain text UPDATE)"
 
 echo "== 5b. pgbench TPS on other tables while re-encryption runs"
 q -c "VACUUM enc" -c "CHECKPOINT"

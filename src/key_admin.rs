@@ -337,6 +337,19 @@ fn insert_key_row(version: u32, salt: &[u8], params: &KdfParams, master: &Master
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not record the key: {e}"), None, None));
 }
 
+/// Stores blind-index key `index_version`, wrapped under data key `wrapping_version` (whose
+/// master key is `master`): inserted as the current index key, or re-wrapped in place.
+pub fn store_index_key(index_version: u32, master: &MasterKey, wrapping_version: u32, key: &cellcrypt_core::SecretKey, insert: bool) {
+    let wrapped = cellcrypt_core::wrap::wrap_index_key(&master.wrap_key(), wrapping_version, index_version, key);
+    let sql = if insert {
+        "INSERT INTO cellcrypt.index_key (key_version, wrapped_key, wrapped_under, state) VALUES ($1, $2, $3, 'current')"
+    } else {
+        "UPDATE cellcrypt.index_key SET wrapped_key = $2, wrapped_under = $3 WHERE key_version = $1"
+    };
+    keys::as_extension_owner(|| internal_write(|| Spi::run_with_args(sql, &[(index_version as i32).into(), wrapped.into(), (wrapping_version as i32).into()])))
+        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not store the blind-index key: {e}"), None, None));
+}
+
 fn key_io_error(e: String) -> ! {
     errors::raise(
         PgSqlErrorCode::ERRCODE_IO_ERROR,
@@ -389,8 +402,18 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         KeyProvider::Command => {}
     }
     insert_key_row(1, &salt, &params, &master);
+    // The blind-index key: random, independent of the data key, kept wrapped under it.
+    let index_key = cellcrypt_core::SecretKey::random();
+    store_index_key(1, &master, 1, &index_key, true);
     let fp = master.fingerprint().to_string();
-    keys::install(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), 1, MasterKey::from_bytes(*master.expose()), Vec::new()));
+    keys::install(keys::LoadedKeys::build(
+        keys::keyring_relid(),
+        keys::generation_now(),
+        1,
+        MasterKey::from_bytes(*master.expose()),
+        Vec::new(),
+        Some((1, index_key)),
+    ));
     with_pending(|p| {
         p.forget = true;
         p.publish = Some((1, master, Zeroizing::new(key.as_str().to_owned())));
@@ -601,9 +624,20 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         }
     }
 
+    // The blind-index key stays the same, re-wrapped under the new key: blind indexes stay valid.
+    let keys::LoadedKeys { data_keys, index_key, .. } = loaded;
+    if let Some((iv, ik)) = &index_key {
+        store_index_key(*iv, &master, new_version, ik, false);
+    }
     // From here on this transaction seals with the new key.
-    let keys::LoadedKeys { data_keys, .. } = loaded;
-    keys::install(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), new_version, MasterKey::from_bytes(*master.expose()), data_keys));
+    keys::install(keys::LoadedKeys::build(
+        keys::keyring_relid(),
+        keys::generation_now(),
+        new_version,
+        MasterKey::from_bytes(*master.expose()),
+        data_keys,
+        index_key,
+    ));
     with_pending(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
 
     let tables = crate::reencrypt::create_jobs(new_version);

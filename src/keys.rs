@@ -35,6 +35,8 @@ pub struct LoadedKeys {
     pub master: MasterKey,
     /// The data key of every version in `ring`, for re-wrapping during a change.
     pub data_keys: Vec<(u32, SecretKey)>,
+    /// The current blind-index key and its version (independent of the data key).
+    pub index_key: Option<(u32, SecretKey)>,
 }
 
 /// Why the database's key is not usable in this backend.
@@ -202,17 +204,22 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// the latest snapshot, as catalogs are: a key change that committed after this transaction
 /// began is seen, whatever the isolation level.
 pub fn read_key_rows() -> Vec<KeyRow> {
+    with_latest_snapshot(read_key_rows_unchecked)
+}
+
+/// Runs a read of `cellcrypt.*` as the extension owner with the latest snapshot.
+fn with_latest_snapshot<R>(f: impl FnOnce() -> R) -> R {
     as_extension_owner(|| {
         // A parallel worker may not take a new snapshot; it reads with the one its leader
         // shared (the leader checked the generation when the query started).
         // SAFETY: plain backend calls; the pushed snapshot is popped below (and on abort).
         if unsafe { pg_sys::IsInParallelMode() } {
-            return read_key_rows_unchecked();
+            return f();
         }
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
-        let rows = read_key_rows_unchecked();
+        let r = f();
         unsafe { pg_sys::PopActiveSnapshot() };
-        rows
+        r
     })
 }
 
@@ -304,12 +311,34 @@ pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], master: Ma
             ),
         }
     }
-    LoadedKeys::build(relid, generation, current.version, master, others)
+    let index_key = read_index_key_row().and_then(|(v, wrapped, under)| {
+        if under != current.version {
+            return None;
+        }
+        cellcrypt_core::wrap::unwrap_index_key(&wrap, current.version, v, &wrapped).ok().map(|k| (v, k))
+    });
+    LoadedKeys::build(relid, generation, current.version, master, others, index_key)
+}
+
+/// The current blind-index key row: (version, wrapped key, data key version it is wrapped under).
+pub fn read_index_key_row() -> Option<(u32, Vec<u8>, u32)> {
+    with_latest_snapshot(|| {
+        Spi::get_three::<i32, Vec<u8>, i32>("SELECT key_version, wrapped_key, wrapped_under FROM cellcrypt.index_key WHERE state = 'current'")
+            .ok()
+            .and_then(|(v, w, u)| Some((v? as u32, w?, u? as u32)))
+    })
 }
 
 impl LoadedKeys {
     /// The current key plus older versions' data keys.
-    pub fn build(relid: pg_sys::Oid, generation: u64, current_version: u32, master: MasterKey, others: Vec<(u32, SecretKey)>) -> Self {
+    pub fn build(
+        relid: pg_sys::Oid,
+        generation: u64,
+        current_version: u32,
+        master: MasterKey,
+        others: Vec<(u32, SecretKey)>,
+        index_key: Option<(u32, SecretKey)>,
+    ) -> Self {
         let mut ring = Keyring::new();
         let data = master.data_key();
         ring.insert(current_version, &data, true);
@@ -320,7 +349,7 @@ impl LoadedKeys {
                 data_keys.push((v, k));
             }
         }
-        LoadedKeys { keyring_relid: relid, generation, ring, current_version, master, data_keys }
+        LoadedKeys { keyring_relid: relid, generation, ring, current_version, master, data_keys, index_key }
     }
 }
 

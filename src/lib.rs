@@ -13,6 +13,7 @@
 //! | [`worker`] | the launcher and the per-database re-encryption workers |
 //! | [`audit`] | the audit record of key operations |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
+//! | [`blind_index`] | blind indexes: `blind_index()`, index key rotation |
 //! | [`roles`] | the roles the extension creates; the membership check |
 //! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log, names the role in denials |
 
@@ -22,6 +23,7 @@ pub mod errors;
 pub mod gucs;
 pub mod hooks;
 pub mod audit;
+pub mod blind_index;
 pub mod key_admin;
 pub mod key_cache;
 pub mod keys;

@@ -159,7 +159,7 @@ fn with_context<R>(kind: Kind, f: impl FnOnce(&[u8]) -> R) -> R {
 ///
 /// # Safety
 /// `d` must be a non-null varlena datum valid for the current memory context.
-unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
+pub(crate) unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
     let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
     std::slice::from_raw_parts(pgrx::varlena::vardata_any(p) as *const u8, pgrx::varlena::varsize_any_exhdr(p))
 }
@@ -168,7 +168,7 @@ unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
 const MAX_ALLOC_SIZE: usize = 0x3fff_ffff;
 
 /// A new palloc'd varlena of `len` data bytes, filled by `fill`.
-fn new_varlena(len: usize, fill: impl FnOnce(&mut [u8])) -> Datum {
+pub(crate) fn new_varlena(len: usize, fill: impl FnOnce(&mut [u8])) -> Datum {
     let total = len + pg_sys::VARHDRSZ;
     if total > MAX_ALLOC_SIZE {
         errors::raise(
@@ -290,28 +290,32 @@ pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
 /// # Safety
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
+    if Envelope::parse(varlena_bytes(d)).map(|e| e.key_id()).ok() == Some(keys::loaded().current_version) {
+        return d;
+    }
+    let plain = open_to_vec(kind, d, "re-encrypt", "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.");
+    seal(kind, &plain)
+}
+
+/// Opens an encrypted datum into a zeroized buffer, for callers that use the plaintext only
+/// inside the server (re-encryption, blind indexes). No reader check: nothing is returned.
+///
+/// # Safety
+/// `d` must be a non-null datum of `kind`'s encrypted type.
+pub unsafe fn open_to_vec(kind: Kind, d: Datum, doing: &str, unknown_key_hint: &str) -> zeroize::Zeroizing<Vec<u8>> {
     let bytes = varlena_bytes(d);
     let Ok(env) = Envelope::parse(bytes) else {
         errors::decryption_failed(kind.type_name());
     };
     let keys = keys::loaded();
-    if env.key_id() == keys.current_version {
-        return d;
-    }
     let Some(cipher) = keys.ring.get(env.key_id()) else {
-        errors::unknown_key_version(
-            kind.type_name(),
-            env.key_id(),
-            &keys.ring.key_ids(),
-            "re-encrypt",
-            "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.",
-        );
+        errors::unknown_key_version(kind.type_name(), env.key_id(), &keys.ring.key_ids(), doing, unknown_key_hint);
     };
     let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
     if with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut plain)).is_err() {
         errors::decryption_failed(kind.type_name());
     }
-    seal(kind, &plain)
+    plain
 }
 
 /// Parses `input` as a value of the plain type, without letting the value reach an error
@@ -347,7 +351,9 @@ macro_rules! v1_function {
     };
 }
 
-unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Datum {
+pub(crate) use v1_function;
+
+pub(crate) unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Datum {
     pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n)
 }
 
@@ -456,6 +462,21 @@ CREATE UNIQUE INDEX keyring_one_current ON cellcrypt.keyring ((true)) WHERE stat
 COMMENT ON TABLE cellcrypt.keyring IS 'Key versions of this database: fingerprints and KDF parameters only, never a usable key';
 -- pg_dump carries the keyring, so a restored database knows which key it needs.
 SELECT pg_catalog.pg_extension_config_dump('cellcrypt.keyring', '');
+
+-- The blind-index key: random, independent of the data key, stored only wrapped under the
+-- current data key (blind_index.rs).
+CREATE TABLE cellcrypt.index_key (
+    key_version   integer PRIMARY KEY CHECK (key_version > 0),
+    wrapped_key   bytea,
+    wrapped_under integer NOT NULL,
+    state         text NOT NULL CHECK (state IN ('current', 'retired')),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    created_by    name NOT NULL DEFAULT session_user,
+    restored      boolean NOT NULL DEFAULT false
+);
+CREATE UNIQUE INDEX index_key_one_current ON cellcrypt.index_key ((true)) WHERE state = 'current';
+COMMENT ON TABLE cellcrypt.index_key IS 'Blind-index key versions, each only wrapped under the current data key';
+SELECT pg_catalog.pg_extension_config_dump('cellcrypt.index_key', '');
 
 DO $$
 BEGIN
@@ -619,6 +640,28 @@ REVOKE ALL ON FUNCTION cellcrypt._keyring_before_insert() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cellcrypt._keyring_write_is_internal() FROM PUBLIC;
 CREATE TRIGGER keyring_before_insert BEFORE INSERT ON cellcrypt.keyring
     FOR EACH ROW EXECUTE FUNCTION cellcrypt._keyring_before_insert();
+CREATE FUNCTION cellcrypt._index_key_before_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT cellcrypt._keyring_write_is_internal() THEN
+        DELETE FROM cellcrypt.index_key WHERE NOT restored;
+        NEW.restored := true;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION cellcrypt._index_key_before_insert() FROM PUBLIC;
+CREATE TRIGGER index_key_before_insert BEFORE INSERT ON cellcrypt.index_key
+    FOR EACH ROW EXECUTE FUNCTION cellcrypt._index_key_before_insert();
+
+-- Blind indexes (blind_index.rs): a keyed hash of the normalized plaintext, for expression
+-- indexes and unique constraints. One overload reads the encrypted column, one hashes the
+-- value being looked up.
+CREATE FUNCTION @extschema@.blind_index(@extschema@.encrypted_text, normalization text DEFAULT 'exact') RETURNS bytea
+    AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_encrypted' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION @extschema@.blind_index(text, normalization text DEFAULT 'exact') RETURNS bytea
+    AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_text' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION @extschema@.blind_index(@extschema@.encrypted_text, text) IS 'Blind index of an encrypted value: HMAC-SHA256 under the index key, 16 bytes; reveals equality';
+COMMENT ON FUNCTION @extschema@.blind_index(text, text) IS 'Blind index of a plaintext value, to look up an encrypted column by its blind index';
 
 CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
@@ -629,6 +672,8 @@ REVOKE ALL ON FUNCTION @extschema@.set_data_encryption_key(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.set_data_encryption_key(text) TO data_encryption_admin;
 REVOKE ALL ON FUNCTION @extschema@.data_encryption_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_status() TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.rotate_blind_index_key() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.rotate_blind_index_key() TO data_encryption_admin;
 REVOKE ALL ON FUNCTION @extschema@.data_encryption_audit() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_audit() TO data_encryption_admin;
 CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();

@@ -2,7 +2,8 @@
 //! per database that has work.
 //!
 //! * The **launcher** (a static background worker, started once recovery has finished) lists
-//!   the databases that accept connections and starts a re-encryption worker for each; a worker
+//!   the databases that accept connections (templates excepted) and starts a re-encryption
+//!   worker for each; a worker
 //!   in a database without the extension or without pending work exits at once. So after a
 //!   restart or a crash, unfinished re-encryption resumes with no administrator action.
 //! * A key change starts its database's **worker** when it commits.
@@ -58,7 +59,9 @@ fn databases() -> Vec<pg_sys::Oid> {
                 break;
             }
             let db = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
-            if (*db).datallowconn {
+            // Template databases are skipped: a worker connected to template1 would make a
+            // concurrent CREATE DATABASE fail ("source database is being accessed").
+            if (*db).datallowconn && !(*db).datistemplate {
                 out.push((*db).oid);
             }
         }

@@ -3,7 +3,6 @@
 //! ```text
 //! master      = Argon2id(admin key canonical text, salt, params) -> 32 bytes
 //! data key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 data key")
-//! index key   = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 blind index key")
 //! wrap key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 key wrap key")
 //! fingerprint = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 fingerprint")[..16]
 //! ```
@@ -94,13 +93,6 @@ impl MasterKey {
         SecretKey::from_bytes(*k)
     }
 
-    /// The key for blind indexes, independent of the data key.
-    pub fn index_key(&self) -> SecretKey {
-        let mut k = Zeroizing::new([0u8; 32]);
-        self.expand(b"pg_cellcrypt v1 blind index key", &mut k[..]);
-        SecretKey::from_bytes(*k)
-    }
-
     /// The key that wraps older versions' data keys during a key change (see [`crate::wrap`]).
     pub fn wrap_key(&self) -> SecretKey {
         let mut k = Zeroizing::new([0u8; 32]);
@@ -167,7 +159,6 @@ mod tests {
         let b = MasterKey::derive(&spelled, &salt, &fast()).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.data_key().expose(), b.data_key().expose());
-        assert_ne!(a.data_key().expose(), a.index_key().expose());
         assert_ne!(a.data_key().expose(), a.wrap_key().expose());
         assert_eq!(MasterKey::from_bytes(*a.expose()).fingerprint(), a.fingerprint());
         let fp = a.fingerprint().to_string();

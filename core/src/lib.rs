@@ -9,6 +9,7 @@
 //! | [`cipher`] | AES-256-GCM sealing and opening of one value; a keyring of cached ciphers |
 //! | [`nonce`] | the per-process CSPRNG that draws 96-bit nonces (fork-safe, no syscall per value) |
 //! | [`admin_key`] | the administrator's key string: the copy-safe generated format and passphrase rules |
+//! | [`blind`] | blind indexes: HMAC-SHA256 of a normalized plaintext under an independent index key |
 //! | [`kdf`] | Argon2id from an admin key to a master key; HKDF sub-keys; the public fingerprint |
 //! | [`wrap`] | sealing an older version's data key under the current key during a key change |
 //! | [`redact`] | masking keys and quoted strings in log messages (used by the extension's log hook) |
@@ -30,6 +31,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin_key;
+pub mod blind;
 pub mod cipher;
 pub mod envelope;
 pub mod error;
