@@ -139,6 +139,22 @@ row "pgbench -c 2 TPS, alone" "$tps_base" "tps" "1.00" "baseline"
 row "pgbench -c 2 TPS, during re-encryption" "$tps_during" "tps" "$(ratio "$tps_during" "$tps_base")" "target >= 0.70 (worker still running at the end: ${still%%:*}, $done_cells cells done)"
 until [ "$(q -c "SELECT reencryption FROM data_encryption_status")" = complete ]; do sleep 0.2; done
 
+echo "== 6. Blind index: lookups in $rows rows"
+q -c "CREATE TABLE people (id int, email encrypted_text); CREATE TABLE people_plain (id int, email text)" \
+  -c "INSERT INTO people_plain SELECT g, 'user' || g || '@example.com' FROM generate_series(1, $rows) g" \
+  -c "INSERT INTO people SELECT id, email FROM people_plain"
+t_bidx_build=$(ms "CREATE INDEX people_bidx ON people (blind_index(email))")
+t_btree_build=$(ms "CREATE INDEX people_plain_email ON people_plain (email)")
+q -c "VACUUM ANALYZE people, people_plain"
+lookups=20000
+t_lookup_plain=$(best "DO \$\$ DECLARE r int; BEGIN FOR i IN 1..$lookups LOOP SELECT id INTO r FROM people_plain WHERE email = 'user' || (i * 37 % $rows + 1) || '@example.com'; END LOOP; END \$\$")
+t_lookup_bidx=$(best "DO \$\$ DECLARE r int; BEGIN FOR i IN 1..$lookups LOOP SELECT id INTO r FROM people WHERE blind_index(email) = blind_index('user' || (i * 37 % $rows + 1) || '@example.com'); END LOOP; END \$\$")
+t_lookup_scan=$(ms "SELECT id FROM people WHERE decrypt(email) = 'user424242@example.com'")
+row "lookup by plaintext btree ($lookups lookups)" "$t_lookup_plain" "ms" "1.00" "baseline"
+row "lookup by blind index ($lookups lookups)" "$t_lookup_bidx" "ms" "$(ratio "$t_lookup_bidx" "$t_lookup_plain")" "target <= 2.0 x plaintext btree"
+row "one lookup by WHERE decrypt(c) = \$1, no index" "$t_lookup_scan" "ms" "$(awk -v s="$t_lookup_scan" -v b="$t_lookup_bidx" -v n=$lookups 'BEGIN{printf "%.0f", s/(b/n)}')" "x one blind-index lookup"
+row "CREATE INDEX on blind_index(email)" "$t_bidx_build" "ms" "$(ratio "$t_bidx_build" "$t_btree_build")" "x a btree on the plaintext"
+
 # ---- reports
 mkdir -p "$here/bench"
 {

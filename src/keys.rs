@@ -322,10 +322,21 @@ pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], master: Ma
 
 /// The current blind-index key row: (version, wrapped key, data key version it is wrapped under).
 pub fn read_index_key_row() -> Option<(u32, Vec<u8>, u32)> {
+    // A read-only SPI connection: parallel workers load keys too, and may not assign an XID.
     with_latest_snapshot(|| {
-        Spi::get_three::<i32, Vec<u8>, i32>("SELECT key_version, wrapped_key, wrapped_under FROM cellcrypt.index_key WHERE state = 'current'")
-            .ok()
-            .and_then(|(v, w, u)| Some((v? as u32, w?, u? as u32)))
+        Spi::connect(|c| {
+            let t = c.select("SELECT key_version, wrapped_key, wrapped_under FROM cellcrypt.index_key WHERE state = 'current'", None, &[])?;
+            let mut out = None;
+            for r in t {
+                out = match (r.get::<i32>(1)?, r.get::<Vec<u8>>(2)?, r.get::<i32>(3)?) {
+                    (Some(v), Some(w), Some(u)) => Some((v as u32, w, u as u32)),
+                    _ => None,
+                };
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .ok()
+        .flatten()
     })
 }
 
