@@ -28,8 +28,8 @@ q -c "CREATE EXTENSION pg_cellcrypt" -c "CREATE EXTENSION pgcrypto"
 ms() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1; }
 # Best of $reps runs of a statement, running $2 (untimed) before each.
 best() {
-    local sql=$1 before=${2:-} b= t
-    for _ in $(seq $reps); do
+    local sql=$1 before=${2:-} n=${3:-$reps} b= t
+    for _ in $(seq "$n"); do
         [ -n "$before" ] && q -c "$before"
         t=$(ms "$sql")
         if [ -z "$b" ] || awk -v t="$t" -v b="$b" 'BEGIN{exit !(t<b)}'; then b=$t; fi
@@ -74,8 +74,13 @@ row "COPY encrypted_text" "$t_copy_enc" "ms" "$(ratio "$t_copy_enc" "$t_copy_pla
 
 echo "== 3. Full scan of $rows values"
 q -c "TRUNCATE pgc_raw; INSERT INTO pgc_raw SELECT encrypt(convert_to(c, 'UTF8'), 'a 32 byte key for aes-256 bench.', 'aes') FROM plain" -c "VACUUM ANALYZE enc, plain, pgc_raw"
-t_scan_plain=$(best "SELECT sum(length(c)) FROM plain")
-t_scan_enc=$(best "SELECT sum(length(decrypt(c))) FROM enc")
+# Scans are short: best of 7, alternating, to see through a shared machine's noise.
+t_scan_plain=; t_scan_enc=
+for _ in 1 2 3 4 5 6 7; do
+    p=$(ms "SELECT sum(length(c)) FROM plain"); e=$(ms "SELECT sum(length(decrypt(c))) FROM enc")
+    if [ -z "$t_scan_plain" ] || awk -v t="$p" -v b="$t_scan_plain" 'BEGIN{exit !(t<b)}'; then t_scan_plain=$p; fi
+    if [ -z "$t_scan_enc" ] || awk -v t="$e" -v b="$t_scan_enc" 'BEGIN{exit !(t<b)}'; then t_scan_enc=$e; fi
+done
 t_scan_raw=$(best "SELECT sum(length(decrypt(c, 'a 32 byte key for aes-256 bench.', 'aes'))) FROM pgc_raw")
 row "scan plain text" "$t_scan_plain" "ms" "1.00" "baseline"
 row "scan decrypt(encrypted_text)" "$t_scan_enc" "ms" "$(ratio "$t_scan_enc" "$t_scan_plain")" "target <= 2.0 x plain"
@@ -108,6 +113,8 @@ for kind in b j; do
 done
 
 echo "== 5. Key change: re-encryption of $rows rows vs UPDATE t SET c = c"
+# Only the measured table may hold encrypted columns: a key change re-encrypts them all.
+q -c "DROP TABLE big_enc, big_plain, pgc_raw, pgc_pgp"
 q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1, $rows) g; INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc, plain" -c "CHECKPOINT"
 t_update=$(ms "UPDATE plain SET c = c")
 q -c "VACUUM plain" -c "CHECKPOINT"

@@ -15,6 +15,7 @@
 //!   soon as it commits, and once per transaction against the keyring table's identity, so
 //!   `DROP`/`CREATE EXTENSION` is noticed.
 
+use crate::backend_local::BackendLocal;
 use crate::errors;
 use crate::key_cache;
 use crate::providers;
@@ -87,11 +88,9 @@ impl KeyUnavailable {
     }
 }
 
-thread_local! {
-    static LOADED: RefCell<Option<Rc<LoadedKeys>>> = const { RefCell::new(None) };
-    static NONCES: RefCell<Option<NonceSource>> = const { RefCell::new(None) };
-    static VALIDATED_THIS_XACT: Cell<bool> = const { Cell::new(false) };
-}
+static LOADED: BackendLocal<RefCell<Option<Rc<LoadedKeys>>>> = BackendLocal::new(RefCell::new(None));
+static NONCES: BackendLocal<RefCell<Option<NonceSource>>> = BackendLocal::new(RefCell::new(None));
+static VALIDATED_THIS_XACT: BackendLocal<Cell<bool>> = BackendLocal::new(Cell::new(false));
 
 /// Registers the end-of-transaction callback that makes the next use revalidate the cache.
 pub fn init() {

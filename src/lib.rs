@@ -14,6 +14,7 @@
 //! | [`audit`] | the audit record of key operations |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
 //! | [`blind_index`] | blind indexes: `blind_index()`, index key rotation |
+//! | [`backend_local`] | per-backend state without thread-local storage (hot paths) |
 //! | [`roles`] | the roles the extension creates; the membership check |
 //! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log, names the role in denials |
 
@@ -23,6 +24,7 @@ pub mod errors;
 pub mod gucs;
 pub mod hooks;
 pub mod audit;
+pub mod backend_local;
 pub mod blind_index;
 pub mod key_admin;
 pub mod key_cache;

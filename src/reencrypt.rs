@@ -190,14 +190,23 @@ fn process(job: Job) -> Result<String, String> {
     let blocks = ((batch_rows / rows_per_block.max(1.0)).floor() as i64).max(1);
     let end = (job.next_block + blocks).min(nblocks);
     let set = job.columns.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
+    // Rows whose values are all under the new key are left alone: among them are the new
+    // versions this pass wrote into free space further on in the table.
+    let condition = &filter;
+    // Count values, not rows: a row's other encrypted columns may be NULL.
+    let counted = job.columns.iter().map(|c| format!("({c} IS NOT NULL)::int")).collect::<Vec<_>>().join(" + ");
     let sql = format!(
-        "UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({filter})",
+        "WITH u AS (UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({condition}) \
+                    RETURNING {counted} AS n) \
+         SELECT coalesce(sum(n), 0)::bigint FROM u",
         job.next_block
     );
-    let n = Spi::connect_mut(|c| c.update(sql.as_str(), None, &[]).map(|t| t.len() as i64)).map_err(spi_err(&format!("could not re-encrypt table {table}")))?;
+    let n: i64 = Spi::connect_mut(|c| c.update(sql.as_str(), None, &[])?.first().get_one::<i64>())
+        .map_err(spi_err(&format!("could not re-encrypt table {table}")))?
+        .unwrap_or(0);
     Spi::run_with_args(
         "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done + $4, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
-        &[job.relid.into(), end.into(), nblocks.into(), (n * job.columns.len() as i64).into()],
+        &[job.relid.into(), end.into(), nblocks.into(), n.into()],
     )
     .map_err(spi_err("could not record progress"))?;
     Ok("batch".into())

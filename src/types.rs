@@ -30,6 +30,7 @@
 //! * `decrypt(encrypted)`: the plaintext; also the EXPLICIT cast back to the plain type.
 //!   Only superusers and members of `data_encryption_reader` may call it.
 
+use crate::backend_local::BackendLocal;
 use crate::{errors, keys};
 use cellcrypt_core::envelope::{self, Envelope};
 use pgrx::pg_sys::{self, Datum, Oid};
@@ -107,12 +108,10 @@ impl Kind {
     }
 }
 
-thread_local! {
-    /// Type OID → kind, learned on first sight (the types' OIDs differ per database).
-    static KIND_BY_OID: RefCell<Vec<(Oid, Kind)>> = const { RefCell::new(Vec::new()) };
-    /// AAD contexts, built once per backend (they depend on the database encoding).
-    static CONTEXTS: RefCell<Option<[Vec<u8>; 7]>> = const { RefCell::new(None) };
-}
+/// Type OID → kind, learned on first sight (the types' OIDs differ per database).
+static KIND_BY_OID: BackendLocal<RefCell<Vec<(Oid, Kind)>>> = BackendLocal::new(RefCell::new(Vec::new()));
+/// AAD contexts, built once per backend (they depend on the database encoding).
+static CONTEXTS: BackendLocal<RefCell<Option<[Vec<u8>; 7]>>> = BackendLocal::new(RefCell::new(None));
 
 fn kind_of_type(typoid: Oid) -> Kind {
     if let Some(k) = KIND_BY_OID.with(|m| m.borrow().iter().find(|(o, _)| *o == typoid).map(|(_, k)| *k)) {
@@ -193,7 +192,10 @@ pub(crate) fn new_varlena(len: usize, fill: impl FnOnce(&mut [u8])) -> Datum {
 
 /// Seals `plaintext` under the database's current key into a new encrypted datum.
 pub fn seal(kind: Kind, plaintext: &[u8]) -> Datum {
-    let keys = keys::loaded();
+    seal_with(&keys::loaded(), kind, plaintext)
+}
+
+fn seal_with(keys: &keys::LoadedKeys, kind: Kind, plaintext: &[u8]) -> Datum {
     let Some(cipher) = keys.ring.current() else {
         keys::KeyUnavailable::NoKeyConfigured.raise();
     };
@@ -290,11 +292,12 @@ pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
 /// # Safety
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
-    if Envelope::parse(varlena_bytes(d)).map(|e| e.key_id()).ok() == Some(keys::loaded().current_version) {
+    let keys = keys::loaded();
+    if Envelope::parse(varlena_bytes(d)).map(|e| e.key_id()).ok() == Some(keys.current_version) {
         return d;
     }
-    let plain = open_to_vec(kind, d, "re-encrypt", "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.");
-    seal(kind, &plain)
+    let plain = open_with(&keys, kind, d, "re-encrypt", "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.");
+    seal_with(&keys, kind, &plain)
 }
 
 /// Opens an encrypted datum into a zeroized buffer, for callers that use the plaintext only
@@ -303,11 +306,14 @@ pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
 /// # Safety
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn open_to_vec(kind: Kind, d: Datum, doing: &str, unknown_key_hint: &str) -> zeroize::Zeroizing<Vec<u8>> {
+    open_with(&keys::loaded(), kind, d, doing, unknown_key_hint)
+}
+
+unsafe fn open_with(keys: &keys::LoadedKeys, kind: Kind, d: Datum, doing: &str, unknown_key_hint: &str) -> zeroize::Zeroizing<Vec<u8>> {
     let bytes = varlena_bytes(d);
     let Ok(env) = Envelope::parse(bytes) else {
         errors::decryption_failed(kind.type_name());
     };
-    let keys = keys::loaded();
     let Some(cipher) = keys.ring.get(env.key_id()) else {
         errors::unknown_key_version(kind.type_name(), env.key_id(), &keys.ring.key_ids(), doing, unknown_key_hint);
     };

@@ -93,7 +93,11 @@ fn a_change_reaches_every_session_and_parallel_worker_at_commit() {
     assert!(text.contains(&new_key) && text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count() == 1, "{text}");
     // The status says so.
     let status = c.psql("app", "SELECT active, key_version, provider, previous_key_versions, reencryption, reencrypted_values FROM data_encryption_status");
-    assert_eq!(status.trim(), "t|2|file|{}|complete|604");
+    let (head, count) = status.trim().rsplit_once('|').unwrap();
+    assert_eq!(head, "t|2|file|{}|complete");
+    // 302 rows under the old key, two values each; the first pass may also rewrite the row
+    // written under the new key after the change.
+    assert!((604..=606).contains(&count.parse::<i64>().unwrap()), "{status}");
 }
 
 #[test]
