@@ -174,3 +174,19 @@ fn rebuild_indexes() -> i64 {
     }
     total as i64
 }
+
+pgrx::extension_sql!(
+    r#"
+-- Blind indexes (blind_index.rs): a keyed hash of the normalized plaintext, for expression
+-- indexes and unique constraints. One overload reads the encrypted column, one hashes the
+-- value being looked up.
+CREATE FUNCTION @extschema@.blind_index(@extschema@.encrypted_text, normalization text DEFAULT 'exact') RETURNS bytea
+    AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_encrypted' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION @extschema@.blind_index(text, normalization text DEFAULT 'exact') RETURNS bytea
+    AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_text' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION @extschema@.blind_index(@extschema@.encrypted_text, text) IS 'Blind index of an encrypted value: HMAC-SHA256 under the index key, 16 bytes; reveals equality';
+COMMENT ON FUNCTION @extschema@.blind_index(text, text) IS 'Blind index of a plaintext value, to look up an encrypted column by its blind index';
+"#,
+    name = "blind_index",
+    requires = ["types"]
+);

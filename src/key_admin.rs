@@ -698,3 +698,31 @@ fn data_encryption_status() -> TableIterator<
     };
     TableIterator::once((active, cur.0, cur.1, cur.2, cur.3, providers::name(providers::current()).to_owned(), previous, reencryption, cur.4))
 }
+
+// Runs last: grants on the key functions, the admin views, and the first key.
+pgrx::extension_sql!(
+    r#"
+CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
+REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.retrieve_data_encryption_key() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.retrieve_data_encryption_key() TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.set_data_encryption_key(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.set_data_encryption_key(text) TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.data_encryption_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_status() TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.rotate_blind_index_key() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.rotate_blind_index_key() TO data_encryption_admin;
+REVOKE ALL ON FUNCTION @extschema@.data_encryption_audit() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_audit() TO data_encryption_admin;
+CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();
+CREATE VIEW @extschema@.data_encryption_audit AS SELECT * FROM @extschema@.data_encryption_audit();
+REVOKE ALL ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit FROM PUBLIC;
+GRANT SELECT ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit TO data_encryption_admin;
+
+-- Encryption is on from the start: the database gets its first key now.
+SELECT cellcrypt._initialize();
+"#,
+    name = "first_key",
+    finalize
+);

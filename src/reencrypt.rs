@@ -300,3 +300,84 @@ pub unsafe extern "C-unwind" fn cellcrypt_reencrypt_step(_fcinfo: pg_sys::Functi
     let s = step();
     pgrx::IntoDatum::into_datum(s).unwrap_or(pg_sys::Datum::from(0))
 }
+
+// The jobs, the progress view and the foreground procedure.
+pgrx::extension_sql!(
+    r#"
+-- Re-encryption after a key change: one job per table with encrypted columns (reencrypt.rs).
+CREATE TABLE cellcrypt.reencryption_job (
+    relid        oid PRIMARY KEY,
+    key_version  integer NOT NULL,
+    columns      text[] NOT NULL,
+    state        text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'verified')),
+    next_block   bigint NOT NULL DEFAULT 0,
+    total_blocks bigint NOT NULL DEFAULT 0,
+    pass         integer NOT NULL DEFAULT 1,
+    cells_done   bigint NOT NULL DEFAULT 0,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   name NOT NULL DEFAULT session_user,
+    started_at   timestamptz,
+    updated_at   timestamptz
+);
+COMMENT ON TABLE cellcrypt.reencryption_job IS 'Re-encryption work left after a key change; see the view data_encryption_progress';
+CREATE FUNCTION cellcrypt._reencrypt_step() RETURNS text
+    AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt_step' LANGUAGE c VOLATILE;
+REVOKE ALL ON FUNCTION cellcrypt._reencrypt_step() FROM PUBLIC;
+
+CREATE VIEW @extschema@.data_encryption_progress AS
+SELECT j.relid::pg_catalog.regclass AS table_name,
+       j.key_version,
+       j.state,
+       j.pass,
+       j.cells_done,
+       CASE WHEN j.state = 'verified' THEN 0
+            ELSE pg_catalog.round(greatest(c.reltuples, 0) * pg_catalog.array_length(j.columns, 1)
+                      * (1 - least(1, j.next_block::float8 / greatest(j.total_blocks, 1))))::bigint END AS cells_remaining,
+       CASE WHEN j.updated_at > j.started_at
+            THEN pg_catalog.round(j.cells_done / pg_catalog.array_length(j.columns, 1)
+                      / extract(epoch FROM j.updated_at - j.started_at))::bigint END AS rows_per_second,
+       CASE WHEN j.state = 'verified' THEN j.updated_at
+            WHEN j.updated_at > j.started_at AND j.cells_done > 0
+            THEN pg_catalog.now() + (greatest(c.reltuples, 0) * pg_catalog.array_length(j.columns, 1)
+                      * (1 - least(1, j.next_block::float8 / greatest(j.total_blocks, 1))))
+                 * ((j.updated_at - j.started_at) / j.cells_done) END AS estimated_finish
+FROM cellcrypt.reencryption_job j JOIN pg_catalog.pg_class c ON c.oid = j.relid;
+COMMENT ON VIEW @extschema@.data_encryption_progress IS 'Per table: re-encryption progress after a key change';
+
+CREATE PROCEDURE @extschema@.finish_data_encryption_reencryption() LANGUAGE plpgsql AS $$
+DECLARE
+    s text;
+    n bigint := 0;
+    done bigint;
+    remaining bigint;
+BEGIN
+    LOOP
+        s := cellcrypt._reencrypt_step();
+        n := n + 1;
+        IF s IN ('idle', 'done', 'waiting', 'busy') OR n % 10 = 0 THEN
+            SELECT coalesce(sum(cells_done), 0), coalesce(sum(cells_remaining), 0) INTO done, remaining FROM @extschema@.data_encryption_progress;
+            RAISE NOTICE 'pg_cellcrypt re-encryption: % (% values re-encrypted, about % remaining)',
+                CASE s WHEN 'idle' THEN 'nothing to do' WHEN 'done' THEN 'finished; older keys retired'
+                       WHEN 'waiting' THEN 'waiting for transactions that began before the change'
+                       WHEN 'busy' THEN 'the background worker holds the remaining work'
+                       ELSE 'working' END, done, remaining;
+        END IF;
+        EXIT WHEN s IN ('idle', 'done');
+        COMMIT;
+        IF s IN ('waiting', 'busy') THEN
+            PERFORM pg_catalog.pg_sleep(0.5);
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON PROCEDURE @extschema@.finish_data_encryption_reencryption() IS 'Runs or finishes the re-encryption after a key change in the foreground, with NOTICE progress';
+REVOKE ALL ON PROCEDURE @extschema@.finish_data_encryption_reencryption() FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE @extschema@.finish_data_encryption_reencryption() TO data_encryption_admin;
+GRANT USAGE ON SCHEMA cellcrypt TO data_encryption_admin;
+GRANT EXECUTE ON FUNCTION cellcrypt._reencrypt_step() TO data_encryption_admin;
+REVOKE ALL ON @extschema@.data_encryption_progress FROM PUBLIC;
+GRANT SELECT ON @extschema@.data_encryption_progress TO data_encryption_admin;
+"#,
+    name = "reencryption",
+    requires = ["roles", "types"]
+);

@@ -19,3 +19,20 @@ pub fn current_user_has(role: &CStr) -> bool {
         oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), oid)
     }
 }
+
+// The roles, created if missing (they are cluster-wide and may exist already).
+pgrx::extension_sql!(
+    r#"
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'data_encryption_reader') THEN
+        CREATE ROLE data_encryption_reader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'data_encryption_admin') THEN
+        CREATE ROLE data_encryption_admin NOLOGIN;
+    END IF;
+END
+$$;
+"#,
+    name = "roles"
+);
