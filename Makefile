@@ -4,7 +4,7 @@ export PGRX_HOME := $(CURDIR)/pgrx-config
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
 
-.PHONY: all setup build install install-dev demo demo-stop test test-core test-pg test-integration bench clean
+.PHONY: all setup build install install-dev demo demo-stop test test-core test-pg test-integration bench fuzz clean
 
 all: build
 
@@ -50,6 +50,10 @@ test-integration: install-dev
 ## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.
 bench: install
 	@scripts/bench.sh
+
+## cargo-fuzz targets of the crypto core (envelope, open, admin_key, redact), FUZZ_SECONDS each.
+fuzz: setup
+	@scripts/fuzz.sh
 
 clean:
 	cargo clean
