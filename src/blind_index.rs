@@ -96,14 +96,7 @@ fn rotate_blind_index_key() -> String {
     const F: &str = "rotate_blind_index_key()";
     key_admin::require_admin(F);
     key_admin::require_secure_transport(F, F);
-    let got: bool = Spi::get_one_with_args(
-        "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)",
-        &[key_admin::LOCK_CLASSID.into(), ROTATION_LOCK_OBJID.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
-    if !got {
+    if !key_admin::try_xact_lock(ROTATION_LOCK_OBJID) {
         errors::raise(
             PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
             "another blind-index key rotation is in progress in this database",

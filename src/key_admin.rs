@@ -247,13 +247,18 @@ pub fn require_admin(function: &str) {
 // ---------------------------------------------------------------------------------------------
 // One change at a time
 
-/// Takes the key-change lock for this transaction, or raises 55P03 naming the holder.
-fn lock_key_changes(action: &str) {
-    let got: bool = Spi::get_one_with_args("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)", &[LOCK_CLASSID.into(), LOCK_OBJID.into()])
+/// Tries to take one of the extension's advisory locks (`objid` 1: key changes, 2: index key
+/// rotations) for the rest of this transaction, without waiting.
+pub fn try_xact_lock(objid: i32) -> bool {
+    Spi::get_one_with_args("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)", &[LOCK_CLASSID.into(), objid.into()])
         .ok()
         .flatten()
-        .unwrap_or(false);
-    if got {
+        .unwrap_or(false)
+}
+
+/// Takes the key-change lock for this transaction, or raises 55P03 naming the holder.
+fn lock_key_changes(action: &str) {
+    if try_xact_lock(LOCK_OBJID) {
         return;
     }
     let holder: Option<String> = keys::as_extension_owner(|| {
@@ -439,7 +444,7 @@ fn weak_key(reason: &str) -> ! {
 /// backend could load and verify it. Anyone may call it.
 #[pg_extern(volatile, parallel_safe)]
 fn is_data_encryption_active() -> bool {
-    keys::try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
+    keys::is_active()
 }
 
 /// `generate_data_encryption_key() returns text`: a fresh key in the copy-safe format. Changes
@@ -671,7 +676,7 @@ fn data_encryption_status() -> TableIterator<
     ),
 > {
     require_admin("data_encryption_status()");
-    let active = keys::try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false);
+    let active = keys::is_active();
     type Row = (Option<i32>, Option<String>, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>, Option<i64>);
     let cur: Row = keys::as_extension_owner(|| {
         Spi::connect(|c| {

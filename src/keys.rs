@@ -155,6 +155,11 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
     Ok(k)
 }
 
+/// True when the database has a key and this backend could load and verify it.
+pub fn is_active() -> bool {
+    try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
+}
+
 /// Installs keys this backend built itself (during its own key change).
 pub fn install(keys: LoadedKeys) {
     LOADED.with(|l| *l.borrow_mut() = Some(Rc::new(keys)));

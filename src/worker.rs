@@ -13,7 +13,7 @@
 //!   `pg_cellcrypt.reencrypt_pause` between batches. Should it fail or be killed, PostgreSQL
 //!   restarts it after a few seconds (and the launcher starts it after a server restart).
 
-use crate::key_admin::{LOCK_CLASSID, LOCK_OBJID};
+use crate::key_admin::LOCK_OBJID;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
@@ -124,11 +124,7 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
         // Each batch holds the key-change lock for its transaction; between batches, a key
         // change is refused because the jobs are still there.
         let status = BackgroundWorker::transaction(|| {
-            let got = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)", &[LOCK_CLASSID.into(), LOCK_OBJID.into()])
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-            if got { crate::reencrypt::step() } else { "busy".to_owned() }
+            if crate::key_admin::try_xact_lock(LOCK_OBJID) { crate::reencrypt::step() } else { "busy".to_owned() }
         });
         let pause = match status.as_str() {
             "done" | "idle" => break,
