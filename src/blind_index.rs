@@ -104,6 +104,7 @@ fn rotate_blind_index_key() -> String {
             Some("Wait for it to finish, then try again if still needed."),
         );
     }
+    refuse_generated_columns();
     let loaded = keys::loaded();
     let old_version = loaded.index_key.as_ref().map(|(v, _)| *v).unwrap_or(0);
     let new_version = old_version + 1;
@@ -135,19 +136,48 @@ fn rotate_blind_index_key() -> String {
     format!("rotated: blind-index key version {new_version} is current; {rebuilt} indexes rebuilt")
 }
 
+/// The `blind_index` functions of this extension, as a SQL subquery of their OIDs.
+const BLIND_INDEX_FUNCTIONS: &str = "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_depend e ON e.objid = p.oid \
+     JOIN pg_catalog.pg_extension x ON x.oid = e.refobjid WHERE x.extname = 'pg_cellcrypt' AND p.proname = 'blind_index'";
+
+/// A rotation rebuilds indexes; a stored generated column computed with `blind_index` would
+/// keep hashes under the old key and silently stop matching, so the rotation is refused.
+fn refuse_generated_columns() {
+    let columns: Option<String> = keys::as_extension_owner(|| {
+        Spi::get_one::<String>(&format!(
+            "SELECT string_agg(format('%s.%I', a.adrelid::pg_catalog.regclass, t.attname), ', ') \
+             FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attrdef a ON a.oid = d.objid \
+             JOIN pg_catalog.pg_attribute t ON t.attrelid = a.adrelid AND t.attnum = a.adnum \
+             WHERE d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass \
+               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid IN ({BLIND_INDEX_FUNCTIONS})"
+        ))
+        .ok()
+        .flatten()
+    });
+    if let Some(columns) = columns {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("cannot rotate the blind-index key: column {columns} stores blind indexes computed with the current key"),
+            Some("A rotation rebuilds expression indexes; stored values in columns are not recomputed."),
+            Some("Replace the column with an expression index on blind_index(...), then rotate."),
+        );
+    }
+}
+
 /// Rebuilds every index whose definition calls `blind_index` (found through pg_depend).
 fn rebuild_indexes() -> i64 {
     let indexes: Vec<String> = keys::as_extension_owner(|| {
         Spi::connect(|c| {
             let t = c.select(
-                "SELECT DISTINCT d.objid::pg_catalog.regclass::text FROM pg_catalog.pg_depend d \
+                format!(
+                    "SELECT DISTINCT d.objid::pg_catalog.regclass::text FROM pg_catalog.pg_depend d \
                  JOIN pg_catalog.pg_class i ON i.oid = d.objid AND i.relkind IN ('i', 'I') \
                  WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass \
                    AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
-                   AND d.refobjid IN (SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_depend e ON e.objid = p.oid \
-                                      JOIN pg_catalog.pg_extension x ON x.oid = e.refobjid \
-                                      WHERE x.extname = 'pg_cellcrypt' AND p.proname = 'blind_index') \
-                 ORDER BY 1",
+                   AND d.refobjid IN ({BLIND_INDEX_FUNCTIONS}) \
+                 ORDER BY 1"
+                )
+                .as_str(),
                 None,
                 &[],
             )?;

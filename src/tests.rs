@@ -368,3 +368,11 @@ fn blind_indexes_survive_a_data_key_change_and_are_rebuilt_by_an_index_key_rotat
     assert_eq!(one::<String>("SELECT string_agg(state, ',' ORDER BY key_version) FROM cellcrypt.index_key"), "retired,current");
     assert!(one::<bool>("SELECT wrapped_key IS NULL FROM cellcrypt.index_key WHERE key_version = 1"));
 }
+
+#[pg_test(error = "cannot rotate the blind-index key: column bg.email_bidx stores blind indexes computed with the current key")]
+fn a_rotation_refuses_stored_blind_index_columns() {
+    allow_plain_tcp();
+    Spi::run("CREATE TABLE bg (email encrypted_text, email_bidx bytea GENERATED ALWAYS AS (blind_index(email)) STORED)").unwrap();
+    Spi::run("INSERT INTO bg (email) VALUES ('a@example.com')").unwrap();
+    Spi::run("SELECT rotate_blind_index_key()").unwrap();
+}
