@@ -193,17 +193,20 @@ fn process(job: Job) -> Result<String, String> {
     // Rows whose values are all under the new key are left alone: among them are the new
     // versions this pass wrote into free space further on in the table.
     let condition = &filter;
-    // Count values, not rows: a row's other encrypted columns may be NULL.
-    let counted = job.columns.iter().map(|c| format!("({c} IS NOT NULL)::int")).collect::<Vec<_>>().join(" + ");
-    let sql = format!(
-        "WITH u AS (UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({condition}) \
-                    RETURNING {counted} AS n) \
-         SELECT coalesce(sum(n), 0)::bigint FROM u",
-        job.next_block
-    );
-    let n: i64 = Spi::connect_mut(|c| c.update(sql.as_str(), None, &[])?.first().get_one::<i64>())
-        .map_err(spi_err(&format!("could not re-encrypt table {table}")))?
-        .unwrap_or(0);
+    let update = format!("UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({condition})", job.next_block);
+    let n: i64 = if let [_] = job.columns.as_slice() {
+        // One column: the filter selects exactly the rows whose value is non-NULL and under an
+        // old key, so the rows updated are the values re-encrypted. (Counting through
+        // RETURNING costs about 15 % of a batch.)
+        Spi::connect_mut(|c| c.update(update.as_str(), None, &[]).map(|t| t.len() as i64)).map_err(spi_err(&format!("could not re-encrypt table {table}")))?
+    } else {
+        // Several columns: count values, not rows, as a row's other encrypted columns may be NULL.
+        let counted = job.columns.iter().map(|c| format!("({c} IS NOT NULL)::int")).collect::<Vec<_>>().join(" + ");
+        let sql = format!("WITH u AS ({update} RETURNING {counted} AS n) SELECT coalesce(sum(n), 0)::bigint FROM u");
+        Spi::connect_mut(|c| c.update(sql.as_str(), None, &[])?.first().get_one::<i64>())
+            .map_err(spi_err(&format!("could not re-encrypt table {table}")))?
+            .unwrap_or(0)
+    };
     Spi::run_with_args(
         "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done + $4, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
         &[job.relid.into(), end.into(), nblocks.into(), n.into()],

@@ -293,11 +293,29 @@ pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
     let keys = keys::loaded();
-    if Envelope::parse(varlena_bytes(d)).map(|e| e.key_id()).ok() == Some(keys.current_version) {
+    let bytes = varlena_bytes(d);
+    let Ok(env) = Envelope::parse(bytes) else {
+        errors::decryption_failed(kind.type_name());
+    };
+    if env.key_id() == keys.current_version {
         return d;
     }
-    let plain = open_with(&keys, kind, d, "re-encrypt", "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.");
-    seal_with(&keys, kind, &plain)
+    let Some(old) = keys.ring.get(env.key_id()) else {
+        errors::unknown_key_version(kind.type_name(), env.key_id(), &keys.ring.key_ids(), "re-encrypt", "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.");
+    };
+    let Some(new) = keys.ring.current() else {
+        keys::KeyUnavailable::NoKeyConfigured.raise();
+    };
+    // Opened and sealed again inside the new datum's own buffer: no second copy of the plaintext.
+    let mut resealed = false;
+    let out = new_varlena(bytes.len(), |out| {
+        resealed = with_context(kind, |ctx| keys::with_nonces(|n| new.reseal_into(old, &env, ctx, n, out))).is_ok();
+    });
+    if !resealed {
+        pg_sys::pfree(out.cast_mut_ptr());
+        errors::decryption_failed(kind.type_name());
+    }
+    out
 }
 
 /// Opens an encrypted datum into a zeroized buffer, for callers that use the plaintext only

@@ -77,6 +77,32 @@ impl DataCipher {
             .map_err(|_| DecryptionFailed)
     }
 
+    /// Moves a value from `old` to this cipher without a second buffer: the ciphertext is copied
+    /// into `out` (exactly `env.as_bytes().len()` bytes), opened there with `old`, and sealed
+    /// again in place under this cipher with a fresh nonce. The plaintext exists only inside
+    /// `out`, between the two steps; on failure `out` is zeroed, as with [`DataCipher::open_into`].
+    pub fn reseal_into(&self, old: &DataCipher, env: &Envelope<'_>, context: &[u8], nonces: &mut NonceSource, out: &mut [u8]) -> Result<(), DecryptionFailed> {
+        if env.key_id() != old.key_id || out.len() != envelope::sealed_len(env.plaintext_len()) {
+            out.fill(0);
+            return Err(DecryptionFailed);
+        }
+        let (head, rest) = out.split_at_mut(CIPHERTEXT_OFFSET);
+        let (body, tag_out) = rest.split_at_mut(env.plaintext_len());
+        body.copy_from_slice(env.ciphertext());
+        let old_aad = Aad::new(env.header(), context);
+        if old.gcm_decrypt_in_place(env.nonce(), old_aad.as_slice(), body, env.tag()).is_err() {
+            out.fill(0);
+            return Err(DecryptionFailed);
+        }
+        envelope::write_header(head, self.key_id);
+        nonces.fill(&mut head[HEADER_LEN..CIPHERTEXT_OFFSET]);
+        let aad = Aad::new(&head[..HEADER_LEN], context);
+        let tag = self.gcm_encrypt_in_place(&head[HEADER_LEN..], aad.as_slice(), body);
+        tag_out.copy_from_slice(&tag);
+        self.sealed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Seals into a new vector.
     pub fn seal(&self, nonces: &mut NonceSource, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; envelope::sealed_len(plaintext.len())];
@@ -232,6 +258,31 @@ mod tests {
         let mut n = NonceSource::from_os();
         let c = k.current().unwrap();
         assert_ne!(c.seal(&mut n, b"", b"x"), c.seal(&mut n, b"", b"x"));
+    }
+
+    #[test]
+    fn reseal_moves_a_value_to_the_new_key_and_fails_closed() {
+        let mut k = ring();
+        let mut n = NonceSource::from_os();
+        let sealed = k.current().unwrap().seal(&mut n, b"text", b"a salary");
+        k.insert(2, &SecretKey::from_bytes([8; 32]), true);
+        let (old, new) = (k.get(1).unwrap().clone(), k.current().unwrap().clone());
+        let env = Envelope::parse(&sealed).unwrap();
+        let mut out = vec![0u8; sealed.len()];
+        new.reseal_into(&old, &env, b"text", &mut n, &mut out).unwrap();
+        assert_eq!(Envelope::parse(&out).unwrap().key_id(), 2);
+        assert_ne!(out[CIPHERTEXT_OFFSET..], sealed[CIPHERTEXT_OFFSET..]);
+        assert_eq!(k.open(&out, b"text").unwrap(), b"a salary");
+        // Wrong context, wrong old key, tampered tag, wrong length: an error and a zeroed buffer.
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        let tampered = Envelope::parse(&tampered).unwrap();
+        let cases = [(&old, &env, &b"bytea"[..], sealed.len()), (&new, &env, &b"text"[..], sealed.len()), (&old, &tampered, &b"text"[..], sealed.len()), (&old, &env, &b"text"[..], sealed.len() + 1)];
+        for (old_cipher, e, ctx, len) in cases {
+            let mut out = vec![0xAAu8; len];
+            assert_eq!(new.reseal_into(old_cipher, e, ctx, &mut n, &mut out), Err(DecryptionFailed));
+            assert!(out.iter().all(|&b| b == 0));
+        }
     }
 
     #[test]
