@@ -164,6 +164,9 @@ row "CREATE INDEX on blind_index(email)" "$t_bidx_build" "ms" "$(ratio "$t_bidx_
 
 # ---- reports
 mkdir -p "$here/bench"
+echo "== callgrind profiles of the hot paths"
+CALLGRIND_OUT="$here/bench/callgrind.md" "$here/scripts/callgrind.sh" >/dev/null
+echo "wrote bench/callgrind.md"
 {
     echo "case,value,unit,ratio,note"
     for r in "${results[@]}"; do IFS='|' read -r a b c d e <<<"$r"; printf '"%s",%s,%s,%s,"%s"\n' "$a" "$b" "$c" "$d" "$e"; done
@@ -182,6 +185,7 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo "|---|---:|---|---:|---|"
     for r in "${results[@]}"; do IFS='|' read -r a b c d e <<<"$r"; echo "| $a | $b | $c | $d | $e |"; done
     if [ -f "$here/bench/NOTES.md" ]; then echo; cat "$here/bench/NOTES.md"; fi
+    echo; cat "$here/bench/callgrind.md"
 } >"$here/BENCHMARKS.md"
 echo
 echo "Wrote BENCHMARKS.md and bench/results.csv"
