@@ -2,6 +2,7 @@
 # Throwaway PostgreSQL 15 clusters for the demo and the integration tests.
 #
 #   scripts/cluster.sh start DIR PORT [extra postgresql.conf lines...]
+#   scripts/cluster.sh standby PRIMARY_DIR DIR PORT [extra postgresql.conf lines...]
 #   scripts/cluster.sh stop DIR
 #
 # The cluster lives in DIR/data, owned by the `postgres` OS user (initdb refuses root). It listens
@@ -11,7 +12,7 @@
 # throwaway and reachable only from this machine.
 set -euo pipefail
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-cmd=${1:?usage: cluster.sh start DIR PORT | stop DIR}
+cmd=${1:?usage: cluster.sh start DIR PORT | standby PRIMARY_DIR DIR PORT | stop DIR}
 dir=${2:?cluster directory}
 
 as_postgres() { runuser -u postgres -- "$@"; }
@@ -49,7 +50,31 @@ CONF
 local     all  all                trust
 hostssl   all  all  127.0.0.1/32  trust
 hostnossl all  all  127.0.0.1/32  trust
+local     replication  all                trust
+host      replication  all  127.0.0.1/32  trust
 HBA
+    as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+standby)
+    # A streaming standby of the cluster in PRIMARY_DIR, made with pg_basebackup. It has its own
+    # socket directory and key directory (DIR/keys, empty: give it its key).
+    primary=$dir
+    dir=${3:?standby directory}
+    port=${4:?port}
+    shift 4
+    rm -rf "$dir"
+    mkdir -p "$dir/keys"
+    chown postgres:postgres "$dir" "$dir/keys"
+    chmod 700 "$dir" "$dir/keys"
+    primary_port=$(sed -n "s/^port = \([0-9]*\)$/\1/p" "$primary/data/postgresql.conf" | tail -1)
+    as_postgres "$PGBIN/pg_basebackup" -h "$primary" -p "$primary_port" -U postgres -D "$dir/data" -R -X stream -c fast >"$dir/basebackup.log" 2>&1
+    cat >>"$dir/data/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$dir'
+pg_cellcrypt.key_directory = '$dir/keys'
+hot_standby = on
+CONF
+    for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
     as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
     ;;
 stop)
@@ -58,7 +83,7 @@ stop)
     fi
     ;;
 *)
-    echo "usage: cluster.sh start DIR PORT | stop DIR" >&2
+    echo "usage: cluster.sh start DIR PORT | standby PRIMARY_DIR DIR PORT | stop DIR" >&2
     exit 2
     ;;
 esac

@@ -95,6 +95,7 @@ v1_function!(pg_finfo_cellcrypt_blind_index_text, cellcrypt_blind_index_text, |f
 fn rotate_blind_index_key() -> String {
     const F: &str = "rotate_blind_index_key()";
     key_admin::require_admin(F);
+    key_admin::require_primary(F);
     key_admin::require_secure_transport(F, F);
     if !key_admin::try_xact_lock(ROTATION_LOCK_OBJID) {
         errors::raise(

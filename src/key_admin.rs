@@ -232,6 +232,20 @@ pub fn require_secure_transport(action: &str, function: &str) {
 }
 
 /// Only superusers and members of `data_encryption_admin` manage keys.
+/// Raises 25006 on a standby: keys change on the primary, and a standby follows the primary's
+/// keyring as it replays it (see `keys::try_loaded`).
+pub fn require_primary(function: &str) {
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("{function} cannot run on a standby"),
+            Some("This server is in recovery: its keyring, like its data, is replicated from the primary."),
+            Some("Run it on the primary. The standby follows a key change without a restart once its own key provider holds the new key (copy the key file, or update the key command's source)."),
+        );
+    }
+}
+
 pub fn require_admin(function: &str) {
     if !crate::roles::current_user_has(crate::roles::ADMIN) {
         refuse(function, "not a member of data_encryption_admin");
@@ -490,6 +504,7 @@ fn retrieve_data_encryption_key() -> String {
 fn set_data_encryption_key(key: &str) -> String {
     const F: &str = "set_data_encryption_key()";
     require_admin(F);
+    require_primary(F);
     require_secure_transport(F, F);
     if key.len() > key_cache::MAX_KEY_TEXT {
         refuse(F, "key longer than 256 bytes");
@@ -694,7 +709,12 @@ fn data_encryption_status() -> TableIterator<
     });
     let previous: Vec<i32> = keys::read_key_rows().iter().filter(|r| r.state == "previous").map(|r| r.version as i32).collect();
     let jobs: (Option<i64>, Option<i64>) = keys::as_extension_owner(|| {
-        Spi::get_two("SELECT count(*) FILTER (WHERE state = 'verified'), count(*) FROM cellcrypt.reencryption_job").unwrap_or((None, None))
+        // Read-only: the view also answers on a standby, where no transaction id can be assigned.
+        Spi::connect(|c| {
+            let t = c.select("SELECT count(*) FILTER (WHERE state = 'verified'), count(*) FROM cellcrypt.reencryption_job", None, &[])?;
+            t.first().get_two::<i64, i64>()
+        })
+        .unwrap_or((None, None))
     });
     let reencryption = match jobs {
         (Some(done), Some(total)) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),

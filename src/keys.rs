@@ -54,6 +54,17 @@ pub enum KeyUnavailable {
 
 pub const RESTORE_HINT: &str = "Restore the database's key with SELECT set_data_encryption_key('<the original key>'); as an administrator over a secure connection.";
 
+/// What to do about a key that is not loaded: restore it, or on a standby (where key calls
+/// cannot run) give the standby's provider the primary's current key.
+fn restore_hint() -> &'static str {
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        "This server is a standby: give its key provider the primary's current key (copy the key file, or update the key command's source). No restart is needed."
+    } else {
+        RESTORE_HINT
+    }
+}
+
 impl KeyUnavailable {
     pub fn raise(&self) -> ! {
         match self {
@@ -70,13 +81,13 @@ impl KeyUnavailable {
                     "The key provider \"{}\" has no key for this database, as after a restore into another cluster or, with provider \"none\", after a restart.",
                     providers::name(providers::current())
                 )),
-                Some(RESTORE_HINT),
+                Some(restore_hint()),
             ),
             KeyUnavailable::FingerprintMismatch { version, expected, found } => errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("the data encryption key of this database is not loaded: the key provider holds a different key (key version {version})"),
-                Some(&format!("Expected fingerprint {expected}, the provider's key has fingerprint {found}. This happens after a restore into another database or cluster.")),
-                Some(RESTORE_HINT),
+                Some(&format!("Expected fingerprint {expected}, the provider's key has fingerprint {found}. This happens after a restore into another database or cluster, or on a standby after a key change on the primary.")),
+                Some(restore_hint()),
             ),
             KeyUnavailable::ProviderError(e) => errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -119,6 +130,21 @@ pub fn keyring_relid() -> pg_sys::Oid {
     }
 }
 
+/// The current data key version and blind-index key version in the keyring tables, read-only
+/// (for standbys).
+fn replicated_versions() -> (Option<u32>, Option<u32>) {
+    Spi::connect(|c| {
+        let t = c.select(
+            "SELECT (SELECT key_version FROM cellcrypt.keyring WHERE state = 'current'), (SELECT key_version FROM cellcrypt.index_key WHERE state = 'current')",
+            None,
+            &[],
+        )?;
+        t.first().get_two::<i32, i32>()
+    })
+    .map(|(a, b)| (a.map(|v| v as u32), b.map(|v| v as u32)))
+    .unwrap_or((None, None))
+}
+
 /// Forgets this backend's keys.
 pub fn invalidate() {
     LOADED.with(|l| *l.borrow_mut() = None);
@@ -136,12 +162,19 @@ pub fn loaded() -> Rc<LoadedKeys> {
 pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
     if !VALIDATED_THIS_XACT.with(|v| v.get()) {
         let relid = keyring_relid();
-        LOADED.with(|l| {
-            let mut l = l.borrow_mut();
-            if l.as_ref().map(|k| k.keyring_relid) != Some(relid) {
-                *l = None;
-            }
-        });
+        let loaded = LOADED.with(|l| l.borrow().as_ref().map(|k| (k.keyring_relid, k.current_version, k.index_key.as_ref().map(|(v, _)| *v))));
+        let stale = match loaded {
+            None => false,
+            Some((r, _, _)) if r != relid => true,
+            // A standby learns of a key change (or an index key rotation) only through the rows
+            // it replays: the primary's commit bumps the primary's shared generation, not the
+            // standby's. So a standby compares the versions once per transaction.
+            // SAFETY: reads shared recovery state.
+            Some((_, current, index)) => (unsafe { pg_sys::RecoveryInProgress() }) && replicated_versions() != (Some(current), index),
+        };
+        if stale {
+            invalidate();
+        }
         VALIDATED_THIS_XACT.with(|v| v.set(true));
     }
     let generation = key_cache::generation();

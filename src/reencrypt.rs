@@ -93,6 +93,7 @@ fn filter(schema: &str, columns: &[String], version: i32) -> String {
 /// `batch`, `verify`, `busy` (another runner holds the only pending job), `waiting` (for
 /// transactions older than the work), `done` (this call retired the old keys) or `idle`.
 pub fn step() -> String {
+    crate::key_admin::require_primary("re-encryption");
     keys::as_extension_owner(|| {
         let previous_role: String = Spi::get_one("SELECT pg_catalog.current_setting('session_replication_role')").ok().flatten().unwrap_or_else(|| "origin".into());
         Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'replica', true)").unwrap_or_else(|e| fail(format!("could not prepare re-encryption: {e}")));

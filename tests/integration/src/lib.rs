@@ -66,6 +66,33 @@ impl Cluster {
         Cluster { dir, port }
     }
 
+    /// A streaming standby of this cluster, made with pg_basebackup, with its own (empty) key
+    /// directory; `extra` lines are appended to its postgresql.conf.
+    pub fn standby(&self, name: &str, extra: &[&str]) -> Cluster {
+        let port = 57000 + (std::process::id() % 100) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}"));
+        let out = Command::new(repo().join("scripts/cluster.sh"))
+            .arg("standby")
+            .arg(&self.dir)
+            .arg(&dir)
+            .arg(port.to_string())
+            .args(extra)
+            .output()
+            .unwrap();
+        check(out, "starting the standby");
+        Cluster { dir, port }
+    }
+
+    /// Waits until `standby` has replayed everything this cluster has written so far.
+    pub fn wait_replayed_by(&self, standby: &Cluster) {
+        let lsn = self.psql("postgres", "SELECT pg_current_wal_lsn()").trim().to_owned();
+        let started = std::time::Instant::now();
+        while standby.psql("postgres", &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'")).trim() != "t" {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "the standby did not replay up to {lsn}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn config(&self, how: Transport, db: &str) -> Config {
         let mut c = Config::new();
         c.user("postgres").dbname(db).port(self.port);
