@@ -716,7 +716,16 @@ fn data_encryption_status() -> TableIterator<
         })
         .unwrap_or((None, None))
     });
+    let blocked: Option<String> = keys::as_extension_owner(|| {
+        Spi::connect(|c| c.select("SELECT string_agg(last_error, '; ') FROM cellcrypt.reencryption_job WHERE last_error IS NOT NULL", None, &[])?.first().get_one::<String>())
+            .ok()
+            .flatten()
+    });
     let reencryption = match jobs {
+        _ if blocked.is_some() => format!(
+            "blocked: {}. Restore that row from a backup or delete it; the worker retries every 5 seconds",
+            blocked.unwrap_or_default()
+        ),
         (Some(done), Some(total)) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
         _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),
         _ => "complete".to_owned(),

@@ -195,25 +195,81 @@ fn process(job: Job) -> Result<String, String> {
     // versions this pass wrote into free space further on in the table.
     let condition = &filter;
     let update = format!("UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({condition})", job.next_block);
-    let n: i64 = if let [_] = job.columns.as_slice() {
-        // One column: the filter selects exactly the rows whose value is non-NULL and under an
-        // old key, so the rows updated are the values re-encrypted. (Counting through
-        // RETURNING costs about 15 % of a batch.)
-        Spi::connect_mut(|c| c.update(update.as_str(), None, &[]).map(|t| t.len() as i64)).map_err(spi_err(&format!("could not re-encrypt table {table}")))?
-    } else {
-        // Several columns: count values, not rows, as a row's other encrypted columns may be NULL.
-        let counted = job.columns.iter().map(|c| format!("({c} IS NOT NULL)::int")).collect::<Vec<_>>().join(" + ");
-        let sql = format!("WITH u AS ({update} RETURNING {counted} AS n) SELECT coalesce(sum(n), 0)::bigint FROM u");
-        Spi::connect_mut(|c| c.update(sql.as_str(), None, &[])?.first().get_one::<i64>())
-            .map_err(spi_err(&format!("could not re-encrypt table {table}")))?
-            .unwrap_or(0)
+    let batch = || -> Result<i64, String> {
+        Ok(if let [_] = job.columns.as_slice() {
+            // One column: the filter selects exactly the rows whose value is non-NULL and under
+            // an old key, so the rows updated are the values re-encrypted. (Counting through
+            // RETURNING costs about 15 % of a batch.)
+            Spi::connect_mut(|c| c.update(update.as_str(), None, &[]).map(|t| t.len() as i64)).map_err(spi_err(&format!("could not re-encrypt table {table}")))?
+        } else {
+            // Several columns: count values, not rows, as a row's other encrypted columns may be NULL.
+            let counted = job.columns.iter().map(|c| format!("({c} IS NOT NULL)::int")).collect::<Vec<_>>().join(" + ");
+            let sql = format!("WITH u AS ({update} RETURNING {counted} AS n) SELECT coalesce(sum(n), 0)::bigint FROM u");
+            Spi::connect_mut(|c| c.update(sql.as_str(), None, &[])?.first().get_one::<i64>())
+                .map_err(spi_err(&format!("could not re-encrypt table {table}")))?
+                .unwrap_or(0)
+        })
+    };
+    let n = match catching_data_errors(batch) {
+        Ok(n) => n?,
+        Err(message) => {
+            // A value that cannot be decrypted cannot be re-encrypted either. The work stops at
+            // this batch, says where, and is retried until the row is restored or deleted.
+            let blocked = format!(
+                "{message} (a row in blocks {}..{end} of {table}: SELECT ctid FROM {table} WHERE ctid >= '({},0)' AND ctid < '({end},0)')",
+                job.next_block, job.next_block
+            );
+            Spi::run_with_args(
+                "UPDATE cellcrypt.reencryption_job SET last_error = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
+                &[job.relid.into(), blocked.into()],
+            )
+            .map_err(spi_err("could not record progress"))?;
+            return Ok("blocked".into());
+        }
     };
     Spi::run_with_args(
-        "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done + $4, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
+        "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done + $4, last_error = NULL, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
         &[job.relid.into(), end.into(), nblocks.into(), n.into()],
     )
     .map_err(spi_err("could not record progress"))?;
     Ok("batch".into())
+}
+
+/// Runs `f` in a subtransaction. A data error (a value that does not decrypt, or names a key
+/// version this database does not have) rolls the subtransaction back and comes back as its
+/// message; any other error propagates as usual.
+fn catching_data_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: the pattern of PostgreSQL's procedural languages for a subtransaction that may
+    // fail: begin it, run the body, then release it or roll it back, restoring the caller's
+    // memory context and resource owner either way.
+    unsafe {
+        let ctx = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(ctx);
+        let f = std::cell::Cell::new(Some(f));
+        let rollback = |e: pgrx::pg_sys::panic::CaughtError| {
+            let message = match &e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_owned(),
+                pgrx::pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+            };
+            pg_sys::MemoryContextSwitchTo(ctx);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(ctx);
+            pg_sys::CurrentResourceOwner = owner;
+            Err(message)
+        };
+        let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f.take().expect("runs once")())))
+            .catch_when(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, rollback)
+            .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, rollback)
+            .execute();
+        if r.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(ctx);
+            pg_sys::CurrentResourceOwner = owner;
+        }
+        r
+    }
 }
 
 fn finish() -> Result<String, String> {
@@ -321,7 +377,8 @@ CREATE TABLE cellcrypt.reencryption_job (
     created_at   timestamptz NOT NULL DEFAULT now(),
     created_by   name NOT NULL DEFAULT session_user,
     started_at   timestamptz,
-    updated_at   timestamptz
+    updated_at   timestamptz,
+    last_error   text
 );
 COMMENT ON TABLE cellcrypt.reencryption_job IS 'Re-encryption work left after a key change; see the view data_encryption_progress';
 CREATE FUNCTION cellcrypt._reencrypt_step() RETURNS text
@@ -344,7 +401,8 @@ SELECT j.relid::pg_catalog.regclass AS table_name,
             WHEN j.updated_at > j.started_at AND j.cells_done > 0
             THEN pg_catalog.now() + (greatest(c.reltuples, 0) * pg_catalog.array_length(j.columns, 1)
                       * (1 - least(1, j.next_block::float8 / greatest(j.total_blocks, 1))))
-                 * ((j.updated_at - j.started_at) / j.cells_done) END AS estimated_finish
+                 * ((j.updated_at - j.started_at) / j.cells_done) END AS estimated_finish,
+       j.last_error AS blocked_by
 FROM cellcrypt.reencryption_job j JOIN pg_catalog.pg_class c ON c.oid = j.relid;
 COMMENT ON VIEW @extschema@.data_encryption_progress IS 'Per table: re-encryption progress after a key change';
 
@@ -367,6 +425,13 @@ BEGIN
                        ELSE 'working' END, done, remaining;
         END IF;
         EXIT WHEN s IN ('idle', 'done');
+        IF s = 'blocked' THEN
+            COMMIT;
+            RAISE EXCEPTION 'pg_cellcrypt re-encryption is blocked: %',
+                (SELECT string_agg(last_error, '; ') FROM cellcrypt.reencryption_job WHERE last_error IS NOT NULL)
+                USING ERRCODE = 'data_corrupted',
+                      HINT = 'Restore that row from a backup or delete it (or set the value to NULL); then CALL finish_data_encryption_reencryption() again. The background worker retries on its own.';
+        END IF;
         COMMIT;
         IF s IN ('waiting', 'busy') THEN
             PERFORM pg_catalog.pg_sleep(0.5);

@@ -129,6 +129,9 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
         let pause = match status.as_str() {
             "done" | "idle" => break,
             "waiting" | "busy" => Duration::from_millis(100),
+            // A value that does not decrypt stops the work (data_encryption_status says where);
+            // retry now and then, as the row may have been fixed.
+            "blocked" => Duration::from_secs(5),
             _ => Duration::from_millis(crate::gucs::REENCRYPT_PAUSE_MS.get().max(0) as u64),
         };
         if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {

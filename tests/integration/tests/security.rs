@@ -297,12 +297,29 @@ fn tampered_envelopes_give_their_documented_error_and_never_wrong_plaintext() {
     assert!(foreign.trim().starts_with("$cc$"));
     assert_eq!(decrypt_outcome(&mut client, &format!("'{}'::encrypted_text", foreign.trim())), "XX001");
 
-    // Replayed after a key change retired the key it was sealed under. (The cells moved across
-    // types cannot be re-encrypted, as they cannot be decrypted: they go first.)
-    c.psql("app", "UPDATE t SET n = NULL, j = NULL, y = NULL WHERE id = 2");
+    // A key change with those cells in place: what cannot be decrypted cannot be re-encrypted.
+    // The work stops at that batch and says where, in the status and progress views and as an
+    // error from the foreground procedure; nothing is lost, and it resumes once the row is fixed.
     let old = c.psql("app", "SELECT a FROM t WHERE id = 3").trim().to_owned();
     c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    let started = std::time::Instant::now();
+    let status = loop {
+        let s = c.psql("app", "SELECT reencryption FROM data_encryption_status");
+        if s.starts_with("blocked") {
+            break s;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "never blocked: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.contains("could not decrypt") && status.contains("of t: SELECT ctid FROM t WHERE ctid >= '(0,0)'"), "{status}");
+    assert!(c.psql("app", "SELECT blocked_by FROM data_encryption_progress").contains("could not decrypt"));
+    let e = db_error(client.batch_execute("CALL finish_data_encryption_reencryption()"));
+    assert_eq!(e.code(), &SqlState::DATA_CORRUPTED);
+    assert!(e.message().contains("re-encryption is blocked") && e.hint().unwrap_or("").contains("delete it"), "{e:?}");
+    assert_eq!(decrypt_outcome(&mut client, "(SELECT a FROM t WHERE id = 3)"), "decrypted:secret-a-3", "readable meanwhile");
+    c.psql("app", "UPDATE t SET n = NULL, j = NULL, y = NULL WHERE id = 2");
     c.wait_reencrypted("app");
+    // Replayed after the key change retired the key it was sealed under.
     c.psql("app", &format!("UPDATE t SET a = '{old}' WHERE id = 3"));
     let e = db_error(client.query_one("SELECT decrypt(a) FROM t WHERE id = 3", &[]));
     assert_eq!(e.code(), &SqlState::UNDEFINED_OBJECT);
