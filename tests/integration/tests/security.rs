@@ -404,6 +404,42 @@ fn privileges_matrix() {
     }
     assert_eq!(got, want, "the privileges matrix (roles: {ROLES:?})");
 
+    // Every cast the extension defines, each way: casts to an encrypted type (encrypting) are
+    // anyone's, casts from one (decrypting) readers' and superusers' only.
+    let samples = [("text", "'x'"), ("character varying", "'x'"), ("bytea", "'\\x00'"), ("jsonb", "'{}'"), ("numeric", "1.5"), ("date", "'2030-01-01'"), ("timestamp with time zone", "'2030-01-01 00:00+00'"), ("bigint", "7"), ("integer", "7")];
+    let casts = c.psql(
+        "app",
+        "SELECT format_type(castsource, NULL) || '|' || format_type(casttarget, NULL) FROM pg_cast \
+         WHERE castsource IN (SELECT oid FROM pg_type WHERE typname LIKE 'encrypted\\_%') OR casttarget IN (SELECT oid FROM pg_type WHERE typname LIKE 'encrypted\\_%') ORDER BY 1",
+    );
+    let mut n = 0;
+    for line in casts.lines().filter(|l| !l.is_empty()) {
+        let (source, target) = line.split_once('|').unwrap();
+        let sample = |ty: &str| samples.iter().find(|(t, _)| *t == ty).map(|(_, v)| format!("{v}::{ty}"));
+        let (probe, expected) = if source.starts_with("encrypted_") {
+            let plain = c.psql("app", &format!("SELECT format_type(casttarget, NULL) FROM pg_cast WHERE castsource = '{source}'::regtype AND casttarget = '{target}'::regtype"));
+            let value = sample(plain.trim()).unwrap_or_else(|| panic!("no sample value for {}", plain.trim()));
+            (format!("SELECT CAST(CAST({value} AS {source}) AS {target})"), "-y--y")
+        } else {
+            let value = sample(source).unwrap_or_else(|| panic!("no sample value for {source}"));
+            (format!("SELECT CAST({value} AS {target})"), "yyyyy")
+        };
+        let mut line = String::new();
+        for role in ROLES {
+            client.batch_execute(&format!("SET ROLE {role}")).unwrap();
+            let r = client.batch_execute(&format!("BEGIN; {probe}; ROLLBACK"));
+            let _ = client.batch_execute("ROLLBACK; RESET ROLE");
+            line.push(match r {
+                Ok(()) => 'y',
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => '-',
+                Err(e) => panic!("{probe} as {role}: {e}"),
+            });
+        }
+        assert_eq!(line, expected, "{probe}");
+        n += 1;
+    }
+    assert!(n >= 17, "{n} casts: 7 decrypting, 10 encrypting");
+
     // No SECURITY DEFINER function in the extension: nothing runs with another role's rights,
     // so a caller's search_path cannot turn one against its owner. One added later must pin
     // its search_path.
