@@ -115,22 +115,34 @@ done
 echo "== 5. Key change: re-encryption of $rows rows vs UPDATE t SET c = c"
 # Only the measured table may hold encrypted columns: a key change re-encrypts them all.
 q -c "DROP TABLE big_enc, big_plain, pgc_raw, pgc_pgp"
-q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1, $rows) g; INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc, plain" -c "CHECKPOINT"
+# Every measured rewrite starts from the same state: the table freshly loaded and vacuumed, so
+# the baseline and the re-encryption write their new row versions the same way.
+q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1, $rows) g" -c "VACUUM ANALYZE plain" -c "CHECKPOINT"
 t_update=$(ms "UPDATE plain SET c = c")
 q -c "VACUUM plain" -c "CHECKPOINT"
-# The same rewrite of the same encrypted rows, without the crypto: the baseline of the change.
-t_update_enc=$(ms "UPDATE enc SET c = c")
-q -c "VACUUM enc" -c "CHECKPOINT"
+fresh_enc() { q -c "TRUNCATE enc" -c "INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc" -c "CHECKPOINT"; }
+min() { if [ -z "$1" ] || awk -v t="$2" -v b="$1" 'BEGIN{exit !(t<b)}'; then echo "$2"; else echo "$1"; fi; }
 q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10000" -c "SELECT pg_reload_conf()" >/dev/null
-start=$(date +%s.%N)
-q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
-# Wait in one session (a poll per new connection would steal CPU from the worker on small
-# machines); each iteration commits, so the worker does not wait for this session.
-q -c "DO \$\$ BEGIN LOOP EXIT WHEN (SELECT reencryption FROM data_encryption_status) = 'complete'; COMMIT; PERFORM pg_sleep(0.02); COMMIT; END LOOP; END \$\$"
-t_reenc=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", (e-s)*1000}')
+t_update_enc= t_reenc= t_after=
+for _ in $(seq "$reps"); do
+    # The same rewrite of the same encrypted rows, without the crypto: the baseline of the change.
+    fresh_enc
+    t_update_enc=$(min "$t_update_enc" "$(ms "UPDATE enc SET c = c")")
+    fresh_enc
+    start=$(date +%s.%N)
+    q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
+    committed=$(date +%s.%N)
+    # Wait in one session (a poll per new connection would steal CPU from the worker on small
+    # machines); each iteration commits, so the worker does not wait for this session.
+    q -c "DO \$\$ BEGIN LOOP EXIT WHEN (SELECT reencryption FROM data_encryption_status) = 'complete'; COMMIT; PERFORM pg_sleep(0.02); COMMIT; END LOOP; END \$\$"
+    finished=$(date +%s.%N)
+    t_reenc=$(min "$t_reenc" "$(awk -v s="$start" -v e="$finished" 'BEGIN{printf "%.1f", (e-s)*1000}')")
+    t_after=$(min "$t_after" "$(awk -v s="$committed" -v e="$finished" 'BEGIN{printf "%.1f", (e-s)*1000}')")
+done
 row "UPDATE t SET c = c on the encrypted_text table ($rows rows)" "$t_update_enc" "ms" "1.00" "baseline: the same rows rewritten without crypto"
 row "UPDATE t SET c = c on a plain text table ($rows rows)" "$t_update" "ms" "$(ratio "$t_update" "$t_update_enc")" "for reference"
-row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update_enc")" "target <= 1.5 x the UPDATE of the same rows ($(ratio "$t_reenc" "$t_update") x the plain text UPDATE)"
+row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update_enc")" "target <= 1.5 x the UPDATE of the same rows ($(ratio "$t_reenc" "$t_update") x the plain text UPDATE); from the call to the old key's retirement"
+row "  of which after set_data_encryption_key returned" "$t_after" "ms" "$(ratio "$t_after" "$t_update_enc")" "the work itself: batches, verification scan, retirement (the call: Argon2id, jobs, key file)"
 
 echo "== 5b. pgbench TPS on other tables while re-encryption runs"
 q -c "VACUUM enc" -c "CHECKPOINT"
@@ -178,7 +190,7 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d): $cpu, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
     echo "$(uname -sr), PostgreSQL $(q -c 'SHOW server_version' | cut -d' ' -f1), $(rustc --version | cut -d' ' -f1-2), release build."
     echo "Cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off, no parallel query;"
-    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for the key change and pgbench)."
+    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for pgbench)."
     echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."
     echo
     echo "| case | value | unit | ratio | note |"
