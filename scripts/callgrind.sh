@@ -59,7 +59,7 @@ profile() {
     echo
     echo "| share | instructions | function |"
     echo "|---:|---:|---|"
-    echo "$selfcost" | awk -F'\t' '$3 != "TOTAL"' | head -"$top" | awk -F'\t' '{printf "| %s %% | %\047d | `%s` |\n", $2, $1, $3}'
+    echo "$selfcost" | awk -F'\t' -v top="$top" '$3 != "TOTAL" && ++n <= top' | awk -F'\t' '{printf "| %s %% | %\047d | `%s` |\n", $2, $1, $3}'
     echo
 }
 

@@ -231,7 +231,6 @@ pub fn require_secure_transport(action: &str, function: &str) {
     )
 }
 
-/// Only superusers and members of `data_encryption_admin` manage keys.
 /// Raises 25006 on a standby: keys change on the primary, and a standby follows the primary's
 /// keyring as it replays it (see `keys::try_loaded`).
 pub fn require_primary(function: &str) {
@@ -246,6 +245,7 @@ pub fn require_primary(function: &str) {
     }
 }
 
+/// Only superusers and members of `data_encryption_admin` manage keys.
 pub fn require_admin(function: &str) {
     if !crate::roles::current_user_has(crate::roles::ADMIN) {
         refuse(function, "not a member of data_encryption_admin");

@@ -13,7 +13,10 @@
 //!   older key: `UPDATE t SET c = cellcrypt.reencrypt(c) WHERE ctid >= '(a,0)' AND ctid <
 //!   '(b,0)' AND encryption_key_version(c) <> v`. A TID range scan reads only those blocks; the
 //!   job's next block is committed with the batch, so a crash loses at most one batch, which is
-//!   simply done again. Row locks are those of a plain UPDATE, and a row an application
+//!   simply done again. A value that does not decrypt (tampered, or under a key version this
+//!   database lacks) cannot be re-encrypted: the batch is rolled back, the job records where
+//!   (`data_encryption_status`, `data_encryption_progress.blocked_by`) and the batch is tried
+//!   again until the row is fixed. Row locks are those of a plain UPDATE, and a row an application
 //!   updates meanwhile is re-checked by PostgreSQL (its new version has moved, so the batch
 //!   skips it and keeps the application's value);
 //! * **verify**: a pass covers the blocks the table had when it began (rewritten rows land
@@ -91,7 +94,9 @@ fn filter(schema: &str, columns: &[String], version: i32) -> String {
 
 /// One unit of re-encryption work, in the caller's transaction. Returns what it did:
 /// `batch`, `verify`, `busy` (another runner holds the only pending job), `waiting` (for
-/// transactions older than the work), `done` (this call retired the old keys) or `idle`.
+/// transactions older than the work), `blocked` (a value of the batch does not decrypt: the
+/// job's `last_error` says where, and the batch is tried again later), `done` (this call
+/// retired the old keys) or `idle`. Refused on a standby.
 pub fn step() -> String {
     crate::key_admin::require_primary("re-encryption");
     keys::as_extension_owner(|| {
