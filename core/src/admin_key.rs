@@ -72,6 +72,15 @@ impl AdminKey {
     pub fn is_generated(&self) -> bool {
         self.generated
     }
+
+    /// True when both are the same key: their canonical texts, which the KDF consumes, are
+    /// equal. Compares every byte whatever the first difference, and derives nothing (a key
+    /// change uses it to see that the given key is already the current one without a second
+    /// Argon2id run).
+    pub fn same_as(&self, other: &AdminKey) -> bool {
+        let (a, b) = (self.text.as_bytes(), other.text.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
 }
 
 /// True when the text claims the generated format (and so must pass its checks).
@@ -213,6 +222,18 @@ mod tests {
         let again = AdminKey::parse(s).unwrap();
         assert_eq!(again.as_str(), s);
         assert!(again.is_generated());
+    }
+
+    #[test]
+    fn same_as_compares_canonical_forms() {
+        let k = AdminKey::generate();
+        let retyped = AdminKey::parse(&k.as_str().to_lowercase()).unwrap();
+        assert!(k.same_as(&retyped), "a generated key typed in lower case is the same key");
+        assert!(!k.same_as(&AdminKey::generate()));
+        let p = AdminKey::parse("  correct horse battery staple 42!  ").unwrap();
+        assert!(p.same_as(&AdminKey::parse("correct horse battery staple 42!").unwrap()));
+        assert!(!p.same_as(&AdminKey::parse("correct horse battery staple 43!").unwrap()));
+        assert!(!p.same_as(&k));
     }
 
     #[test]
