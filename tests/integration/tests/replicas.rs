@@ -8,6 +8,20 @@ use std::process::Command;
 
 const DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(decrypt(s) || '/' || decrypt(j)::text, ',' ORDER BY id)) FROM t";
 
+/// A cluster whose database `app` has table `t` with `rows` rows, then runs `then` there.
+fn populated(name: &str, setting: &str, rows: i32, then: &str) -> Cluster {
+    let c = Cluster::start(name, &[setting]);
+    c.database_with_extension("app");
+    c.psql(
+        "app",
+        &format!(
+            "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb); \
+             INSERT INTO t SELECT g, 'secret ' || g, jsonb_build_object('g', g) FROM generate_series(1, {rows}) g; {then}"
+        ),
+    );
+    c
+}
+
 /// Writes `key` where the standby's key command reads it (its "KMS"), readable by the server only.
 fn put_in_kms(standby: &Cluster, key: &str) {
     let kms = standby.dir.join("kms");
@@ -20,14 +34,7 @@ fn put_in_kms(standby: &Cluster, key: &str) {
 
 #[test]
 fn a_streaming_standby_reads_with_its_own_provider_and_follows_a_key_change() {
-    let primary = Cluster::start("primary", &["wal_level = replica"]);
-    primary.database_with_extension("app");
-    primary.psql(
-        "app",
-        "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb); \
-         INSERT INTO t SELECT g, 'secret ' || g, jsonb_build_object('g', g) FROM generate_series(1, 500) g; \
-         CREATE INDEX t_bidx ON t (blind_index(s))",
-    );
+    let primary = populated("primary", "wal_level = replica", 500, "CREATE INDEX t_bidx ON t (blind_index(s))");
     let key = primary.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
     let before = primary.psql("app", DIGEST);
 
@@ -90,14 +97,7 @@ fn a_streaming_standby_reads_with_its_own_provider_and_follows_a_key_change() {
 
 #[test]
 fn logical_replication_to_a_subscriber_restored_with_the_same_key() {
-    let publisher = Cluster::start("publisher", &["wal_level = logical"]);
-    publisher.database_with_extension("app");
-    publisher.psql(
-        "app",
-        "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb); \
-         INSERT INTO t SELECT g, 'secret ' || g, jsonb_build_object('g', g) FROM generate_series(1, 300) g; \
-         CREATE PUBLICATION pub FOR TABLE t",
-    );
+    let publisher = populated("publisher", "wal_level = logical", 300, "CREATE PUBLICATION pub FOR TABLE t");
     let key = publisher.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
 
     // The subscriber: the publisher's database restored (its keyring comes with it), then the key.

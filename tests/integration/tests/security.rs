@@ -99,12 +99,24 @@ END $$;
 GRANT USAGE ON SCHEMA cellcrypt_test TO PUBLIC;
 "#;
 
+/// A cluster with pg_stat_statements and auto_explain loaded and `settings` applied, and a
+/// database `app` with the canary table and the tampering helpers.
+fn canary_cluster(name: &str, settings: &[&str]) -> Cluster {
+    let mut conf = vec!["shared_preload_libraries = 'pg_cellcrypt,pg_stat_statements,auto_explain'"];
+    conf.extend_from_slice(settings);
+    let c = Cluster::start(name, &conf);
+    c.database_with_extension("app");
+    c.psql("app", "CREATE EXTENSION pg_stat_statements");
+    c.psql("app", TAMPER_HELPERS);
+    c.psql("app", CANARY_TABLE);
+    c
+}
+
 #[test]
 fn canaries_reach_no_log_statistics_file_wal_or_dump() {
-    let c = Cluster::start(
+    let c = canary_cluster(
         "canaries",
         &[
-            "shared_preload_libraries = 'pg_cellcrypt,pg_stat_statements,auto_explain'",
             "log_statement = all",
             "log_min_duration_statement = 0",
             "log_min_error_statement = debug1",
@@ -117,10 +129,6 @@ fn canaries_reach_no_log_statistics_file_wal_or_dump() {
             "wal_level = replica",
         ],
     );
-    c.database_with_extension("app");
-    c.psql("app", "CREATE EXTENSION pg_stat_statements");
-    c.psql("app", TAMPER_HELPERS);
-    c.psql("app", CANARY_TABLE);
     // The key canary, set over the extended protocol (a bind parameter) and then again in the
     // SQL text of the simple protocol, after a change to another key in between.
     let key = generate(&c, "app");
@@ -182,10 +190,9 @@ fn canaries_reach_no_log_statistics_file_wal_or_dump() {
 /// DDL are still logged.
 #[test]
 fn the_documented_log_settings_keep_plaintext_out_of_the_log() {
-    let c = Cluster::start(
+    let c = canary_cluster(
         "quietlog",
         &[
-            "shared_preload_libraries = 'pg_cellcrypt,pg_stat_statements,auto_explain'",
             "log_statement = ddl",
             "log_min_duration_statement = -1",
             "log_min_error_statement = error",
@@ -194,10 +201,6 @@ fn the_documented_log_settings_keep_plaintext_out_of_the_log() {
             "auto_explain.log_min_duration = -1",
         ],
     );
-    c.database_with_extension("app");
-    c.psql("app", "CREATE EXTENSION pg_stat_statements");
-    c.psql("app", TAMPER_HELPERS);
-    c.psql("app", CANARY_TABLE);
     let mut client = c.connect(Transport::TcpSsl, "app");
     let canaries = canary_workload(&mut client, "quiet", 1);
     let log = c.server_log();
