@@ -573,7 +573,7 @@ fn a_backend_killed_in_the_middle_of_a_write_leaves_no_half_written_cell() {
     for (what, write) in [
         ("many rows", "INSERT INTO t SELECT g, 'uncommitted ' || g, NULL FROM generate_series(2000, 3000000) g"),
         ("one 200 MB value", "INSERT INTO t SELECT 0, 'big', convert_to(repeat('v', 200 * 1024 * 1024), 'UTF8')"),
-        ("an update of every row", "UPDATE t SET c = c || ' updated', y = convert_to(repeat('u', 100000), 'UTF8')"),
+        ("an update of every row", "UPDATE t SET c = c || ' updated', y = convert_to(repeat('u', 500000), 'UTF8')"),
     ] {
         let mut writer = c.connect(Transport::Unix, "app");
         let pid: i32 = writer.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
