@@ -160,26 +160,29 @@ fn step_inner() -> Result<String, String> {
 }
 
 fn process(job: Job) -> Result<String, String> {
-    let exists: bool = Spi::get_one_with_args("SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = $1)", &[job.relid.into()])
-        .map_err(spi_err("could not look up a table"))?
-        .unwrap_or(false);
-    if !exists {
+    // The table's name and size in one query; no row: the table was dropped meanwhile.
+    type Sized = Option<(String, i64, f64)>;
+    let sized: Sized = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT oid::pg_catalog.regclass::text, (pg_catalog.pg_relation_size(oid) / pg_catalog.current_setting('block_size')::int)::bigint, \
+                    CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END::float8 \
+             FROM pg_catalog.pg_class WHERE oid = $1",
+            None,
+            &[job.relid.into()],
+        )?;
+        let mut out = None;
+        for r in t {
+            out = Some((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0), r.get::<f64>(3)?.unwrap_or(50.0)));
+        }
+        Ok::<Sized, pgrx::spi::Error>(out)
+    })
+    .map_err(spi_err("could not look up a table"))?;
+    let Some((table, size_now, rows_per_block)) = sized else {
         Spi::run_with_args("DELETE FROM cellcrypt.reencryption_job WHERE relid = $1", &[job.relid.into()]).map_err(spi_err("could not drop a job"))?;
         return Ok("batch".into());
-    }
-    let table: String = Spi::get_one_with_args("SELECT $1::pg_catalog.regclass::text", &[job.relid.into()])
-        .map_err(spi_err("could not name a table"))?
-        .unwrap_or_default();
+    };
     let schema = ext_schema();
     let filter = filter(&schema, &job.columns, job.version);
-    let (size_now, rows_per_block): (i64, f64) = Spi::get_two_with_args(
-        "SELECT (pg_catalog.pg_relation_size($1) / pg_catalog.current_setting('block_size')::int)::bigint, \
-                CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END::float8 \
-         FROM pg_catalog.pg_class WHERE oid = $1",
-        &[job.relid.into()],
-    )
-    .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(50.0)))
-    .map_err(spi_err("could not size a table"))?;
     // A pass covers the blocks the table had when the pass began: rows rewritten by the pass
     // land beyond them (or in freed space) and are already under the new key. Anything written
     // under an old key meanwhile is found by the verification in `finish`.

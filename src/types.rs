@@ -428,8 +428,19 @@ v1_function!(pg_finfo_cellcrypt_recv, cellcrypt_recv, |fcinfo| {
 
 // cellcrypt.reencrypt(encrypted) → encrypted: the same value under the current key.
 v1_function!(pg_finfo_cellcrypt_reencrypt, cellcrypt_reencrypt, |fcinfo| {
-    let typoid = pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 0);
-    reencrypt_datum(kind_of_type(typoid), arg(fcinfo, 0))
+    // One function serves every encrypted type: the argument's type, looked up once per call
+    // site and kept in `fn_extra` (a re-encryption batch calls it for every row).
+    let flinfo = (*fcinfo).flinfo;
+    let kind = if !(*flinfo).fn_extra.is_null() {
+        *((*flinfo).fn_extra as *const Kind)
+    } else {
+        let kind = kind_of_type(pg_sys::get_fn_expr_argtype(flinfo, 0));
+        let slot = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<Kind>()) as *mut Kind;
+        slot.write(kind);
+        (*flinfo).fn_extra = slot.cast();
+        kind
+    };
+    reencrypt_datum(kind, arg(fcinfo, 0))
 });
 
 // encryption_key_version(encrypted) → integer: the key version a value is sealed under. Reads
