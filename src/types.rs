@@ -431,7 +431,9 @@ v1_function!(pg_finfo_cellcrypt_reencrypt, cellcrypt_reencrypt, |fcinfo| {
     // One function serves every encrypted type: the argument's type, looked up once per call
     // site and kept in `fn_extra` (a re-encryption batch calls it for every row).
     let flinfo = (*fcinfo).flinfo;
-    let kind = if !(*flinfo).fn_extra.is_null() {
+    let kind = if flinfo.is_null() {
+        kind_of_type(pg_sys::get_fn_expr_argtype(flinfo, 0))
+    } else if !(*flinfo).fn_extra.is_null() {
         *((*flinfo).fn_extra as *const Kind)
     } else {
         let kind = kind_of_type(pg_sys::get_fn_expr_argtype(flinfo, 0));
