@@ -709,23 +709,25 @@ fn data_encryption_status() -> TableIterator<
         .unwrap_or((None, None, None, None, None))
     });
     let previous: Vec<i32> = keys::read_key_rows().iter().filter(|r| r.state == "previous").map(|r| r.version as i32).collect();
-    let jobs: (Option<i64>, Option<i64>) = keys::as_extension_owner(|| {
-        // Read-only: the view also answers on a standby, where no transaction id can be assigned.
+    // The job table in one read-only query: the view also answers on a standby, where no
+    // transaction id can be assigned.
+    type Jobs = (Option<i64>, Option<i64>, Option<String>);
+    let (done, total, blocked): Jobs = keys::as_extension_owner(|| {
         Spi::connect(|c| {
-            let t = c.select("SELECT count(*) FILTER (WHERE state = 'verified'), count(*) FROM cellcrypt.reencryption_job", None, &[])?;
-            t.first().get_two::<i64, i64>()
+            let t = c.select(
+                "SELECT count(*) FILTER (WHERE state = 'verified'), count(*), string_agg(last_error, '; ') FROM cellcrypt.reencryption_job",
+                None,
+                &[],
+            )?;
+            t.first().get_three::<i64, i64, String>()
         })
-        .unwrap_or((None, None))
+        .unwrap_or((None, None, None))
     });
-    let blocked: Option<String> = keys::as_extension_owner(|| {
-        Spi::connect(|c| c.select("SELECT string_agg(last_error, '; ') FROM cellcrypt.reencryption_job WHERE last_error IS NOT NULL", None, &[])?.first().get_one::<String>())
-            .ok()
-            .flatten()
-    });
-    let reencryption = match jobs {
+    let reencryption = match (done, total) {
         _ if blocked.is_some() => format!(
-            "blocked: {}. Restore that row from a backup or delete it; the worker retries every 5 seconds",
-            blocked.unwrap_or_default()
+            "blocked: {}. Restore that row from a backup or delete it; the worker retries every {} seconds",
+            blocked.unwrap_or_default(),
+            crate::worker::BLOCKED_RETRY.as_secs()
         ),
         (Some(done), Some(total)) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
         _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),

@@ -19,6 +19,9 @@ use pgrx::prelude::*;
 use pgrx::pg_sys;
 use std::time::Duration;
 
+/// How long the worker waits before trying a batch again that holds a value it cannot decrypt.
+pub const BLOCKED_RETRY: Duration = Duration::from_secs(5);
+
 pub const WORKER_TYPE: &str = "pg_cellcrypt re-encryption";
 
 /// Registers the launcher; from `_PG_init`.
@@ -131,7 +134,7 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
             "waiting" | "busy" => Duration::from_millis(100),
             // A value that does not decrypt stops the work (data_encryption_status says where);
             // retry now and then, as the row may have been fixed.
-            "blocked" => Duration::from_secs(5),
+            "blocked" => BLOCKED_RETRY,
             _ => Duration::from_millis(crate::gucs::REENCRYPT_PAUSE_MS.get().max(0) as u64),
         };
         if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {
