@@ -231,15 +231,39 @@ pub fn check_reader() {
 unsafe fn check_reader_at(fcinfo: pg_sys::FunctionCallInfo) {
     let flinfo = (*fcinfo).flinfo;
     let user = pg_sys::GetUserId();
-    if !flinfo.is_null() && !(*flinfo).fn_extra.is_null() && *((*flinfo).fn_extra as *const Oid) == user {
+    if fn_extra::<Oid>(flinfo) == Some(user) {
         return;
     }
     check_reader();
-    if !flinfo.is_null() {
-        let slot = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<Oid>()) as *mut Oid;
-        *slot = user;
-        (*flinfo).fn_extra = slot.cast();
+    set_fn_extra(flinfo, user);
+}
+
+/// What this call site keeps in `fn_extra`, if anything. Each function stores one type there.
+///
+/// # Safety
+/// `flinfo` must be null or the call's own, and its `fn_extra` null or set by [`set_fn_extra`]
+/// with the same `T`.
+unsafe fn fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo) -> Option<T> {
+    if flinfo.is_null() || (*flinfo).fn_extra.is_null() {
+        None
+    } else {
+        Some(*((*flinfo).fn_extra as *const T))
     }
+}
+
+/// Keeps `value` for this call site, in the call site's memory context (nothing without an
+/// `FmgrInfo`).
+///
+/// # Safety
+/// As for [`fn_extra`].
+unsafe fn set_fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo, value: T) {
+    if flinfo.is_null() {
+        return;
+    }
+    if (*flinfo).fn_extra.is_null() {
+        (*flinfo).fn_extra = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<T>());
+    }
+    ((*flinfo).fn_extra as *mut T).write(value);
 }
 
 /// Decrypts an encrypted datum into a datum of the plain type. The caller has checked that
@@ -431,17 +455,11 @@ v1_function!(pg_finfo_cellcrypt_reencrypt, cellcrypt_reencrypt, |fcinfo| {
     // One function serves every encrypted type: the argument's type, looked up once per call
     // site and kept in `fn_extra` (a re-encryption batch calls it for every row).
     let flinfo = (*fcinfo).flinfo;
-    let kind = if flinfo.is_null() {
-        kind_of_type(pg_sys::get_fn_expr_argtype(flinfo, 0))
-    } else if !(*flinfo).fn_extra.is_null() {
-        *((*flinfo).fn_extra as *const Kind)
-    } else {
+    let kind = fn_extra::<Kind>(flinfo).unwrap_or_else(|| {
         let kind = kind_of_type(pg_sys::get_fn_expr_argtype(flinfo, 0));
-        let slot = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<Kind>()) as *mut Kind;
-        slot.write(kind);
-        (*flinfo).fn_extra = slot.cast();
+        set_fn_extra(flinfo, kind);
         kind
-    };
+    });
     reencrypt_datum(kind, arg(fcinfo, 0))
 });
 
