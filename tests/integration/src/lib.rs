@@ -50,10 +50,15 @@ fn check(out: Output, what: &str) -> String {
 }
 
 impl Cluster {
+    /// The next free port of this test process, and the cluster directory named after it.
+    fn place(name: &str) -> (PathBuf, u16) {
+        let port = 57000 + (std::process::id() % 100) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        (PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}")), port)
+    }
+
     /// Starts a fresh cluster; `extra` lines are appended to postgresql.conf.
     pub fn start(name: &str, extra: &[&str]) -> Cluster {
-        let port = 57000 + (std::process::id() % 100) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        let dir = PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}"));
+        let (dir, port) = Cluster::place(name);
         std::fs::create_dir_all("/tmp/pg_cellcrypt-it").unwrap();
         let out = Command::new(repo().join("scripts/cluster.sh"))
             .arg("start")
@@ -69,8 +74,7 @@ impl Cluster {
     /// A streaming standby of this cluster, made with pg_basebackup, with its own (empty) key
     /// directory; `extra` lines are appended to its postgresql.conf.
     pub fn standby(&self, name: &str, extra: &[&str]) -> Cluster {
-        let port = 57000 + (std::process::id() % 100) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        let dir = PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}"));
+        let (dir, port) = Cluster::place(name);
         let out = Command::new(repo().join("scripts/cluster.sh"))
             .arg("standby")
             .arg(&self.dir)

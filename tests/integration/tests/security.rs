@@ -368,6 +368,24 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("cellcrypt._initialize()", "SELECT cellcrypt._initialize()", "----y"),
 ];
 
+/// Runs `probe` as each of [`ROLES`]: `y` where it succeeds, `-` where it is refused with 42501
+/// (any other error fails the test). Each probe runs in a transaction rolled back, except a
+/// procedure call, which commits.
+fn who_may(client: &mut postgres::Client, probe: &str) -> String {
+    let mut line = String::new();
+    for role in ROLES {
+        client.batch_execute(&format!("SET ROLE {role}")).unwrap();
+        let r = if probe.starts_with("CALL") { client.batch_execute(probe) } else { client.batch_execute(&format!("BEGIN; {probe}; ROLLBACK")) };
+        let _ = client.batch_execute("ROLLBACK; RESET ROLE");
+        line.push(match r {
+            Ok(()) => 'y',
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => '-',
+            Err(e) => panic!("{probe} as {role}: {e}"),
+        });
+    }
+    line
+}
+
 #[test]
 fn privileges_matrix() {
     let c = Cluster::start("privileges", &[]);
@@ -385,23 +403,7 @@ fn privileges_matrix() {
     let mut got = String::new();
     let mut want = String::new();
     for (what, probe, expected) in MATRIX {
-        let probe = probe.replace("{key}", &key);
-        let mut line = String::new();
-        for role in ROLES {
-            client.batch_execute(&format!("SET ROLE {role}")).unwrap();
-            // Each probe in a transaction rolled back, except the procedure, which commits.
-            let r = if probe.starts_with("CALL") {
-                client.batch_execute(&probe)
-            } else {
-                client.batch_execute(&format!("BEGIN; {probe}; ROLLBACK"))
-            };
-            let _ = client.batch_execute("ROLLBACK; RESET ROLE");
-            line.push(match r {
-                Ok(()) => 'y',
-                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => '-',
-                Err(e) => panic!("{what} as {role}: {e}"),
-            });
-        }
+        let line = who_may(&mut client, &probe.replace("{key}", &key));
         got.push_str(&format!("{what:50} {line}\n"));
         want.push_str(&format!("{what:50} {expected}\n"));
     }
@@ -427,18 +429,7 @@ fn privileges_matrix() {
             let value = sample(source).unwrap_or_else(|| panic!("no sample value for {source}"));
             (format!("SELECT CAST({value} AS {target})"), "yyyyy")
         };
-        let mut line = String::new();
-        for role in ROLES {
-            client.batch_execute(&format!("SET ROLE {role}")).unwrap();
-            let r = client.batch_execute(&format!("BEGIN; {probe}; ROLLBACK"));
-            let _ = client.batch_execute("ROLLBACK; RESET ROLE");
-            line.push(match r {
-                Ok(()) => 'y',
-                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => '-',
-                Err(e) => panic!("{probe} as {role}: {e}"),
-            });
-        }
-        assert_eq!(line, expected, "{probe}");
+        assert_eq!(who_may(&mut client, &probe), expected, "{probe}");
         n += 1;
     }
     assert!(n >= 17, "{n} casts: 7 decrypting, 10 encrypting");
