@@ -28,14 +28,15 @@ q -c "CREATE EXTENSION pg_cellcrypt" -c "CREATE EXTENSION pgcrypto"
 ms() { q -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1; }
 # Best of $reps runs of a statement, running $2 (untimed) before each.
 best() {
-    local sql=$1 before=${2:-} n=${3:-$reps} b= t
+    local sql=$1 before=${2:-} n=${3:-$reps} b=
     for _ in $(seq "$n"); do
         [ -n "$before" ] && q -c "$before"
-        t=$(ms "$sql")
-        if [ -z "$b" ] || awk -v t="$t" -v b="$b" 'BEGIN{exit !(t<b)}'; then b=$t; fi
+        b=$(min "$b" "$(ms "$sql")")
     done
     echo "$b"
 }
+# The smaller of two times; the first may be empty.
+min() { if [ -z "$1" ] || awk -v t="$2" -v b="$1" 'BEGIN{exit !(t<b)}'; then echo "$2"; else echo "$1"; fi; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 
 results=()
@@ -121,7 +122,6 @@ q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1,
 t_update=$(ms "UPDATE plain SET c = c")
 q -c "VACUUM plain" -c "CHECKPOINT"
 fresh_enc() { q -c "TRUNCATE enc" -c "INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc" -c "CHECKPOINT"; }
-min() { if [ -z "$1" ] || awk -v t="$2" -v b="$1" 'BEGIN{exit !(t<b)}'; then echo "$2"; else echo "$1"; fi; }
 q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10000" -c "SELECT pg_reload_conf()" >/dev/null
 t_update_enc= t_reenc= t_after=
 for _ in $(seq "$reps"); do
