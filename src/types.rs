@@ -159,7 +159,10 @@ fn with_context<R>(kind: Kind, f: impl FnOnce(&[u8]) -> R) -> R {
 /// # Safety
 /// `d` must be a non-null varlena datum valid for the current memory context.
 pub(crate) unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
-    let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+    let p = d.cast_mut_ptr::<pg_sys::varlena>();
+    // pg_detoast_datum_packed's own test, done here: an inline, uncompressed value (every
+    // cell-sized one) is read where it lies, without a guarded call into the server per value.
+    let p = if pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) { pg_sys::pg_detoast_datum_packed(p) } else { p };
     std::slice::from_raw_parts(pgrx::varlena::vardata_any(p) as *const u8, pgrx::varlena::varsize_any_exhdr(p))
 }
 
@@ -339,7 +342,16 @@ pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
         pg_sys::pfree(out.cast_mut_ptr());
         errors::decryption_failed(kind.type_name());
     }
+    RESEALED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     out
+}
+
+/// Values this backend has moved to the current key with [`reencrypt_datum`] (a value already
+/// under it is not counted): re-encryption counts the values of a batch by the difference.
+static RESEALED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn resealed_count() -> u64 {
+    RESEALED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Opens an encrypted datum into a zeroized buffer, for callers that use the plaintext only
