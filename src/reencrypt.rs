@@ -12,10 +12,10 @@
 //!   same batch), and rewrite the rows of the next range of blocks whose values are under an
 //!   older key: `UPDATE t SET c = cellcrypt.reencrypt(c) WHERE ctid >= '(a,0)' AND ctid <
 //!   '(b,0)' AND encryption_key_version(c) <> v`; `reencrypt()` counts the values it moves. A
-//!   TID range scan reads only those blocks; the
-//!   job's next block is committed with the batch, so a crash loses at most one batch, which is
-//!   simply done again. A value that does not decrypt (tampered, or under a key version this
-//!   database lacks) cannot be re-encrypted: the batch is rolled back, the job records where
+//!   TID range scan reads only those blocks; the job's next block is committed with the batch,
+//!   so a crash loses at most one batch, which is simply done again. A value that does not
+//!   decrypt (tampered, or under a key version this database lacks) cannot be re-encrypted:
+//!   the batch is rolled back, the job records where
 //!   (`data_encryption_status`, `data_encryption_progress.blocked_by`) and the batch is tried
 //!   again until the row is fixed. Row locks are those of a plain UPDATE, and a row an application
 //!   updates meanwhile is re-checked by PostgreSQL (its new version has moved, so the batch
