@@ -44,11 +44,17 @@ impl DataCipher {
     /// One copy of the plaintext, encrypted in place; no allocation.
     pub fn seal_into(&self, nonces: &mut NonceSource, context: &[u8], plaintext: &[u8], out: &mut [u8]) {
         assert_eq!(out.len(), envelope::sealed_len(plaintext.len()), "output buffer has the wrong length");
+        out[CIPHERTEXT_OFFSET..CIPHERTEXT_OFFSET + plaintext.len()].copy_from_slice(plaintext);
+        self.seal_in_place(nonces, context, out);
+    }
+
+    /// Seals the plaintext that already stands where the ciphertext goes in `out` (an envelope's
+    /// worth of bytes): writes the header and a fresh nonce, encrypts in place, appends the tag.
+    fn seal_in_place(&self, nonces: &mut NonceSource, context: &[u8], out: &mut [u8]) {
         let (head, rest) = out.split_at_mut(CIPHERTEXT_OFFSET);
         envelope::write_header(head, self.key_id);
         nonces.fill(&mut head[HEADER_LEN..CIPHERTEXT_OFFSET]);
-        let (body, tag_out) = rest.split_at_mut(plaintext.len());
-        body.copy_from_slice(plaintext);
+        let (body, tag_out) = rest.split_at_mut(rest.len() - TAG_LEN);
         let aad = Aad::new(&head[..HEADER_LEN], context);
         let tag = self.gcm_encrypt_in_place(&head[HEADER_LEN..], aad.as_slice(), body);
         tag_out.copy_from_slice(&tag);
@@ -77,29 +83,17 @@ impl DataCipher {
             .map_err(|_| DecryptionFailed)
     }
 
-    /// Moves a value from `old` to this cipher without a second buffer: the ciphertext is copied
-    /// into `out` (exactly `env.as_bytes().len()` bytes), opened there with `old`, and sealed
-    /// again in place under this cipher with a fresh nonce. The plaintext exists only inside
-    /// `out`, between the two steps; on failure `out` is zeroed, as with [`DataCipher::open_into`].
+    /// Moves a value from `old` to this cipher without a second buffer: the ciphertext is opened
+    /// into `out` (exactly `env.as_bytes().len()` bytes) with `old`, and sealed again in place
+    /// under this cipher with a fresh nonce. The plaintext exists only inside `out`, between the
+    /// two steps; on failure `out` is zeroed, as with [`DataCipher::open_into`].
     pub fn reseal_into(&self, old: &DataCipher, env: &Envelope<'_>, context: &[u8], nonces: &mut NonceSource, out: &mut [u8]) -> Result<(), DecryptionFailed> {
-        if env.key_id() != old.key_id || out.len() != envelope::sealed_len(env.plaintext_len()) {
+        let len = out.len();
+        if len != env.as_bytes().len() || old.open_into(env, context, &mut out[CIPHERTEXT_OFFSET..len - TAG_LEN]).is_err() {
             out.fill(0);
             return Err(DecryptionFailed);
         }
-        let (head, rest) = out.split_at_mut(CIPHERTEXT_OFFSET);
-        let (body, tag_out) = rest.split_at_mut(env.plaintext_len());
-        body.copy_from_slice(env.ciphertext());
-        let old_aad = Aad::new(env.header(), context);
-        if old.gcm_decrypt_in_place(env.nonce(), old_aad.as_slice(), body, env.tag()).is_err() {
-            out.fill(0);
-            return Err(DecryptionFailed);
-        }
-        envelope::write_header(head, self.key_id);
-        nonces.fill(&mut head[HEADER_LEN..CIPHERTEXT_OFFSET]);
-        let aad = Aad::new(&head[..HEADER_LEN], context);
-        let tag = self.gcm_encrypt_in_place(&head[HEADER_LEN..], aad.as_slice(), body);
-        tag_out.copy_from_slice(&tag);
-        self.sealed.fetch_add(1, Ordering::Relaxed);
+        self.seal_in_place(nonces, context, out);
         Ok(())
     }
 
