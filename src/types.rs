@@ -33,6 +33,7 @@
 use crate::backend_local::BackendLocal;
 use crate::{errors, keys};
 use cellcrypt_core::envelope::{self, Envelope};
+use cellcrypt_core::DataCipher;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -195,16 +196,39 @@ pub(crate) fn new_varlena(len: usize, fill: impl FnOnce(&mut [u8])) -> Datum {
 
 /// Seals `plaintext` under the database's current key into a new encrypted datum.
 pub fn seal(kind: Kind, plaintext: &[u8]) -> Datum {
-    seal_with(&keys::loaded(), kind, plaintext)
-}
-
-fn seal_with(keys: &keys::LoadedKeys, kind: Kind, plaintext: &[u8]) -> Datum {
-    let Some(cipher) = keys.ring.current() else {
-        keys::KeyUnavailable::NoKeyConfigured.raise();
-    };
+    let keys = keys::loaded();
+    let cipher = current_cipher(&keys);
     new_varlena(envelope::sealed_len(plaintext.len()), |out| {
         with_context(kind, |ctx| keys::with_nonces(|n| cipher.seal_into(n, ctx, plaintext, out)))
     })
+}
+
+/// The cipher of the current key; raises when the database has none.
+fn current_cipher(keys: &keys::LoadedKeys) -> &DataCipher {
+    match keys.ring.current() {
+        Some(cipher) => cipher,
+        None => keys::KeyUnavailable::NoKeyConfigured.raise(),
+    }
+}
+
+/// The envelope in `d`; raises XX001 when it is not one.
+///
+/// # Safety
+/// `d` must be a non-null varlena datum valid for the current memory context.
+unsafe fn envelope_of<'a>(kind: Kind, d: Datum) -> Envelope<'a> {
+    match Envelope::parse(varlena_bytes(d)) {
+        Ok(env) => env,
+        Err(_) => errors::decryption_failed(kind.type_name()),
+    }
+}
+
+/// The cipher of key version `key_id`; raises 42704, saying what could not be done and what to
+/// do about it, when this database does not have that version.
+fn cipher_of<'k>(keys: &'k keys::LoadedKeys, kind: Kind, key_id: u32, doing: &str, hint: &str) -> &'k DataCipher {
+    match keys.ring.get(key_id) {
+        Some(cipher) => cipher,
+        None => errors::unknown_key_version(kind.type_name(), key_id, &keys.ring.key_ids(), doing, hint),
+    }
 }
 
 /// Encrypts a datum of the plain type.
@@ -275,20 +299,15 @@ unsafe fn set_fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo, value: T) {
 /// # Safety
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
-    let bytes = varlena_bytes(d);
-    let Ok(env) = Envelope::parse(bytes) else {
-        errors::decryption_failed(kind.type_name());
-    };
+    let env = envelope_of(kind, d);
     let keys = keys::loaded();
-    let Some(cipher) = keys.ring.get(env.key_id()) else {
-        errors::unknown_key_version(
-            kind.type_name(),
-            env.key_id(),
-            &keys.ring.key_ids(),
-            "decrypt",
-            "The value comes from another database or was encrypted under a retired key. Restore it from a backup of this database.",
-        );
-    };
+    let cipher = cipher_of(
+        &keys,
+        kind,
+        env.key_id(),
+        "decrypt",
+        "The value comes from another database or was encrypted under a retired key. Restore it from a backup of this database.",
+    );
     with_context(kind, |ctx| match kind.fixed_len() {
         Some(n) => {
             let mut buf = zeroize::Zeroizing::new([0u8; 8]);
@@ -320,22 +339,21 @@ pub unsafe fn decrypt_datum(kind: Kind, d: Datum) -> Datum {
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
     let keys = keys::loaded();
-    let bytes = varlena_bytes(d);
-    let Ok(env) = Envelope::parse(bytes) else {
-        errors::decryption_failed(kind.type_name());
-    };
+    let env = envelope_of(kind, d);
     if env.key_id() == keys.current_version {
         return d;
     }
-    let Some(old) = keys.ring.get(env.key_id()) else {
-        errors::unknown_key_version(kind.type_name(), env.key_id(), &keys.ring.key_ids(), "re-encrypt", "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.");
-    };
-    let Some(new) = keys.ring.current() else {
-        keys::KeyUnavailable::NoKeyConfigured.raise();
-    };
+    let old = cipher_of(
+        &keys,
+        kind,
+        env.key_id(),
+        "re-encrypt",
+        "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.",
+    );
+    let new = current_cipher(&keys);
     // Opened and sealed again inside the new datum's own buffer: no second copy of the plaintext.
     let mut resealed = false;
-    let out = new_varlena(bytes.len(), |out| {
+    let out = new_varlena(env.as_bytes().len(), |out| {
         resealed = with_context(kind, |ctx| keys::with_nonces(|n| new.reseal_into(old, &env, ctx, n, out))).is_ok();
     });
     if !resealed {
@@ -355,22 +373,14 @@ pub fn resealed_count() -> u64 {
 }
 
 /// Opens an encrypted datum into a zeroized buffer, for callers that use the plaintext only
-/// inside the server (re-encryption, blind indexes). No reader check: nothing is returned.
+/// inside the server (blind indexes). No reader check: nothing is returned.
 ///
 /// # Safety
 /// `d` must be a non-null datum of `kind`'s encrypted type.
 pub unsafe fn open_to_vec(kind: Kind, d: Datum, doing: &str, unknown_key_hint: &str) -> zeroize::Zeroizing<Vec<u8>> {
-    open_with(&keys::loaded(), kind, d, doing, unknown_key_hint)
-}
-
-unsafe fn open_with(keys: &keys::LoadedKeys, kind: Kind, d: Datum, doing: &str, unknown_key_hint: &str) -> zeroize::Zeroizing<Vec<u8>> {
-    let bytes = varlena_bytes(d);
-    let Ok(env) = Envelope::parse(bytes) else {
-        errors::decryption_failed(kind.type_name());
-    };
-    let Some(cipher) = keys.ring.get(env.key_id()) else {
-        errors::unknown_key_version(kind.type_name(), env.key_id(), &keys.ring.key_ids(), doing, unknown_key_hint);
-    };
+    let keys = keys::loaded();
+    let env = envelope_of(kind, d);
+    let cipher = cipher_of(&keys, kind, env.key_id(), doing, unknown_key_hint);
     let mut plain = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
     if with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut plain)).is_err() {
         errors::decryption_failed(kind.type_name());
