@@ -15,11 +15,11 @@
 //!   TID range scan reads only those blocks; the job's next block is committed with the batch,
 //!   so a crash loses at most one batch, which is simply done again. A value that does not
 //!   decrypt (tampered, or under a key version this database lacks) cannot be re-encrypted:
-//!   the batch is rolled back, the job records where
-//!   (`data_encryption_status`, `data_encryption_progress.blocked_by`) and the batch is tried
-//!   again until the row is fixed. Row locks are those of a plain UPDATE, and a row an application
-//!   updates meanwhile is re-checked by PostgreSQL (its new version has moved, so the batch
-//!   skips it and keeps the application's value);
+//!   the batch is rolled back, the job records where (`data_encryption_status`,
+//!   `data_encryption_progress.blocked_by`) and the batch is tried again until the row is
+//!   fixed. Row locks are those of a plain UPDATE, and a row an application updates meanwhile
+//!   is re-checked by PostgreSQL (its new version has moved, so the batch skips it and keeps
+//!   the application's value);
 //! * **verify**: a pass covers the blocks the table had when it began (rewritten rows land
 //!   beyond them, already under the new key); at its end the table is marked done;
 //! * **finish**: once every table is done and every transaction that began before the work

@@ -3,9 +3,9 @@
 //!
 //! * The **launcher** (a static background worker, started once recovery has finished) lists
 //!   the databases that accept connections (templates excepted) and starts a re-encryption
-//!   worker for each; a worker
-//!   in a database without the extension or without pending work exits at once. So after a
-//!   restart or a crash, unfinished re-encryption resumes with no administrator action.
+//!   worker for each; a worker in a database without the extension or without pending work
+//!   exits at once. So after a restart or a crash, unfinished re-encryption resumes with no
+//!   administrator action.
 //! * A key change starts its database's **worker** when it commits.
 //! * A worker runs [`crate::reencrypt::step`] in its own short transactions, each holding the
 //!   key-change advisory lock; `set_data_encryption_key` is refused with 55P03 while jobs are
