@@ -79,8 +79,7 @@ q -c "TRUNCATE pgc_raw; INSERT INTO pgc_raw SELECT encrypt(convert_to(c, 'UTF8')
 t_scan_plain=; t_scan_enc=
 for _ in 1 2 3 4 5 6 7; do
     p=$(ms "SELECT sum(length(c)) FROM plain"); e=$(ms "SELECT sum(length(decrypt(c))) FROM enc")
-    if [ -z "$t_scan_plain" ] || awk -v t="$p" -v b="$t_scan_plain" 'BEGIN{exit !(t<b)}'; then t_scan_plain=$p; fi
-    if [ -z "$t_scan_enc" ] || awk -v t="$e" -v b="$t_scan_enc" 'BEGIN{exit !(t<b)}'; then t_scan_enc=$e; fi
+    t_scan_plain=$(min "$t_scan_plain" "$p"); t_scan_enc=$(min "$t_scan_enc" "$e")
 done
 t_scan_raw=$(best "SELECT sum(length(decrypt(c, 'a 32 byte key for aes-256 bench.', 'aes'))) FROM pgc_raw")
 row "scan plain text" "$t_scan_plain" "ms" "1.00" "baseline"
