@@ -37,10 +37,12 @@
 //! user triggers do not fire: re-encryption changes no value, only its envelope.
 
 use crate::audit::{self, Event};
+use crate::backend_local::BackendLocal;
 use crate::errors;
 use crate::keys;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
+use std::cell::RefCell;
 
 fn spi_err(what: &str) -> impl Fn(pgrx::spi::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
@@ -50,14 +52,27 @@ fn fail(msg: String) -> ! {
     errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, msg, None, None)
 }
 
-/// The extension's schema, quoted.
+/// The extension's schema, quoted. Read once per backend and extension: the extension is not
+/// relocatable, so only a DROP and CREATE EXTENSION moves it, and that gives it a new OID.
 fn ext_schema() -> String {
-    Spi::get_one(
-        "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_cellcrypt'",
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| "public".into())
+    static CACHE: BackendLocal<RefCell<Option<(pg_sys::Oid, String)>>> = BackendLocal::new(RefCell::new(None));
+    // SAFETY: a catalog lookup by name; missing_ok, so no error is raised.
+    let ext = unsafe { pg_sys::get_extension_oid(c"pg_cellcrypt".as_ptr(), true) };
+    CACHE.with(|c| {
+        if let Some((oid, schema)) = c.borrow().as_ref() {
+            if *oid == ext {
+                return schema.clone();
+            }
+        }
+        let schema: String = Spi::get_one(
+            "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_cellcrypt'",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "public".into());
+        *c.borrow_mut() = Some((ext, schema.clone()));
+        schema
+    })
 }
 
 /// Records one job per table with encrypted columns; called by a key change. Returns how many.
@@ -100,14 +115,31 @@ fn filter(schema: &str, columns: &[String], version: i32) -> String {
 /// retired the old keys) or `idle`. Refused on a standby.
 pub fn step() -> String {
     crate::key_admin::require_primary("re-encryption");
-    keys::as_extension_owner(|| {
-        let previous_role: String = Spi::get_one("SELECT pg_catalog.current_setting('session_replication_role')").ok().flatten().unwrap_or_else(|| "origin".into());
-        Spi::run("SELECT pg_catalog.set_config('session_replication_role', 'replica', true)").unwrap_or_else(|e| fail(format!("could not prepare re-encryption: {e}")));
-        let r = step_inner().unwrap_or_else(|e| fail(e));
-        Spi::run_with_args("SELECT pg_catalog.set_config('session_replication_role', $1, true)", &[previous_role.into()])
-            .unwrap_or_else(|e| fail(format!("could not finish re-encryption: {e}")));
+    keys::as_extension_owner(|| with_replica_role(|| step_inner().unwrap_or_else(|e| fail(e))))
+}
+
+/// Runs `f` with `session_replication_role = replica`, so that user triggers do not fire. The
+/// setting is saved in a GUC nesting level of its own and restored when `f` returns, or by
+/// PostgreSQL when an error aborts the (sub)transaction, the way index builds scope theirs.
+fn with_replica_role<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the pattern of PostgreSQL's own callers (index builds, RI checks): a new nesting
+    // level, a saved setting, and the level popped (restoring the setting) afterwards.
+    unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"session_replication_role".as_ptr(),
+            c"replica".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let r = f();
+        pg_sys::AtEOXact_GUC(true, nest);
         r
-    })
+    }
 }
 
 fn step_inner() -> Result<String, String> {
