@@ -300,6 +300,26 @@ fn a_key_change_reencrypts_every_value_in_batches_and_old_envelopes_stay_readabl
 }
 
 #[pg_test]
+fn reencryption_fires_no_user_trigger_and_restores_the_replication_role() {
+    allow_plain_tcp();
+    Spi::run("CREATE TABLE trg (id int, s encrypted_text); CREATE TABLE trg_log (id int)").unwrap();
+    Spi::run("CREATE FUNCTION trg_note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO trg_log VALUES (NEW.id); RETURN NEW; END $$").unwrap();
+    Spi::run("CREATE TRIGGER trg_note BEFORE UPDATE ON trg FOR EACH ROW EXECUTE FUNCTION trg_note()").unwrap();
+    Spi::run("INSERT INTO trg SELECT g, 'value ' || g FROM generate_series(1, 50) g").unwrap();
+    // 'local' fires ordinary triggers, as 'origin' does; the work must not, and must put it back.
+    Spi::run("SET session_replication_role = local").unwrap();
+    Spi::run("SELECT set_data_encryption_key(generate_data_encryption_key())").unwrap();
+    let steps = reencrypt_tables();
+    assert!(steps.iter().any(|s| s == "batch"), "{steps:?}");
+    assert_eq!(one::<i64>("SELECT count(*) FROM trg WHERE encryption_key_version(s) = 2 AND decrypt(s) = 'value ' || id"), 50);
+    assert_eq!(one::<i64>("SELECT count(*) FROM trg_log"), 0);
+    assert_eq!(one::<String>("SHOW session_replication_role"), "local");
+    // the application's own updates still fire it
+    Spi::run("UPDATE trg SET s = 'changed' WHERE id = 1").unwrap();
+    assert_eq!(one::<i64>("SELECT count(*) FROM trg_log"), 1);
+}
+
+#[pg_test]
 fn setting_the_current_key_again_changes_nothing() {
     allow_plain_tcp();
     let key: String = one("SELECT retrieve_data_encryption_key()");
