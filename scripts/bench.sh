@@ -121,7 +121,8 @@ q -c "TRUNCATE enc, plain; INSERT INTO plain SELECT $val FROM generate_series(1,
 t_update=$(ms "UPDATE plain SET c = c")
 q -c "VACUUM plain" -c "CHECKPOINT"
 fresh_enc() { q -c "TRUNCATE enc" -c "INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc" -c "CHECKPOINT"; }
-q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10000" -c "SELECT pg_reload_conf()" >/dev/null
+batch=10000
+q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = $batch" -c "SELECT pg_reload_conf()" >/dev/null
 t_update_enc= t_reenc= t_after=
 for _ in $(seq "$reps"); do
     # The same rewrite of the same encrypted rows, without the crypto: the baseline of the change.
@@ -143,7 +144,7 @@ done
 #    the same key-version test, one transaction each, but SET c = c.
 fresh_enc
 t_parts_batches=$(ms "DO \$\$ DECLARE n bigint := pg_relation_size('enc') / current_setting('block_size')::int;
-    step bigint := (SELECT greatest(1, floor(10000 / (reltuples / relpages)))::bigint FROM pg_class WHERE oid = 'enc'::regclass); b bigint := 0;
+    step bigint := (SELECT greatest(1, floor($batch / (reltuples / relpages)))::bigint FROM pg_class WHERE oid = 'enc'::regclass); b bigint := 0;
     BEGIN WHILE b < n LOOP
         EXECUTE format('UPDATE enc SET c = c WHERE ctid >= ''(%s,0)''::tid AND ctid < ''(%s,0)''::tid AND encryption_key_version(c) <> -1', b, b + step);
         b := b + step; COMMIT;
@@ -158,7 +159,7 @@ q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
 t_parts_scan=$(best "SELECT count(*) FROM enc WHERE c IS NOT NULL")
 t_parts_reseal=$(best "SELECT count(*) FROM enc WHERE cellcrypt.reencrypt(c) IS NOT NULL")
 t_parts_crypto=$(awk -v a="$t_parts_reseal" -v b="$t_parts_scan" 'BEGIN{printf "%.1f", a-b}')
-q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10000" -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = 0" -c "SELECT pg_reload_conf()" >/dev/null
+q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = $batch" -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = 0" -c "SELECT pg_reload_conf()" >/dev/null
 until [ "$(q -c "SELECT reencryption FROM data_encryption_status")" = complete ]; do sleep 0.1; done
 t_parts=$(awk -v a="$t_parts_batches" -v b="$t_parts_verify" -v c="$t_parts_crypto" 'BEGIN{printf "%.1f", a+b+c}')
 row "UPDATE t SET c = c on the encrypted_text table ($rows rows)" "$t_update_enc" "ms" "1.00" "baseline: the same rows rewritten without crypto"
@@ -216,7 +217,7 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d): $cpu, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
     echo "$(uname -sr), PostgreSQL $(q -c 'SHOW server_version' | cut -d' ' -f1), $(rustc --version | cut -d' ' -f1-2), release build."
     echo "Cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off, no parallel query;"
-    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for pgbench and for the re-encryption's parts)."
+    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for pgbench, and for the batches and the verification scan of the re-encryption's parts)."
     echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."
     echo
     echo "| case | value | unit | ratio | note |"
