@@ -22,6 +22,7 @@
 use crate::error::AdminKeyError;
 use rand::TryRngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const GENERATED_PREFIX: &str = "CCK1-";
@@ -74,12 +75,10 @@ impl AdminKey {
     }
 
     /// True when both are the same key: their canonical texts, which the KDF consumes, are
-    /// equal. Compares every byte whatever the first difference, and derives nothing (a key
-    /// change uses it to see that the given key is already the current one without a second
-    /// Argon2id run).
+    /// equal. Compared in constant time (`subtle`), and derives nothing (a key change uses it to
+    /// see that the given key is already the current one without a second Argon2id run).
     pub fn same_as(&self, other: &AdminKey) -> bool {
-        let (a, b) = (self.text.as_bytes(), other.text.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.text.as_bytes().ct_eq(other.text.as_bytes()).into()
     }
 }
 
