@@ -234,8 +234,7 @@ pub fn require_secure_transport(action: &str, function: &str) {
 /// Raises 25006 on a standby: keys change on the primary, and a standby follows the primary's
 /// keyring as it replays it (see `keys::try_loaded`).
 pub fn require_primary(function: &str) {
-    // SAFETY: reads shared recovery state.
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    if keys::on_standby() {
         errors::raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!("{function} cannot run on a standby"),
@@ -723,13 +722,12 @@ fn data_encryption_status() -> TableIterator<
         })
         .unwrap_or((None, None, None))
     });
-    let reencryption = match (done, total) {
-        _ if blocked.is_some() => format!(
-            "blocked: {}. Restore that row from a backup or delete it; the worker retries every {} seconds",
-            blocked.unwrap_or_default(),
+    let reencryption = match (done, total, blocked) {
+        (_, _, Some(blocked)) => format!(
+            "blocked: {blocked}. Restore that row from a backup or delete it; the worker retries every {} seconds",
             crate::worker::BLOCKED_RETRY.as_secs()
         ),
-        (Some(done), Some(total)) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
+        (Some(done), Some(total), None) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
         _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),
         _ => "complete".to_owned(),
     };

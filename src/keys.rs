@@ -54,11 +54,17 @@ pub enum KeyUnavailable {
 
 pub const RESTORE_HINT: &str = "Restore the database's key with SELECT set_data_encryption_key('<the original key>'); as an administrator over a secure connection.";
 
+/// True on a standby (a server in recovery): its keyring is replayed from the primary, and key
+/// calls cannot run there.
+pub fn on_standby() -> bool {
+    // SAFETY: reads shared recovery state.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
 /// What to do about a key that is not loaded: restore it, or on a standby (where key calls
 /// cannot run) give the standby's provider the primary's current key.
 fn restore_hint() -> &'static str {
-    // SAFETY: reads shared recovery state.
-    if unsafe { pg_sys::RecoveryInProgress() } {
+    if on_standby() {
         "This server is a standby: give its key provider the primary's current key (copy the key file, or update the key command's source). No restart is needed."
     } else {
         RESTORE_HINT
@@ -169,8 +175,7 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
             // A standby learns of a key change (or an index key rotation) only through the rows
             // it replays: the primary's commit bumps the primary's shared generation, not the
             // standby's. So a standby compares the versions once per transaction.
-            // SAFETY: reads shared recovery state.
-            Some((_, current, index)) => (unsafe { pg_sys::RecoveryInProgress() }) && replicated_versions() != (Some(current), index),
+            Some((_, current, index)) => on_standby() && replicated_versions() != (Some(current), index),
         };
         if stale {
             invalidate();
