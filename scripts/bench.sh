@@ -124,10 +124,13 @@ fresh_enc() { q -c "TRUNCATE enc" -c "INSERT INTO enc SELECT c FROM plain" -c "V
 batch=10000
 q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = $batch" -c "SELECT pg_reload_conf()" >/dev/null
 t_update_enc= t_reenc= t_after=
+size() { q -c "SELECT pg_relation_size('enc') / 1048576"; }
 for _ in $(seq "$reps"); do
     # The same rewrite of the same encrypted rows, without the crypto: the baseline of the change.
     fresh_enc
+    mb_before=$(size)
     t_update_enc=$(min "$t_update_enc" "$(ms "UPDATE enc SET c = c")")
+    mb_update=$(size)
     fresh_enc
     # The key call and the wait for retirement in one session, timed by the server round trips
     # as the UPDATE is (no client start-up inside the measurement). The wait polls two internal
@@ -135,41 +138,17 @@ for _ in $(seq "$reps"); do
     times=$(q -c '\timing on' -c "SELECT set_data_encryption_key(generate_data_encryption_key()) IS NOT NULL" \
               -c "DO \$\$ BEGIN LOOP EXIT WHEN NOT EXISTS (SELECT FROM cellcrypt.reencryption_job) AND NOT EXISTS (SELECT FROM cellcrypt.keyring WHERE state = 'previous'); COMMIT; PERFORM pg_sleep(0.005); COMMIT; END LOOP; END \$\$" \
             | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
+    mb_reenc=$(size)
     call=$(echo "$times" | sed -n 1p); wait_ms=$(echo "$times" | sed -n 2p)
     t_reenc=$(min "$t_reenc" "$(awk -v a="$call" -v b="$wait_ms" 'BEGIN{printf "%.1f", a+b}')")
     t_after=$(min "$t_after" "$wait_ms")
 done
-# Where the time goes: the parts the work cannot do without, each measured alone.
-# 1. The worker's batches without the crypto: the same block ranges (as many rows per batch),
-#    the same key-version test, one transaction each, but SET c = c.
-fresh_enc
-t_parts_batches=$(ms "DO \$\$ DECLARE n bigint := pg_relation_size('enc') / current_setting('block_size')::int;
-    step bigint := (SELECT greatest(1, floor($batch / (reltuples / relpages)))::bigint FROM pg_class WHERE oid = 'enc'::regclass); b bigint := 0;
-    BEGIN WHILE b < n LOOP
-        EXECUTE format('UPDATE enc SET c = c WHERE ctid >= ''(%s,0)''::tid AND ctid < ''(%s,0)''::tid AND encryption_key_version(c) <> -1', b, b + step);
-        b := b + step; COMMIT;
-    END LOOP; END \$\$")
-# 2. The verification scan, the first read after that rewrite (it prunes the old versions).
-t_parts_verify=$(ms "SELECT count(*) FROM enc WHERE encryption_key_version(c) <> -1")
-# 3. Re-sealing every value (open under the old key, seal under the new), in a read-only scan,
-#    less the same scan without it. The worker is held back meanwhile: one row, then a pause.
-fresh_enc
-q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 1" -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = '60s'" -c "SELECT pg_reload_conf()" >/dev/null
-q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
-t_parts_scan=$(best "SELECT count(*) FROM enc WHERE c IS NOT NULL")
-t_parts_reseal=$(best "SELECT count(*) FROM enc WHERE cellcrypt.reencrypt(c) IS NOT NULL")
-t_parts_crypto=$(awk -v a="$t_parts_reseal" -v b="$t_parts_scan" 'BEGIN{printf "%.1f", a-b}')
-q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = $batch" -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = 0" -c "SELECT pg_reload_conf()" >/dev/null
-until [ "$(q -c "SELECT reencryption FROM data_encryption_status")" = complete ]; do sleep 0.1; done
-t_parts=$(awk -v a="$t_parts_batches" -v b="$t_parts_verify" -v c="$t_parts_crypto" 'BEGIN{printf "%.1f", a+b+c}')
 row "UPDATE t SET c = c on the encrypted_text table ($rows rows)" "$t_update_enc" "ms" "1.00" "baseline: the same rows rewritten without crypto"
 row "UPDATE t SET c = c on a plain text table ($rows rows)" "$t_update" "ms" "$(ratio "$t_update" "$t_update_enc")" "for reference"
 row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update_enc")" "target <= 1.5 x the UPDATE of the same rows ($(ratio "$t_reenc" "$t_update") x the plain text UPDATE); from the call to the old key's retirement"
 row "  of which after set_data_encryption_key returned" "$t_after" "ms" "$(ratio "$t_after" "$t_update_enc")" "the work itself: batches, verification scan, retirement (the call: Argon2id, jobs, key file)"
-row "  parts: the batches without crypto" "$t_parts_batches" "ms" "$(ratio "$t_parts_batches" "$t_update_enc")" "the same block ranges and key-version test, SET c = c, one transaction each"
-row "  parts: re-sealing every value" "$t_parts_crypto" "ms" "$(ratio "$t_parts_crypto" "$t_update_enc")" "reencrypt() in a read-only scan ($t_parts_reseal ms) less the bare scan ($t_parts_scan ms)"
-row "  parts: the verification scan" "$t_parts_verify" "ms" "$(ratio "$t_parts_verify" "$t_update_enc")" "the first read of the table after the rewrite"
-row "  parts together: the work's floor" "$t_parts" "ms" "$(ratio "$t_parts" "$t_update_enc")" "batches + re-sealing + verification, with no key call, bookkeeping or worker"
+row "table size after the UPDATE" "$mb_update" "MB" "$(ratio "$mb_update" "$mb_before")" "of the $mb_before MB before (last run)"
+row "table size after the re-encryption" "$mb_reenc" "MB" "$(ratio "$mb_reenc" "$mb_before")" "of the $mb_before MB before (last run): the batches reuse the space they free"
 
 echo "== 5b. pgbench TPS on other tables while re-encryption runs"
 q -c "VACUUM enc" -c "CHECKPOINT"
@@ -217,7 +196,7 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d): $cpu, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
     echo "$(uname -sr), PostgreSQL $(q -c 'SHOW server_version' | cut -d' ' -f1), $(rustc --version | cut -d' ' -f1-2), release build."
     echo "Cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off, no parallel query;"
-    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for pgbench, and for the batches and the verification scan of the re-encryption's parts)."
+    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for pgbench)."
     echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."
     echo
     echo "| case | value | unit | ratio | note |"

@@ -19,9 +19,12 @@
 //!   `data_encryption_progress.blocked_by`) and the batch is tried again until the row is
 //!   fixed. Row locks are those of a plain UPDATE, and a row an application updates meanwhile
 //!   is re-checked by PostgreSQL (its new version has moved, so the batch skips it and keeps
-//!   the application's value);
+//!   the application's value). Before each batch, the blocks of the batch two back are pruned
+//!   and their free space recorded ([`reclaim`]), so the new row versions fill the space the
+//!   old ones left and the table does not grow to twice its size;
 //! * **verify**: a pass covers the blocks the table had when it began (rewritten rows land
-//!   beyond them, already under the new key); at its end the table is marked done;
+//!   beyond them or in blocks the pass has already done, under the new key); at its end the
+//!   table is marked done;
 //! * **finish**: once every table is done and every transaction that began before the work
 //!   started has ended, count in every table the values still under an older key (written or
 //!   copied by sessions meanwhile); a table with any gets another pass. When none is left,
@@ -228,6 +231,11 @@ fn process(job: Job) -> Result<String, String> {
     }
     let batch_rows = crate::gucs::REENCRYPT_BATCH_SIZE.get().max(1) as f64;
     let blocks = ((batch_rows / rows_per_block.max(1.0)).floor() as i64).max(1);
+    // The rows the batch before last moved out of its blocks are dead by now: free their space,
+    // so that this batch's new row versions go there instead of growing the table.
+    if job.next_block > blocks {
+        reclaim(job.relid, (job.next_block - 2 * blocks).max(0), job.next_block - blocks);
+    }
     let end = (job.next_block + blocks).min(nblocks);
     let set = job.columns.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
     // Only rows with a value under an older key: without this test, rows whose new versions
@@ -263,6 +271,51 @@ fn process(job: Job) -> Result<String, String> {
     )
     .map_err(spi_err("could not record progress"))?;
     Ok("batch".into())
+}
+
+/// Frees the space of the dead row versions in blocks `start..end` of a table, those a batch
+/// two steps back rewrote, and tells the free space map, so that later batches (and the
+/// application) write their new row versions there. Without it, re-encryption would grow every
+/// table to twice its size, as `UPDATE t SET c = c` does, extending it one new block at a time.
+///
+/// Each block is pruned as any reader of it would prune it (`heap_page_prune_opt`: only if no
+/// running transaction can still see the old versions, and only if it gets the block's cleanup
+/// lock at once; otherwise the block stays as it is, and the table grows as before). The batch
+/// two back rather than the one just before: a transaction that began while the previous batch
+/// ran may still see its old versions, but rarely one from the batch before that. The free
+/// space map is what VACUUM keeps: a hint, not logged, and checked again by whoever uses it.
+/// Blocks behind a pass hold only rows under the current key, and anything written there under
+/// an older key is found by the verification, as anywhere else.
+fn reclaim(relid: pg_sys::Oid, start: i64, end: i64) {
+    // SAFETY: the calls VACUUM and heap scans make, in their order: the table opened with the
+    // lock an UPDATE takes (kept to the end of the transaction), each block pinned while it is
+    // pruned (which takes its own cleanup lock) and share-locked while its free space is read;
+    // only heap tables, whose blocks these functions understand.
+    unsafe {
+        let rel = pg_sys::try_relation_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return;
+        }
+        if (*rel).rd_tableam == pg_sys::GetHeapamTableAmRoutine() {
+            let nblocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as i64;
+            let end = end.min(nblocks);
+            for block in start..end {
+                pg_sys::check_for_interrupts!();
+                let block = block as pg_sys::BlockNumber;
+                let buf = pg_sys::ReadBufferExtended(rel, pg_sys::ForkNumber::MAIN_FORKNUM, block, pg_sys::ReadBufferMode::RBM_NORMAL, std::ptr::null_mut());
+                pg_sys::heap_page_prune_opt(rel, buf);
+                pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_SHARE as i32);
+                let free = pg_sys::PageGetHeapFreeSpace(pg_sys::BufferGetPage(buf));
+                pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+                pg_sys::ReleaseBuffer(buf);
+                pg_sys::RecordPageWithFreeSpace(rel, block, free);
+            }
+            if start < end {
+                pg_sys::FreeSpaceMapVacuumRange(rel, start as pg_sys::BlockNumber, end as pg_sys::BlockNumber);
+            }
+        }
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
 }
 
 /// Runs `f` in a subtransaction. A data error (a value that does not decrypt, or names a key
