@@ -209,7 +209,7 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d): $cpu, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
     echo "$(uname -sr), PostgreSQL $(q -c 'SHOW server_version' | cut -d' ' -f1), $(rustc --version | cut -d' ' -f1-2), release build."
     echo "Cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off, no parallel query;"
-    echo "$rows rows of 100-byte values; times are the best of $reps runs (one run for pgbench)."
+    echo "$rows rows of 100-byte values; times are the best of $reps runs (pgbench: the mean of three alternating windows)."
     echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."
     echo
     echo "| case | value | unit | ratio | note |"

@@ -51,9 +51,15 @@ fn check(out: Output, what: &str) -> String {
 
 impl Cluster {
     /// The next free port of this test process, and the cluster directory named after it.
+    /// Ports lie below Linux's ephemeral range (32768 and up), where a client connection's own
+    /// port could take one between this check and the server's start, and each is checked free.
     fn place(name: &str) -> (PathBuf, u16) {
-        let port = 57000 + (std::process::id() % 100) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        (PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}")), port)
+        loop {
+            let port = 20000 + (std::process::id() % 500) as u16 * 20 + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % 20;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return (PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{port}")), port);
+            }
+        }
     }
 
     /// Starts a fresh cluster; `extra` lines are appended to postgresql.conf.
