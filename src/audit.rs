@@ -12,8 +12,9 @@
 //! built by this extension. Administrators read it through the `data_encryption_audit` view;
 //! PUBLIC cannot. Lines are tab-separated, with `\t`, `\n` and `\\` escaped.
 
-use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, pg_sys, PgAtomic};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
@@ -87,10 +88,56 @@ pub fn client_address() -> String {
     }
 }
 
-/// Appends one event, durably. Never raises: an audit failure is reported as a WARNING and the
+/// Refused calls recorded per minute, for the whole cluster. Anyone can make calls that are
+/// refused, so recording each would let any role grow the file and its fsyncs without bound.
+pub const REFUSALS_PER_MINUTE: u64 = 60;
+
+/// The minute (high 32 bits) and the refused calls seen in it (low 32 bits).
+static REFUSALS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_cellcrypt refused calls this minute") };
+
+/// Requests the shared memory; from `_PG_init`.
+pub fn init() {
+    pg_shmem_init!(REFUSALS);
+}
+
+/// How many refused calls this one is in the current minute (1 for the first).
+fn count_refusal(now_secs: u64) -> u64 {
+    let minute = (now_secs / 60) & 0xffff_ffff;
+    let counter = REFUSALS.get();
+    let mut cur = counter.load(Ordering::Relaxed);
+    loop {
+        let n = if cur >> 32 == minute { (cur & 0xffff_ffff) + 1 } else { 1 };
+        match counter.compare_exchange_weak(cur, (minute << 32) | n.min(0xffff_ffff), Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return n,
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Appends one event, durably. Refused calls are recorded up to [`REFUSALS_PER_MINUTE`] a
+/// minute; the next one in that minute is recorded as a note that further ones are not. Never raises: an audit failure is reported as a WARNING and the
 /// operation's own outcome stands. Safe to call from error and transaction-end callbacks.
 pub fn record(e: &Event) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let bounded;
+    let e = if e.outcome == "refused" {
+        match count_refusal((now / 1_000_000) as u64) {
+            n if n <= REFUSALS_PER_MINUTE => e,
+            n if n == REFUSALS_PER_MINUTE + 1 => {
+                bounded = Event {
+                    action: e.action,
+                    outcome: "refused",
+                    key_version: None,
+                    fingerprint: None,
+                    detail: "more refused calls in this minute: they are not recorded (at most 60 a minute are)",
+                };
+                &bounded
+            }
+            _ => return,
+        }
+    } else {
+        e
+    };
     // SAFETY: backend globals.
     let (session, current) = unsafe { (pg_sys::GetSessionUserId(), pg_sys::GetUserId()) };
     let line = format!(
@@ -136,7 +183,7 @@ fn data_encryption_audit() -> TableIterator<
         name!(detail, String),
     ),
 > {
-    crate::key_admin::require_admin("data_encryption_audit()");
+    crate::policy::require_admin("data_encryption_audit()");
     let text = match std::fs::read_to_string(path()) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),

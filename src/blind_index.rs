@@ -20,19 +20,20 @@
 use crate::errors;
 use crate::key_admin;
 use crate::keys;
+use crate::policy;
+use crate::store;
+use crate::backend_local::BackendLocal;
 use crate::types::{self, arg, v1_function, Kind};
 use cellcrypt_core::blind::{self, Normalization, BLIND_INDEX_LEN};
 use cellcrypt_core::SecretKey;
 use pgrx::pg_sys::{self, Datum};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
+use std::cell::RefCell;
+use std::ffi::CStr;
 
-/// The single-flight lock of index key rotations: `pg_try_advisory_xact_lock(1667464497, 2)`.
-const ROTATION_LOCK_OBJID: i32 = 2;
-
-unsafe fn normalization(fcinfo: pg_sys::FunctionCallInfo) -> Normalization {
-    let name = String::from_utf8_lossy(types::varlena_bytes(arg(fcinfo, 1))).into_owned();
-    Normalization::parse(&name).unwrap_or_else(|| {
+fn parse_normalization(name: &str) -> Normalization {
+    Normalization::parse(name).unwrap_or_else(|| {
         errors::raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("unknown blind index normalization \"{name}\""),
@@ -42,7 +43,31 @@ unsafe fn normalization(fcinfo: pg_sys::FunctionCallInfo) -> Normalization {
     })
 }
 
-fn hash_text(norm: Normalization, value: &[u8]) -> Datum {
+/// The normalization of registered column `id`, cached per backend and extension (a
+/// registration never changes; a column registered again gets a new id).
+fn column_normalization(id: u32) -> Normalization {
+    static CACHE: BackendLocal<RefCell<Vec<(pg_sys::Oid, u32, Normalization)>>> = BackendLocal::new(RefCell::new(Vec::new()));
+    let ext = store::extension_oid();
+    if let Some(n) = CACHE.with(|c| c.borrow().iter().find(|(e, i, _)| *e == ext && *i == id).map(|(_, _, n)| *n)) {
+        return n;
+    }
+    let Some(name) = store::blind_index_normalization(id) else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("blind-index column {id} is not registered in this database"),
+            Some("The value or column is bound to a blind-index registration this database does not have (it comes from another database, or its registration was not restored)."),
+            Some("Restore cellcrypt.blind_index_column with the rest of the dump, or register the column again."),
+        )
+    };
+    let n = parse_normalization(&name);
+    CACHE.with(|c| c.borrow_mut().push((ext, id, n)));
+    n
+}
+
+/// The blind index of `value` for registered column `id`: normalized as registered, hashed
+/// under that column's own key.
+fn hash_column(id: u32, value: &[u8]) -> Datum {
+    let norm = column_normalization(id);
     let keys = keys::loaded();
     let Some((_, key)) = keys.index_key.as_ref() else {
         errors::raise(
@@ -52,8 +77,9 @@ fn hash_text(norm: Normalization, value: &[u8]) -> Datum {
             Some("Create one with SELECT rotate_blind_index_key(); as an administrator."),
         )
     };
+    let key = blind::column_key(key, id);
     let out = if norm == Normalization::Exact {
-        blind::blind_index(key, "text", norm, value)
+        blind::blind_index(&key, "text", norm, value)
     } else {
         let Ok(text) = std::str::from_utf8(value) else {
             errors::raise(
@@ -64,28 +90,180 @@ fn hash_text(norm: Normalization, value: &[u8]) -> Datum {
             )
         };
         let normalized = zeroize::Zeroizing::new(norm.apply(text).into_owned());
-        blind::blind_index(key, "text", norm, normalized.as_bytes())
+        blind::blind_index(&key, "text", norm, normalized.as_bytes())
     };
     types::new_varlena(BLIND_INDEX_LEN, |o| o.copy_from_slice(&out))
 }
 
-// blind_index(encrypted_text, normalization text) → bytea
+/// A column of a table: its type, typmod and number; raises 42703 when there is none.
+fn attribute(relid: pg_sys::Oid, column: &CStr) -> (pg_sys::Oid, i32, i16) {
+    // SAFETY: a syscache lookup, released before returning; NULL for a missing or dropped column.
+    unsafe {
+        let tup = pg_sys::SearchSysCacheAttName(relid, column.as_ptr());
+        if tup.is_null() {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{}\" of relation {} does not exist", column.to_string_lossy(), relation_name(relid)),
+                None,
+                None,
+            )
+        }
+        let att = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_attribute>(tup);
+        let out = ((*att).atttypid, (*att).atttypmod, (*att).attnum);
+        pg_sys::ReleaseSysCache(tup);
+        out
+    }
+}
+
+fn relation_name(relid: pg_sys::Oid) -> String {
+    // SAFETY: returns a palloc'd name, or NULL for a missing relation.
+    unsafe {
+        let p = pg_sys::get_rel_name(relid);
+        if p.is_null() { format!("with OID {}", relid.to_u32()) } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    }
+}
+
+fn not_registered(relid: pg_sys::Oid, column: &CStr) -> ! {
+    let (table, column) = (relation_name(relid), column.to_string_lossy());
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("column \"{column}\" of table {table} is not registered for a blind index"),
+        Some("Blind indexes reveal which values are equal, so they exist only for the columns an administrator registered."),
+        Some(&format!("An administrator registers it with SELECT register_blind_index('{table}', '{column}', 'exact');.")),
+    )
+}
+
+// blind_index(encrypted_text) → bytea: the blind index of a value of a registered column.
 v1_function!(pg_finfo_cellcrypt_blind_index_encrypted, cellcrypt_blind_index_encrypted, |fcinfo| {
-    let norm = normalization(fcinfo);
+    let d = arg(fcinfo, 0);
+    let id = types::binding_of(d);
+    if id == 0 {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to compute the blind index of a value from a column not registered for a blind index",
+            Some("Blind indexes reveal which values are equal, so they exist only for the columns an administrator registered; values of other columns (and values copied out of them) have none."),
+            Some("An administrator registers the column with SELECT register_blind_index('<table>', '<column>', 'exact');."),
+        )
+    }
     let plain = types::open_to_vec(
         Kind::Text,
-        arg(fcinfo, 0),
+        d,
         "compute the blind index of",
         "The value comes from another database or was encrypted under a retired key.",
     );
-    hash_text(norm, &plain)
+    hash_column(id, &plain)
 });
 
-// blind_index(text, normalization text) → bytea
-v1_function!(pg_finfo_cellcrypt_blind_index_text, cellcrypt_blind_index_text, |fcinfo| {
-    let norm = normalization(fcinfo);
-    hash_text(norm, types::varlena_bytes(arg(fcinfo, 0)))
+// blind_index(value text, table_name regclass, column_name name) → bytea: the blind index a
+// value would have in a registered column, to look it up.
+v1_function!(pg_finfo_cellcrypt_blind_index_lookup, cellcrypt_blind_index_lookup, |fcinfo| {
+    let relid = pg_sys::Oid::from(arg(fcinfo, 1).value() as u32);
+    let column = CStr::from_ptr(arg(fcinfo, 2).cast_mut_ptr::<std::ffi::c_char>());
+    // The column's id, kept per call site: a lookup in a loop resolves it once.
+    let flinfo = (*fcinfo).flinfo;
+    let id = match types::fn_extra::<(pg_sys::Oid, u32)>(flinfo) {
+        Some((r, id)) if r == relid => id,
+        _ => {
+            let (typid, typmod, _) = attribute(relid, column);
+            if !types::is_encrypted_text(typid) || typmod <= 0 {
+                not_registered(relid, column);
+            }
+            types::set_fn_extra(flinfo, (relid, typmod as u32));
+            typmod as u32
+        }
+    };
+    hash_column(id, types::varlena_bytes(arg(fcinfo, 0)))
 });
+
+// register_blind_index(table_name regclass, column_name name, normalization text) → text
+v1_function!(pg_finfo_cellcrypt_register_blind_index, cellcrypt_register_blind_index, |fcinfo| {
+    const F: &str = "register_blind_index()";
+    policy::require_admin(F);
+    policy::require_primary(F);
+    let relid = pg_sys::Oid::from(arg(fcinfo, 0).value() as u32);
+    let column = CStr::from_ptr(arg(fcinfo, 1).cast_mut_ptr::<std::ffi::c_char>()).to_owned();
+    let norm = parse_normalization(&String::from_utf8_lossy(types::varlena_bytes(arg(fcinfo, 2))));
+    let Some(table) = store::lock_user_table(relid, pg_sys::AccessExclusiveLock) else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{} is not a table", relation_name(relid)),
+            Some("Blind indexes are registered on columns of ordinary, permanent tables."),
+            None,
+        )
+    };
+    let (typid, typmod, _) = attribute(relid, &column);
+    if !types::is_encrypted_text(typid) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("column \"{}\" of table {} is not of type encrypted_text", column.to_string_lossy(), table.name),
+            None,
+            Some("Blind indexes exist for encrypted_text columns."),
+        )
+    }
+    if typmod > 0 {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("column \"{}\" of table {} is already registered for a blind index (id {typmod})", column.to_string_lossy(), table.name),
+            None,
+            None,
+        )
+    }
+    let id = store::next_blind_index_id();
+    if id > cellcrypt_core::envelope::MAX_BINDING {
+        errors::raise(PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED, "a database can register at most 65535 blind-index columns", None, None)
+    }
+    let quoted = CStr::from_ptr(pg_sys::quote_identifier(column.as_ptr())).to_string_lossy().into_owned();
+    store::insert_blind_index_column(id, norm.name(), &table.name, &column.to_string_lossy());
+    // Under the table's ACCESS EXCLUSIVE lock: this function binds each value it reads from the
+    // column itself (nothing the owner's code does meanwhile can have a value of its choosing
+    // bound), then the column's type becomes encrypted_text(<id>), as the owner. That rewrite
+    // keeps only the live, bound row versions, so no index ever meets an unbound one, and from
+    // then on every value stored in the column is bound on its way in (types.rs).
+    let bound = bind_existing(&table, &quoted, id, typid);
+    let alter = format!("ALTER TABLE {} ALTER COLUMN {quoted} TYPE {}.encrypted_text({id})", table.name, store::extension_schema());
+    store::as_table_owner(&table, || Spi::run(&alter))
+        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not register the column: {e}"), None, None));
+    crate::audit::record(&crate::audit::Event {
+        action: "register blind index",
+        outcome: "started",
+        key_version: None,
+        fingerprint: None,
+        detail: &format!("{}.{} as blind-index column {id} ({}), {bound} values bound", table.name, column.to_string_lossy(), norm.name()),
+    });
+    let message = format!(
+        "registered: {}.{quoted} is blind-index column {id} ({}); {bound} values bound. Index it with CREATE INDEX ON {} (blind_index({quoted}));",
+        table.name,
+        norm.name(),
+        table.name
+    );
+    pgrx::IntoDatum::into_datum(message).unwrap_or(Datum::from(0))
+});
+
+/// Binds every value of a column being registered: read from the table as its owner (with
+/// row_security off, so every row), bound here, and written back to the same row.
+fn bind_existing(table: &store::UserTable, column: &str, id: u32, typid: pg_sys::Oid) -> i64 {
+    let select = format!("SELECT ctid::pg_catalog.text, {column} FROM {} WHERE {column} IS NOT NULL", table.name);
+    let update = format!("UPDATE {} SET {column} = $1 WHERE ctid OPERATOR(pg_catalog.=) $2::pg_catalog.tid", table.name);
+    store::as_table_owner(table, || {
+        Spi::connect_mut(|c| {
+            let mut rows = Vec::new();
+            let mut t = c.select(&select, None, &[])?;
+            while t.next().is_some() {
+                let ctid = t.get::<String>(1)?.unwrap_or_default();
+                if let Some(d) = t.get_datum_by_ordinal(2)? {
+                    // SAFETY: a non-null encrypted_text datum of the row just read.
+                    rows.push((ctid, unsafe { types::rebind(d, id) }));
+                }
+            }
+            for (ctid, d) in &rows {
+                // SAFETY: `d` is an encrypted_text datum, palloc'd in this SPI connection.
+                c.update(&update, None, &[unsafe { pgrx::datum::DatumWithOid::new(*d, typid) }, ctid.as_str().into()])?;
+            }
+            Ok::<_, pgrx::spi::Error>(rows.len() as i64)
+        })
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not bind the column's values: {e}"), None, None))
+}
 
 /// `rotate_blind_index_key() returns text`: replaces the blind-index key with a fresh random
 /// one and rebuilds every index that uses `blind_index`, in one transaction (so no lookup ever
@@ -94,24 +272,16 @@ v1_function!(pg_finfo_cellcrypt_blind_index_text, cellcrypt_blind_index_text, |f
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_blind_index_key() -> String {
     const F: &str = "rotate_blind_index_key()";
-    key_admin::require_admin(F);
-    key_admin::require_primary(F);
-    key_admin::require_secure_transport(F, F);
-    if !key_admin::try_xact_lock(ROTATION_LOCK_OBJID) {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-            "another blind-index key rotation is in progress in this database",
-            None,
-            Some("Wait for it to finish, then try again if still needed."),
-        );
-    }
+    policy::require_admin(F);
+    policy::require_primary(F);
+    policy::require_secure_transport(F, F);
+    policy::lock_or_refuse(policy::Lock::IndexKeyRotation, F);
     refuse_generated_columns();
     let loaded = keys::loaded();
     let old_version = loaded.index_key.as_ref().map(|(v, _)| *v).unwrap_or(0);
     let new_version = old_version + 1;
     let new_key = SecretKey::random();
-    keys::as_extension_owner(|| Spi::run("UPDATE cellcrypt.index_key SET state = 'retired', wrapped_key = NULL WHERE state = 'current'"))
-        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not retire the blind-index key: {e}"), None, None));
+    store::retire_index_key();
     key_admin::store_index_key(new_version, &loaded.master, loaded.current_version, &new_key, true);
     // This transaction computes with the new key from here on; others at its commit.
     let rebuilt = {
@@ -138,19 +308,20 @@ fn rotate_blind_index_key() -> String {
 }
 
 /// The `blind_index` functions of this extension, as a SQL subquery of their OIDs.
-const BLIND_INDEX_FUNCTIONS: &str = "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_depend e ON e.objid = p.oid \
-     JOIN pg_catalog.pg_extension x ON x.oid = e.refobjid WHERE x.extname = 'pg_cellcrypt' AND p.proname = 'blind_index'";
+const BLIND_INDEX_FUNCTIONS: &str = "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_depend e ON e.objid OPERATOR(pg_catalog.=) p.oid \
+     JOIN pg_catalog.pg_extension x ON x.oid OPERATOR(pg_catalog.=) e.refobjid \
+     WHERE x.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt' AND p.proname OPERATOR(pg_catalog.=) 'blind_index'";
 
 /// A rotation rebuilds indexes; a stored generated column computed with `blind_index` would
 /// keep hashes under the old key and silently stop matching, so the rotation is refused.
 fn refuse_generated_columns() {
-    let columns: Option<String> = keys::as_extension_owner(|| {
+    let columns: Option<String> = store::as_extension_owner(|| {
         Spi::get_one::<String>(&format!(
-            "SELECT string_agg(format('%s.%I', a.adrelid::pg_catalog.regclass, t.attname), ', ') \
-             FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attrdef a ON a.oid = d.objid \
-             JOIN pg_catalog.pg_attribute t ON t.attrelid = a.adrelid AND t.attnum = a.adnum \
-             WHERE d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass \
-               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid IN ({BLIND_INDEX_FUNCTIONS})"
+            "SELECT pg_catalog.string_agg(pg_catalog.format('%s.%I', a.adrelid::pg_catalog.regclass, t.attname), ', ') \
+             FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attrdef a ON a.oid OPERATOR(pg_catalog.=) d.objid \
+             JOIN pg_catalog.pg_attribute t ON t.attrelid OPERATOR(pg_catalog.=) a.adrelid AND t.attnum OPERATOR(pg_catalog.=) a.adnum \
+             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_attrdef'::pg_catalog.regclass \
+               AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid OPERATOR(pg_catalog.=) ANY ({BLIND_INDEX_FUNCTIONS})"
         ))
         .ok()
         .flatten()
@@ -167,15 +338,15 @@ fn refuse_generated_columns() {
 
 /// Rebuilds every index whose definition calls `blind_index` (found through pg_depend).
 fn rebuild_indexes() -> i64 {
-    let indexes: Vec<String> = keys::as_extension_owner(|| {
+    let indexes: Vec<String> = store::as_extension_owner(|| {
         Spi::connect(|c| {
             let t = c.select(
                 format!(
                     "SELECT DISTINCT d.objid::pg_catalog.regclass::text FROM pg_catalog.pg_depend d \
-                 JOIN pg_catalog.pg_class i ON i.oid = d.objid AND i.relkind IN ('i', 'I') \
-                 WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass \
-                   AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
-                   AND d.refobjid IN ({BLIND_INDEX_FUNCTIONS}) \
+                 JOIN pg_catalog.pg_class i ON i.oid OPERATOR(pg_catalog.=) d.objid AND i.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['i', 'I']::pg_catalog.char[]) \
+                 WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                   AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+                   AND d.refobjid OPERATOR(pg_catalog.=) ANY ({BLIND_INDEX_FUNCTIONS}) \
                  ORDER BY 1"
                 )
                 .as_str(),
@@ -192,7 +363,7 @@ fn rebuild_indexes() -> i64 {
     });
     let total = indexes.len();
     for (i, index) in indexes.iter().enumerate() {
-        keys::as_extension_owner(|| Spi::run(&format!("REINDEX INDEX {index}")))
+        store::as_extension_owner(|| Spi::run(&format!("REINDEX INDEX {index}")))
             .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not rebuild index {index}: {e}"), None, None));
         pgrx::notice!("pg_cellcrypt: rebuilt blind index {} ({} of {total})", index, i + 1);
     }
@@ -201,15 +372,32 @@ fn rebuild_indexes() -> i64 {
 
 pgrx::extension_sql!(
     r#"
--- Blind indexes (blind_index.rs): a keyed hash of the normalized plaintext, for expression
--- indexes and unique constraints. One overload reads the encrypted column, one hashes the
--- value being looked up.
-CREATE FUNCTION @extschema@.blind_index(@extschema@.encrypted_text, normalization text DEFAULT 'exact') RETURNS bytea
+-- Blind indexes (blind_index.rs): opt-in per column. An administrator registers a column; its
+-- values are bound to it (types.rs) and hashed under a key of its own.
+CREATE TABLE cellcrypt.blind_index_column (
+    id            integer PRIMARY KEY CHECK (id BETWEEN 1 AND 65535),
+    normalization text NOT NULL,
+    table_name    text NOT NULL,
+    column_name   text NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    created_by    name NOT NULL DEFAULT session_user
+);
+COMMENT ON TABLE cellcrypt.blind_index_column IS 'Columns registered for a blind index; a registered column is declared encrypted_text(<id>)';
+SELECT pg_catalog.pg_extension_config_dump('cellcrypt.blind_index_column', '');
+CREATE VIEW @extschema@.blind_index_columns AS
+    SELECT id, table_name, column_name, normalization, created_at, created_by FROM cellcrypt.blind_index_column;
+COMMENT ON VIEW @extschema@.blind_index_columns IS 'Columns registered for a blind index (as they were named when registered)';
+GRANT SELECT ON @extschema@.blind_index_columns TO PUBLIC;
+
+CREATE FUNCTION @extschema@.register_blind_index(table_name regclass, column_name name, normalization text DEFAULT 'exact') RETURNS text
+    AS 'MODULE_PATHNAME', 'cellcrypt_register_blind_index' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION @extschema@.register_blind_index(regclass, name, text) IS 'Registers an encrypted_text column for a blind index (administrators only)';
+CREATE FUNCTION @extschema@.blind_index(@extschema@.encrypted_text) RETURNS bytea
     AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_encrypted' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
-CREATE FUNCTION @extschema@.blind_index(text, normalization text DEFAULT 'exact') RETURNS bytea
-    AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_text' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION @extschema@.blind_index(@extschema@.encrypted_text, text) IS 'Blind index of an encrypted value: HMAC-SHA256 under the index key, 16 bytes; reveals equality';
-COMMENT ON FUNCTION @extschema@.blind_index(text, text) IS 'Blind index of a plaintext value, to look up an encrypted column by its blind index';
+CREATE FUNCTION @extschema@.blind_index(value text, table_name regclass, column_name name) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'cellcrypt_blind_index_lookup' LANGUAGE c STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION @extschema@.blind_index(@extschema@.encrypted_text) IS 'Blind index of a value of a registered column: HMAC-SHA256 under the column''s key, 16 bytes; reveals equality';
+COMMENT ON FUNCTION @extschema@.blind_index(text, regclass, name) IS 'Blind index a value would have in a registered column, to look it up';
 "#,
     name = "blind_index",
     requires = ["types"]

@@ -5,7 +5,7 @@
 //!
 //! ## A key change, step by step
 //! 1. The caller must be an administrator on a secure connection (else 42501 / 28000).
-//! 2. `pg_try_advisory_xact_lock` refuses a second change at once (55P03, naming who started
+//! 2. The extension's key-change lock (`policy.rs`) refuses a second change at once (55P03, naming who started
 //!    the running one and when). The lock is transaction-scoped, so a session that dies or a
 //!    server that crashes never leaves it behind.
 //! 3. The new key is validated (a weak key is refused with 22023) and derived with a fresh salt.
@@ -25,6 +25,7 @@
 //! key is refused with both fingerprints and changes nothing.
 
 use crate::audit::{self, Event};
+use crate::policy;
 use crate::errors;
 use crate::gucs::KeyProvider;
 use crate::key_cache;
@@ -34,13 +35,8 @@ use cellcrypt_core::kdf::{new_salt, KdfParams, MasterKey};
 use cellcrypt_core::AdminKey;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use zeroize::Zeroizing;
-
-/// The advisory lock that serializes key changes: `pg_try_advisory_xact_lock(1667464497, 1)`
-/// (1667464497 is "cck1" in ASCII).
-pub const LOCK_CLASSID: i32 = 0x6363_6b31;
-pub const LOCK_OBJID: i32 = 1;
 
 type KeyFile = Vec<(u32, Zeroizing<String>)>;
 
@@ -64,7 +60,6 @@ struct Pending {
 
 thread_local! {
     static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
-    static INTERNAL_WRITE: Cell<bool> = const { Cell::new(false) };
 }
 
 fn with_pending(f: impl FnOnce(&mut Pending)) {
@@ -162,15 +157,6 @@ pub fn announce_at_commit() {
     with_pending(|p| p.announce = true);
 }
 
-/// True while this extension itself writes `cellcrypt.keyring`; rows written otherwise come
-/// from a restore (see the keyring trigger in the install SQL).
-fn internal_write<R>(f: impl FnOnce() -> R) -> R {
-    INTERNAL_WRITE.with(|w| w.set(true));
-    let r = f();
-    INTERNAL_WRITE.with(|w| w.set(false));
-    r
-}
-
 /// `cellcrypt._keyring_write_is_internal()`, called by the keyring's BEFORE INSERT trigger.
 /// False for rows that arrive from a dump being restored: they replace the key CREATE
 /// EXTENSION generated, and every backend must reload its keys.
@@ -184,7 +170,7 @@ pub extern "C" fn pg_finfo_cellcrypt_keyring_write_is_internal() -> &'static pg_
 #[unsafe(no_mangle)]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn cellcrypt_keyring_write_is_internal(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let internal = INTERNAL_WRITE.with(|w| w.get());
+    let internal = crate::store::internal_write_in_progress();
     if !internal {
         keys::invalidate();
         with_pending(|p| {
@@ -193,127 +179,6 @@ pub unsafe extern "C-unwind" fn cellcrypt_keyring_write_is_internal(_fcinfo: pg_
         });
     }
     pg_sys::Datum::from(internal)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Who may call
-
-/// True when this backend's client connection is protected: SSL, a Unix-domain socket, or no
-/// client at all (a background worker). A client whose transport cannot be told is not trusted.
-fn connection_is_secure() -> bool {
-    // SAFETY: MyProcPort and MyBEEntry are this backend's own, set up at connection start.
-    unsafe {
-        if pg_sys::MyProcPort.is_null() {
-            return true;
-        }
-        match pg_sys::MyBEEntry.as_ref() {
-            Some(entry) => entry.st_ssl || i32::from(entry.st_clientaddr.addr.ss_family) == libc::AF_UNIX,
-            None => false,
-        }
-    }
-}
-
-fn refuse(action: &str, detail: &str) {
-    audit::record(&Event { action, outcome: "refused", key_version: None, fingerprint: None, detail });
-}
-
-/// Key calls travel only over protected connections, like Dynamics' HTTPS rule.
-pub fn require_secure_transport(action: &str, function: &str) {
-    if !crate::gucs::REQUIRE_SECURE_TRANSPORT.get() || connection_is_secure() {
-        return;
-    }
-    refuse(action, "TCP connection without SSL");
-    errors::raise(
-        PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
-        format!("{function} requires a secure connection"),
-        Some("This connection is TCP without SSL, so a key would cross the network in the clear."),
-        Some("Reconnect with SSL (sslmode=require or stronger) or over the server's Unix socket."),
-    )
-}
-
-/// Raises 25006 on a standby: keys change on the primary, and a standby follows the primary's
-/// keyring as it replays it (see `keys::try_loaded`).
-pub fn require_primary(function: &str) {
-    if keys::on_standby() {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            format!("{function} cannot run on a standby"),
-            Some("This server is in recovery: its keyring, like its data, is replicated from the primary."),
-            Some("Run it on the primary. The standby follows a key change without a restart once its own key provider holds the new key (copy the key file, or update the key command's source)."),
-        );
-    }
-}
-
-/// Only superusers and members of `data_encryption_admin` manage keys.
-pub fn require_admin(function: &str) {
-    if !crate::roles::current_user_has(crate::roles::ADMIN) {
-        refuse(function, "not a member of data_encryption_admin");
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied for {function}: only superusers and members of role data_encryption_admin manage the data encryption key"),
-            None,
-            Some("Ask an administrator to run GRANT data_encryption_admin TO <your role>."),
-        )
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// One change at a time
-
-/// Tries to take one of the extension's advisory locks (`objid` 1: key changes, 2: index key
-/// rotations) for the rest of this transaction, without waiting.
-pub fn try_xact_lock(objid: i32) -> bool {
-    Spi::get_one_with_args("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)", &[LOCK_CLASSID.into(), objid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
-/// Takes the key-change lock for this transaction, or raises 55P03 naming the holder.
-fn lock_key_changes(action: &str) {
-    if try_xact_lock(LOCK_OBJID) {
-        return;
-    }
-    let holder: Option<String> = keys::as_extension_owner(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT format('process %s, role %s, from %s, started at %s', a.pid, coalesce(a.usename::text, '?'), \
-                    coalesce(host(a.client_addr), 'a local socket'), coalesce(a.xact_start::text, '?')) \
-             FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
-               AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2 AND l.granted LIMIT 1",
-            &[(LOCK_CLASSID as i64).into(), (LOCK_OBJID as i64).into()],
-        )
-        .ok()
-        .flatten()
-    });
-    let holder = holder.unwrap_or_else(|| "a session that has just ended".to_owned());
-    refuse(action, &format!("another key change is running: {holder}"));
-    errors::raise(
-        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-        "another data encryption key change is in progress in this database",
-        Some(&format!("It was started by {holder}.")),
-        Some("Wait until it finishes (a change includes re-encrypting every value: see data_encryption_progress, or finish it now with CALL finish_data_encryption_reencryption();), then try again."),
-    )
-}
-
-/// A change's re-encryption must finish before the next change: 55P03, saying who started it,
-/// when, and how far it is.
-fn refuse_while_reencrypting(action: &str) {
-    let running: Option<String> = keys::as_extension_owner(|| {
-        Spi::get_one::<String>(
-            "SELECT format('the change to key version %s started by role %s at %s: %s of %s tables done, %s values re-encrypted so far',                     max(key_version), min(created_by), min(created_at), count(*) FILTER (WHERE state = 'verified'), count(*), sum(cells_done))              FROM cellcrypt.reencryption_job HAVING count(*) > 0",
-        )
-        .ok()
-        .flatten()
-    });
-    let Some(running) = running else { return };
-    refuse(action, &format!("re-encryption still running: {running}"));
-    errors::raise(
-        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-        "the previous data encryption key change is still re-encrypting this database",
-        Some(&format!("Re-encryption of {running}.")),
-        Some("Wait for it to finish (see the views data_encryption_status and data_encryption_progress), or finish it now with CALL finish_data_encryption_reencryption();."),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,35 +202,14 @@ fn derive_new(key: &AdminKey) -> ([u8; 16], KdfParams, MasterKey) {
 }
 
 fn insert_key_row(version: u32, salt: &[u8], params: &KdfParams, master: &MasterKey) {
-    keys::as_extension_owner(|| internal_write(|| {
-        Spi::run_with_args(
-            "INSERT INTO cellcrypt.keyring (key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'current', $7)",
-            &[
-                (version as i32).into(),
-                master.fingerprint().to_string().into(),
-                salt.to_vec().into(),
-                (params.m_cost_kib as i32).into(),
-                (params.t_cost as i32).into(),
-                (params.p_cost as i32).into(),
-                providers::name(providers::current()).into(),
-            ],
-        )
-    }))
-    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not record the key: {e}"), None, None));
+    crate::store::insert_current_key(version, &master.fingerprint().to_string(), salt, params, providers::name(providers::current()));
 }
 
 /// Stores blind-index key `index_version`, wrapped under data key `wrapping_version` (whose
 /// master key is `master`): inserted as the current index key, or re-wrapped in place.
 pub fn store_index_key(index_version: u32, master: &MasterKey, wrapping_version: u32, key: &cellcrypt_core::SecretKey, insert: bool) {
     let wrapped = cellcrypt_core::wrap::wrap_index_key(&master.wrap_key(), wrapping_version, index_version, key);
-    let sql = if insert {
-        "INSERT INTO cellcrypt.index_key (key_version, wrapped_key, wrapped_under, state) VALUES ($1, $2, $3, 'current')"
-    } else {
-        "UPDATE cellcrypt.index_key SET wrapped_key = $2, wrapped_under = $3 WHERE key_version = $1"
-    };
-    keys::as_extension_owner(|| internal_write(|| Spi::run_with_args(sql, &[(index_version as i32).into(), wrapped.into(), (wrapping_version as i32).into()])))
-        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not store the blind-index key: {e}"), None, None));
+    crate::store::store_index_key(index_version, wrapped, wrapping_version, insert);
 }
 
 fn key_io_error(e: String) -> ! {
@@ -391,8 +235,7 @@ pub extern "C" fn pg_finfo_cellcrypt_initialize() -> &'static pg_sys::Pg_finfo_r
 #[unsafe(no_mangle)]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let existing: i64 = Spi::get_one("SELECT count(*) FROM cellcrypt.keyring").ok().flatten().unwrap_or(0);
-    if existing > 0 {
+    if crate::store::keyring_has_rows() {
         return pg_sys::Datum::from(false);
     }
     let provider = providers::current();
@@ -472,11 +315,11 @@ fn generate_data_encryption_key() -> String {
 /// against the stored fingerprint before it is shown.
 #[pg_extern(volatile, parallel_unsafe)]
 fn retrieve_data_encryption_key() -> String {
-    require_admin("retrieve_data_encryption_key()");
-    require_secure_transport("retrieve_data_encryption_key()", "retrieve_data_encryption_key()");
+    policy::require_admin("retrieve_data_encryption_key()");
+    policy::require_secure_transport("retrieve_data_encryption_key()", "retrieve_data_encryption_key()");
     let rows = keys::read_key_rows();
     let Some(current) = rows.first().filter(|r| r.state == "current") else {
-        refuse("retrieve_data_encryption_key()", "no key configured");
+        policy::refuse("retrieve_data_encryption_key()", "no key configured");
         KeyUnavailable::NoKeyConfigured.raise()
     };
     match keys::current_key(current) {
@@ -491,7 +334,7 @@ fn retrieve_data_encryption_key() -> String {
             text.as_str().to_owned()
         }
         Err(e) => {
-            refuse("retrieve_data_encryption_key()", "the key is not loaded");
+            policy::refuse("retrieve_data_encryption_key()", "the key is not loaded");
             e.raise()
         }
     }
@@ -502,25 +345,25 @@ fn retrieve_data_encryption_key() -> String {
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_data_encryption_key(key: &str) -> String {
     const F: &str = "set_data_encryption_key()";
-    require_admin(F);
-    require_primary(F);
-    require_secure_transport(F, F);
+    policy::require_admin(F);
+    policy::require_primary(F);
+    policy::require_secure_transport(F, F);
     if key.len() > key_cache::MAX_KEY_TEXT {
-        refuse(F, "key longer than 256 bytes");
+        policy::refuse(F, "key longer than 256 bytes");
         weak_key("it is longer than 256 bytes");
     }
     let new_key = match AdminKey::parse(key) {
         Ok(k) => k,
         Err(e) => {
-            refuse(F, &format!("weak or malformed key: {e}"));
+            policy::refuse(F, &format!("weak or malformed key: {e}"));
             weak_key(&e.to_string())
         }
     };
-    refuse_while_reencrypting(F);
-    lock_key_changes(F);
+    policy::refuse_while_reencrypting(F);
+    policy::lock_or_refuse(policy::Lock::KeyChange, F);
     let rows = keys::read_key_rows();
     let Some(current) = rows.first().filter(|r| r.state == "current") else {
-        refuse(F, "no key configured");
+        policy::refuse(F, "no key configured");
         KeyUnavailable::NoKeyConfigured.raise()
     };
     match keys::current_key(current) {
@@ -598,11 +441,15 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         return format!("unchanged: the given key is already the current key (version {}, fingerprint {})", current.version, current.fingerprint);
     }
     let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old_master);
-    let max_version: i32 = keys::as_extension_owner(|| Spi::get_one("SELECT max(key_version) FROM cellcrypt.keyring"))
-        .ok()
-        .flatten()
-        .unwrap_or(current.version as i32);
-    let new_version = max_version as u32 + 1;
+    let new_version = crate::store::max_key_version().unwrap_or(current.version).max(current.version) + 1;
+    if new_version > cellcrypt_core::envelope::MAX_KEY_VERSION {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            "this database has used all 65535 key versions",
+            Some("A value's envelope has 16 bits for its key version."),
+            Some("Move the data into a new database (CREATE EXTENSION gives it key version 1)."),
+        )
+    }
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();
     audit::record(&Event { action: "change", outcome: "started", key_version: Some(new_version), fingerprint: Some(&fp), detail: &format!("replaces key version {}", current.version) });
@@ -610,17 +457,9 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
 
     // The keyring: older versions keep their data key, wrapped under the new key.
     let wrap = master.wrap_key();
-    keys::as_extension_owner(|| internal_write(|| {
-        for (version, data_key) in &loaded.data_keys {
-            let wrapped = cellcrypt_core::wrap::wrap_data_key(&wrap, new_version, *version, data_key);
-            Spi::run_with_args(
-                "UPDATE cellcrypt.keyring SET state = 'previous', wrapped_data_key = $2 WHERE key_version = $1",
-                &[(*version as i32).into(), wrapped.into()],
-            )?;
-        }
-        Ok::<_, pgrx::spi::Error>(())
-    }))
-    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not update the keyring: {e}"), None, None));
+    for (version, data_key) in &loaded.data_keys {
+        crate::store::demote_key(*version, cellcrypt_core::wrap::wrap_data_key(&wrap, new_version, *version, data_key));
+    }
     insert_key_row(new_version, &salt, &params, &master);
 
     let mut notes = Vec::new();
@@ -690,38 +529,13 @@ fn data_encryption_status() -> TableIterator<
         name!(reencrypted_values, Option<i64>),
     ),
 > {
-    require_admin("data_encryption_status()");
+    policy::require_admin("data_encryption_status()");
     let active = keys::is_active();
-    type Row = (Option<i32>, Option<String>, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>, Option<i64>);
-    let cur: Row = keys::as_extension_owner(|| {
-        Spi::connect(|c| {
-            let t = c.select(
-                "SELECT key_version, fingerprint, created_at, created_by::text, reencrypted_values FROM cellcrypt.keyring WHERE state = 'current'",
-                None,
-                &[],
-            )?;
-            for r in t {
-                return Ok::<Row, pgrx::spi::Error>((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?));
-            }
-            Ok((None, None, None, None, None))
-        })
-        .unwrap_or((None, None, None, None, None))
-    });
+    let cur = crate::store::current_key_status();
     let previous: Vec<i32> = keys::read_key_rows().iter().filter(|r| r.state == "previous").map(|r| r.version as i32).collect();
     // The job table in one read-only query: the view also answers on a standby, where no
     // transaction id can be assigned.
-    type Jobs = (Option<i64>, Option<i64>, Option<String>);
-    let (done, total, blocked): Jobs = keys::as_extension_owner(|| {
-        Spi::connect(|c| {
-            let t = c.select(
-                "SELECT count(*) FILTER (WHERE state = 'verified'), count(*), string_agg(last_error, '; ') FROM cellcrypt.reencryption_job",
-                None,
-                &[],
-            )?;
-            t.first().get_three::<i64, i64, String>()
-        })
-        .unwrap_or((None, None, None))
-    });
+    let (done, total, blocked) = crate::store::job_summary();
     let reencryption = match (done, total, blocked) {
         (_, _, Some(blocked)) => format!(
             "blocked: {blocked}. Restore that row from a backup or delete it; the worker retries every {} seconds",
@@ -740,20 +554,11 @@ pgrx::extension_sql!(
 CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
 REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.retrieve_data_encryption_key() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION @extschema@.retrieve_data_encryption_key() TO data_encryption_admin;
-REVOKE ALL ON FUNCTION @extschema@.set_data_encryption_key(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION @extschema@.set_data_encryption_key(text) TO data_encryption_admin;
-REVOKE ALL ON FUNCTION @extschema@.data_encryption_status() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_status() TO data_encryption_admin;
-REVOKE ALL ON FUNCTION @extschema@.rotate_blind_index_key() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION @extschema@.rotate_blind_index_key() TO data_encryption_admin;
-REVOKE ALL ON FUNCTION @extschema@.data_encryption_audit() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION @extschema@.data_encryption_audit() TO data_encryption_admin;
+-- The key functions are executable by PUBLIC: each refuses non-administrators itself
+-- (policy.rs), with SQLSTATE 42501, a hint naming data_encryption_admin and an audit record.
 CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();
 CREATE VIEW @extschema@.data_encryption_audit AS SELECT * FROM @extschema@.data_encryption_audit();
-REVOKE ALL ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit FROM PUBLIC;
-GRANT SELECT ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit TO data_encryption_admin;
+GRANT SELECT ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit TO PUBLIC;
 
 -- Encryption is on from the start: the database gets its first key now.
 SELECT cellcrypt._initialize();

@@ -19,7 +19,7 @@ use crate::backend_local::BackendLocal;
 use crate::errors;
 use crate::key_cache;
 use crate::providers;
-use cellcrypt_core::kdf::{KdfParams, MasterKey};
+use cellcrypt_core::kdf::MasterKey;
 use cellcrypt_core::{AdminKey, Keyring, NonceSource, SecretKey};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
@@ -136,21 +136,6 @@ pub fn keyring_relid() -> pg_sys::Oid {
     }
 }
 
-/// The current data key version and blind-index key version in the keyring tables, read-only
-/// (for standbys).
-fn replicated_versions() -> (Option<u32>, Option<u32>) {
-    Spi::connect(|c| {
-        let t = c.select(
-            "SELECT (SELECT key_version FROM cellcrypt.keyring WHERE state = 'current'), (SELECT key_version FROM cellcrypt.index_key WHERE state = 'current')",
-            None,
-            &[],
-        )?;
-        t.first().get_two::<i32, i32>()
-    })
-    .map(|(a, b)| (a.map(|v| v as u32), b.map(|v| v as u32)))
-    .unwrap_or((None, None))
-}
-
 /// Forgets this backend's keys.
 pub fn invalidate() {
     LOADED.with(|l| *l.borrow_mut() = None);
@@ -175,7 +160,7 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
             // A standby learns of a key change (or an index key rotation) only through the rows
             // it replays: the primary's commit bumps the primary's shared generation, not the
             // standby's. So a standby compares the versions once per transaction.
-            Some((_, current, index)) => on_standby() && replicated_versions() != (Some(current), index),
+            Some((_, current, index)) => on_standby() && crate::store::current_versions() != (Some(current), index),
         };
         if stale {
             invalidate();
@@ -211,93 +196,13 @@ pub fn with_nonces<R>(f: impl FnOnce(&mut NonceSource) -> R) -> R {
     })
 }
 
-/// One row of `cellcrypt.keyring`.
-pub struct KeyRow {
-    pub version: u32,
-    pub fingerprint: String,
-    pub salt: Vec<u8>,
-    pub params: KdfParams,
-    pub state: String,
-    pub wrapped: Option<Vec<u8>>,
-}
-
-/// Runs `f` as the bootstrap superuser, the way PostgreSQL's own internals read catalogs on
-/// behalf of an unprivileged caller. Used only for fixed, schema-qualified queries on
-/// `cellcrypt.*` and for re-encryption: every role that writes encrypted columns must be able
-/// to load the key without any privilege on the keyring. An error aborts the transaction,
-/// which restores the caller's identity.
-pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let mut saved_user = pg_sys::InvalidOid;
-    let mut saved_context = 0;
-    // SAFETY: plain backend calls; identity restored below and on abort by PostgreSQL.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let r = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
-    r
-}
+pub use crate::store::KeyRow;
 
 /// The keyring's live rows (current first, then previous versions, newest first), read with
 /// the latest snapshot, as catalogs are: a key change that committed after this transaction
 /// began is seen, whatever the isolation level.
 pub fn read_key_rows() -> Vec<KeyRow> {
-    with_latest_snapshot(read_key_rows_unchecked)
-}
-
-/// Runs a read of `cellcrypt.*` as the extension owner with the latest snapshot.
-fn with_latest_snapshot<R>(f: impl FnOnce() -> R) -> R {
-    as_extension_owner(|| {
-        // A parallel worker may not take a new snapshot; it reads with the one its leader
-        // shared (the leader checked the generation when the query started).
-        // SAFETY: plain backend calls; the pushed snapshot is popped below (and on abort).
-        if unsafe { pg_sys::IsInParallelMode() } {
-            return f();
-        }
-        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
-        let r = f();
-        unsafe { pg_sys::PopActiveSnapshot() };
-        r
-    })
-}
-
-fn read_key_rows_unchecked() -> Vec<KeyRow> {
-    Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, wrapped_data_key \
-             FROM cellcrypt.keyring WHERE state IN ('current', 'previous') ORDER BY state = 'current' DESC, key_version DESC",
-            None,
-            &[],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(KeyRow {
-                version: row.get::<i32>(1)?.unwrap_or(0) as u32,
-                fingerprint: row.get::<String>(2)?.unwrap_or_default(),
-                salt: row.get::<Vec<u8>>(3)?.unwrap_or_default(),
-                params: KdfParams {
-                    m_cost_kib: row.get::<i32>(4)?.unwrap_or(0) as u32,
-                    t_cost: row.get::<i32>(5)?.unwrap_or(0) as u32,
-                    p_cost: row.get::<i32>(6)?.unwrap_or(0) as u32,
-                },
-                state: row.get::<String>(7)?.unwrap_or_default(),
-                wrapped: row.get::<Vec<u8>>(8)?,
-            });
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .unwrap_or_else(|e| {
-        errors::raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("could not read the pg_cellcrypt keyring: {e}"),
-            None,
-            None,
-        )
-    })
+    crate::store::key_rows()
 }
 
 /// Derives `key`'s master key with the row's salt and parameters and checks it against the
@@ -353,33 +258,13 @@ pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], master: Ma
             ),
         }
     }
-    let index_key = read_index_key_row().and_then(|(v, wrapped, under)| {
+    let index_key = crate::store::index_key_row().and_then(|(v, wrapped, under)| {
         if under != current.version {
             return None;
         }
         cellcrypt_core::wrap::unwrap_index_key(&wrap, current.version, v, &wrapped).ok().map(|k| (v, k))
     });
     LoadedKeys::build(relid, generation, current.version, master, others, index_key)
-}
-
-/// The current blind-index key row: (version, wrapped key, data key version it is wrapped under).
-pub fn read_index_key_row() -> Option<(u32, Vec<u8>, u32)> {
-    // A read-only SPI connection: parallel workers load keys too, and may not assign an XID.
-    with_latest_snapshot(|| {
-        Spi::connect(|c| {
-            let t = c.select("SELECT key_version, wrapped_key, wrapped_under FROM cellcrypt.index_key WHERE state = 'current'", None, &[])?;
-            let mut out = None;
-            for r in t {
-                out = match (r.get::<i32>(1)?, r.get::<Vec<u8>>(2)?, r.get::<i32>(3)?) {
-                    (Some(v), Some(w), Some(u)) => Some((v as u32, w, u as u32)),
-                    _ => None,
-                };
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })
-        .ok()
-        .flatten()
-    })
 }
 
 impl LoadedKeys {

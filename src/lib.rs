@@ -8,15 +8,17 @@
 //! | [`keys`] | the data encryption key: what the database stores, how a backend loads and caches it |
 //! | [`key_cache`] | shared memory: each database's current key, and the generation that announces a change |
 //! | [`providers`] | where keys live: the `file`, `command` and `none` key providers |
-//! | [`key_admin`] | the administrator's SQL functions: set/change/restore/retrieve/status, the change lock |
+//! | [`store`] | the extension's own tables, and every statement run with rights other than the caller's |
+//! | [`policy`] | who may call what (roles, secure transport, primary only) and the extension's locks |
+//! | [`key_admin`] | the administrator's SQL functions: set/change/restore/retrieve/status |
 //! | [`reencrypt`] | moving every value under the current key, in batches; retiring old keys |
 //! | [`worker`] | the launcher and the per-database re-encryption workers |
 //! | [`audit`] | the audit record of key operations |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
 //! | [`blind_index`] | blind indexes: `blind_index()`, index key rotation |
 //! | [`backend_local`] | per-backend state without thread-local storage (hot paths) |
-//! | [`roles`] | the roles the extension creates; the membership check |
-//! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log, names the role in denials |
+//! | [`roles`] | the roles the extension creates (and those it refuses to adopt); the membership check |
+//! | [`hooks`] | `emit_log_hook`: keeps key material out of the server log |
 
 use pgrx::prelude::*;
 
@@ -29,10 +31,12 @@ pub mod blind_index;
 pub mod key_admin;
 pub mod key_cache;
 pub mod keys;
+pub mod policy;
 pub mod providers;
 pub mod reencrypt;
 pub mod worker;
 pub mod roles;
+pub mod store;
 pub mod types;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -43,6 +47,10 @@ pgrx::extension_sql!(
 CREATE SCHEMA cellcrypt;
 COMMENT ON SCHEMA cellcrypt IS 'pg_cellcrypt internal state; not for direct use';
 REVOKE ALL ON SCHEMA cellcrypt FROM PUBLIC;
+-- USAGE only, so that names in it resolve: re-encryption runs as each table's owner and calls
+-- cellcrypt.reencrypt(). Its tables are not readable by PUBLIC; its functions refuse those who
+-- may not call them.
+GRANT USAGE ON SCHEMA cellcrypt TO PUBLIC;
 "#,
     name = "schema",
     bootstrap
@@ -71,8 +79,13 @@ pub extern "C-unwind" fn _PG_init() {
             Some("Rebuild it without the rustflags in .cargo/config.toml for this machine."),
         );
     }
+    // No message carries a Rust backtrace (pgrx attaches one to an error's DETAIL whenever the
+    // environment asks Rust for backtraces): they would show the extension's internals to
+    // clients. Set before any backtrace is taken, in the postmaster, so every backend inherits it.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     key_cache::init();
+    audit::init();
     hooks::init();
     keys::init();
     key_admin::init();

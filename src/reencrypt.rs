@@ -36,16 +36,27 @@
 //! (partitioned tables through their partitions), in every schema, except temporary tables.
 //! Encrypted values inside arrays, composite types or materialized views are not rewritten.
 //!
-//! The updates run as the extension's owner, with `session_replication_role = replica`, so
-//! user triggers do not fire: re-encryption changes no value, only its envelope.
+//! ## Whose rights
+//! The job bookkeeping runs as the extension's owner; every statement on a user table (the
+//! batch's UPDATE, the verification's count) runs as **that table's owner**, under
+//! `SECURITY_RESTRICTED_OPERATION`, with `search_path = pg_catalog, pg_temp` and every function
+//! and operator qualified ([`crate::store::as_table_owner`]), as VACUUM and REINDEX run since
+//! CVE-2022-1552. Ordinary (`ENABLE`) triggers do not fire (`session_replication_role =
+//! replica`): re-encryption changes no value, only its envelope. What still runs (`ENABLE
+//! ALWAYS` and `ENABLE REPLICA` triggers, index expressions, CHECK and domain constraints,
+//! generated columns) runs with the owner's rights only. `row_security = off`: a table whose
+//! owner forced row level security on itself makes the batch fail, and the work reports it as
+//! blocked, instead of silently skipping the rows a policy hides. A failing batch, whatever the
+//! cause, is reported the same way and retried.
 
 use crate::audit::{self, Event};
 use crate::backend_local::BackendLocal;
 use crate::errors;
 use crate::keys;
+use crate::store;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
-use std::cell::RefCell;
+use std::cell::Cell;
 
 fn spi_err(what: &str) -> impl Fn(pgrx::spi::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
@@ -55,138 +66,72 @@ fn fail(msg: String) -> ! {
     errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, msg, None, None)
 }
 
-/// The extension's schema, quoted. Read once per backend and extension: the extension is not
-/// relocatable, so only a DROP and CREATE EXTENSION moves it, and that gives it a new OID.
-fn ext_schema() -> String {
-    static CACHE: BackendLocal<RefCell<Option<(pg_sys::Oid, String)>>> = BackendLocal::new(RefCell::new(None));
-    // SAFETY: a catalog lookup by name; missing_ok, so no error is raised.
-    let ext = unsafe { pg_sys::get_extension_oid(c"pg_cellcrypt".as_ptr(), true) };
-    CACHE.with(|c| {
-        if let Some((oid, schema)) = c.borrow().as_ref() {
-            if *oid == ext {
-                return schema.clone();
-            }
-        }
-        let schema: String = Spi::get_one(
-            "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_cellcrypt'",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| "public".into());
-        *c.borrow_mut() = Some((ext, schema.clone()));
-        schema
-    })
-}
-
 /// Records one job per table with encrypted columns; called by a key change. Returns how many.
 pub fn create_jobs(version: u32) -> i64 {
-    keys::as_extension_owner(|| {
-        Spi::connect_mut(|c| {
-            c.update(
-                "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns) \
-                 SELECT c.oid, $1, array_agg(pg_catalog.quote_ident(a.attname) ORDER BY a.attnum) \
-                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-                 WHERE a.atttypid IN (SELECT d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid \
-                                      WHERE e.extname = 'pg_cellcrypt' AND d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype = 'e') \
-                   AND c.relkind = 'r' AND c.relpersistence <> 't' AND a.attnum > 0 AND NOT a.attisdropped \
-                 GROUP BY c.oid",
-                None,
-                &[(version as i32).into()],
-            )
-            .map(|t| t.len() as i64)
-        })
-        .unwrap_or_else(|e| fail(format!("could not plan the re-encryption: {e}")))
-    })
+    store::create_jobs(version)
 }
 
-struct Job {
-    relid: pg_sys::Oid,
-    version: i32,
-    columns: Vec<String>,
-    next_block: i64,
-    total_blocks: i64,
-}
-
+/// `<schema>.encryption_key_version(c) <> v OR ...`, every function and operator qualified.
 fn filter(schema: &str, columns: &[String], version: i32) -> String {
-    columns.iter().map(|c| format!("{schema}.encryption_key_version({c}) <> {version}")).collect::<Vec<_>>().join(" OR ")
+    columns
+        .iter()
+        .map(|c| format!("{schema}.encryption_key_version({c}) OPERATOR(pg_catalog.<>) {version}"))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// True while this backend runs a re-encryption batch: `cellcrypt.reencrypt()` works only then.
+static IN_BATCH: BackendLocal<Cell<bool>> = BackendLocal::new(Cell::new(false));
+
+/// Refuses `cellcrypt.reencrypt()` outside a batch (42501): it is the batch's own function.
+pub fn require_batch() {
+    if !IN_BATCH.with(|b| b.get()) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "cellcrypt.reencrypt() is internal to pg_cellcrypt's re-encryption",
+            None,
+            Some("Use CALL finish_data_encryption_reencryption(); to run the re-encryption."),
+        )
+    }
+}
+
+/// Runs `f` with `cellcrypt.reencrypt()` enabled.
+fn in_batch<R>(f: impl FnOnce() -> R) -> R {
+    IN_BATCH.with(|b| b.set(true));
+    let f = Cell::new(Some(f));
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| (f.take().expect("runs once"))()))
+        .finally(|| IN_BATCH.with(|b| b.set(false)))
+        .execute()
 }
 
 /// One unit of re-encryption work, in the caller's transaction. Returns what it did:
 /// `batch`, `verify`, `busy` (another runner holds the only pending job), `waiting` (for
-/// transactions older than the work), `blocked` (a value of the batch does not decrypt: the
-/// job's `last_error` says where, and the batch is tried again later), `done` (this call
-/// retired the old keys) or `idle`. Refused on a standby.
+/// transactions older than the work), `blocked` (a batch failed: the job's `last_error` says
+/// where and why, and the batch is tried again later), `done` (this call retired the old keys)
+/// or `idle`. Refused on a standby.
+///
+/// The bookkeeping runs as the extension's owner, each table's statements as that table's
+/// owner ([`store`]): nothing a table owner attached to a table runs with any other rights.
 pub fn step() -> String {
-    crate::key_admin::require_primary("re-encryption");
-    keys::as_extension_owner(|| with_replica_role(|| step_inner().unwrap_or_else(|e| fail(e))))
-}
-
-/// Runs `f` with `session_replication_role = replica`, so that user triggers do not fire. The
-/// setting is saved in a GUC nesting level of its own and restored when `f` returns, or by
-/// PostgreSQL when an error aborts the (sub)transaction, the way index builds scope theirs.
-fn with_replica_role<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: the pattern of PostgreSQL's own callers (index builds, RI checks): a new nesting
-    // level, a saved setting, and the level popped (restoring the setting) afterwards.
-    unsafe {
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"session_replication_role".as_ptr(),
-            c"replica".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let r = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        r
-    }
+    crate::policy::require_primary("re-encryption");
+    step_inner().unwrap_or_else(|e| fail(e))
 }
 
 fn step_inner() -> Result<String, String> {
-    Spi::run("UPDATE cellcrypt.reencryption_job SET started_at = pg_catalog.clock_timestamp() WHERE started_at IS NULL")
-        .map_err(spi_err("could not start the re-encryption"))?;
-    let job = Spi::connect_mut(|c| {
-        let t = c.update(
-            "SELECT relid, key_version, columns, next_block, total_blocks FROM cellcrypt.reencryption_job \
-             WHERE state = 'pending' ORDER BY relid LIMIT 1 FOR UPDATE SKIP LOCKED",
-            None,
-            &[],
-        )?;
-        let mut job = None;
-        for r in t {
-            job = Some(Job {
-                relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                version: r.get::<i32>(2)?.unwrap_or(0),
-                columns: r.get::<Vec<String>>(3)?.unwrap_or_default(),
-                next_block: r.get::<i64>(4)?.unwrap_or(0),
-                total_blocks: r.get::<i64>(5)?.unwrap_or(0),
-            });
-        }
-        Ok::<_, pgrx::spi::Error>(job)
-    })
-    .map_err(spi_err("could not read the re-encryption jobs"))?;
-    if let Some(job) = job {
+    store::start_jobs()?;
+    if let Some(job) = store::claim_job()? {
         return process(job);
     }
-    let (pending, total): (i64, i64) = Spi::get_two("SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FROM cellcrypt.reencryption_job")
-        .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
-        .map_err(spi_err("could not read the re-encryption jobs"))?;
+    let (pending, total) = store::job_counts()?;
     if total == 0 {
         // Older key versions without jobs (a database restored from a dump taken during a
         // change): plan the work now; they are retired only after it is verified.
-        let previous: bool = Spi::get_one("SELECT EXISTS (SELECT FROM cellcrypt.keyring WHERE state = 'previous')")
-            .map_err(spi_err("could not read the keyring"))?
-            .unwrap_or(false);
-        if !previous {
+        if !store::has_previous_keys()? {
             return Ok("idle".into());
         }
         let current = keys::loaded().current_version;
-        create_jobs(current);
-        Spi::run("INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns, state) SELECT 0, 0, '{}', 'verified' WHERE NOT EXISTS (SELECT FROM cellcrypt.reencryption_job)")
-            .map_err(spi_err("could not plan the re-encryption"))?;
+        store::create_jobs(current);
+        store::plan_nothing_left()?;
         return Ok("verify".into());
     }
     if pending > 0 {
@@ -195,38 +140,34 @@ fn step_inner() -> Result<String, String> {
     finish()
 }
 
-fn process(job: Job) -> Result<String, String> {
-    // The table's name and size in one query; no row: the table was dropped meanwhile.
-    type Sized = Option<(String, i64, f64)>;
-    let sized: Sized = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT oid::pg_catalog.regclass::text, (pg_catalog.pg_relation_size(oid) / pg_catalog.current_setting('block_size')::int)::bigint, \
-                    CASE WHEN relpages > 0 AND reltuples > 0 THEN reltuples / relpages ELSE 50 END::float8 \
-             FROM pg_catalog.pg_class WHERE oid = $1",
-            None,
-            &[job.relid.into()],
-        )?;
-        let mut out = None;
-        for r in t {
-            out = Some((r.get::<String>(1)?.unwrap_or_default(), r.get::<i64>(2)?.unwrap_or(0), r.get::<f64>(3)?.unwrap_or(50.0)));
-        }
-        Ok::<Sized, pgrx::spi::Error>(out)
+/// The table's size in blocks and its rows per block (an estimate from its statistics).
+fn table_size(relid: pg_sys::Oid) -> Result<(i64, f64), String> {
+    store::as_extension_owner(|| {
+        Spi::get_two_with_args::<i64, f64>(
+            "SELECT (pg_catalog.pg_relation_size(oid) OPERATOR(pg_catalog./) pg_catalog.current_setting('block_size')::pg_catalog.int4)::pg_catalog.int8, \
+                    CASE WHEN relpages OPERATOR(pg_catalog.>) 0 AND reltuples OPERATOR(pg_catalog.>) 0 \
+                         THEN reltuples OPERATOR(pg_catalog./) relpages ELSE 50 END::pg_catalog.float8 \
+             FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+            &[relid.into()],
+        )
     })
-    .map_err(spi_err("could not look up a table"))?;
-    let Some((table, size_now, rows_per_block)) = sized else {
-        Spi::run_with_args("DELETE FROM cellcrypt.reencryption_job WHERE relid = $1", &[job.relid.into()]).map_err(spi_err("could not drop a job"))?;
+    .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(50.0)))
+    .map_err(spi_err("could not look up a table"))
+}
+
+fn process(job: store::Job) -> Result<String, String> {
+    // The table, locked as an UPDATE locks it; gone (or no longer a plain table): the job goes.
+    let Some(table) = store::lock_user_table(job.relid, pg_sys::RowExclusiveLock) else {
+        store::drop_job(job.relid)?;
         return Ok("batch".into());
     };
+    let (size_now, rows_per_block) = table_size(job.relid)?;
     // A pass covers the blocks the table had when the pass began: rows rewritten by the pass
     // land beyond them (or in freed space) and are already under the new key. Anything written
     // under an old key meanwhile is found by the verification in `finish`.
     let nblocks = if job.total_blocks > 0 { job.total_blocks } else { size_now };
     if job.next_block >= nblocks {
-        Spi::run_with_args(
-            "UPDATE cellcrypt.reencryption_job SET state = 'verified', updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
-            &[job.relid.into()],
-        )
-        .map_err(spi_err("could not record progress"))?;
+        store::job_verified(job.relid)?;
         return Ok("verify".into());
     }
     let batch_rows = crate::gucs::REENCRYPT_BATCH_SIZE.get().max(1) as f64;
@@ -237,39 +178,36 @@ fn process(job: Job) -> Result<String, String> {
         reclaim(job.relid, (job.next_block - 2 * blocks).max(0), job.next_block - blocks);
     }
     let end = (job.next_block + blocks).min(nblocks);
+    let name = &table.name;
     let set = job.columns.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
     // Only rows with a value under an older key: without this test, rows whose new versions
     // this pass wrote into free space further on in the table would be rewritten again.
-    let condition = filter(&ext_schema(), &job.columns, job.version);
-    let update = format!("UPDATE {table} SET {set} WHERE ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid AND ({condition})", job.next_block);
+    let condition = filter(&store::extension_schema(), &job.columns, job.version);
+    let update = format!(
+        "UPDATE {name} SET {set} WHERE ctid OPERATOR(pg_catalog.>=) '({},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid AND ({condition})",
+        job.next_block
+    );
     // Values, not rows, are counted: those reencrypt() moved to the current key.
     let batch = || -> Result<i64, String> {
         let before = crate::types::resealed_count();
-        Spi::run(update.as_str()).map_err(spi_err(&format!("could not re-encrypt table {table}")))?;
+        store::as_table_owner(&table, || in_batch(|| Spi::run(update.as_str()))).map_err(spi_err(&format!("could not re-encrypt table {name}")))?;
         Ok((crate::types::resealed_count() - before) as i64)
     };
-    let n = match catching_data_errors(batch) {
+    let n = match catching_errors(batch) {
         Ok(n) => n?,
         Err(message) => {
-            // A value that cannot be decrypted cannot be re-encrypted either. The work stops at
-            // this batch, says where, and is retried until the row is restored or deleted.
+            // A value that cannot be decrypted cannot be re-encrypted either, and the owner's
+            // own code on the table (a trigger, a constraint) may refuse the update. The work
+            // stops at this batch, says where, and is retried until the cause is fixed.
             let blocked = format!(
-                "{message} (a row in blocks {}..{end} of {table}: SELECT ctid FROM {table} WHERE ctid >= '({},0)' AND ctid < '({end},0)')",
+                "{message} (a row in blocks {}..{end} of {name}: SELECT ctid FROM {name} WHERE ctid >= '({},0)' AND ctid < '({end},0)')",
                 job.next_block, job.next_block
             );
-            Spi::run_with_args(
-                "UPDATE cellcrypt.reencryption_job SET last_error = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
-                &[job.relid.into(), blocked.into()],
-            )
-            .map_err(spi_err("could not record progress"))?;
+            store::job_blocked(job.relid, blocked)?;
             return Ok("blocked".into());
         }
     };
-    Spi::run_with_args(
-        "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done + $4, last_error = NULL, updated_at = pg_catalog.clock_timestamp() WHERE relid = $1",
-        &[job.relid.into(), end.into(), nblocks.into(), n.into()],
-    )
-    .map_err(spi_err("could not record progress"))?;
+    store::job_progress(job.relid, end, nblocks, n)?;
     Ok("batch".into())
 }
 
@@ -318,10 +256,10 @@ fn reclaim(relid: pg_sys::Oid, start: i64, end: i64) {
     }
 }
 
-/// Runs `f` in a subtransaction. A data error (a value that does not decrypt, or names a key
-/// version this database does not have) rolls the subtransaction back and comes back as its
-/// message; any other error propagates as usual.
-fn catching_data_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// Runs `f` in a subtransaction. An error (a value that does not decrypt or names a key version
+/// this database does not have, or the table owner's own code refusing the update) rolls the
+/// subtransaction back and comes back as its message; a cancel propagates as usual.
+fn catching_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     // SAFETY: the pattern of PostgreSQL's procedural languages for a subtransaction that may
     // fail: begin it, run the body, then release it or roll it back, restoring the caller's
     // memory context and resource owner either way.
@@ -331,20 +269,26 @@ fn catching_data_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(ctx);
         let f = std::cell::Cell::new(Some(f));
+        let undo = || {
+            pg_sys::MemoryContextSwitchTo(ctx);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(ctx);
+            pg_sys::CurrentResourceOwner = owner;
+        };
         let rollback = |e: pgrx::pg_sys::panic::CaughtError| {
             let message = match &e {
                 pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_owned(),
                 pgrx::pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
             };
-            pg_sys::MemoryContextSwitchTo(ctx);
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            pg_sys::MemoryContextSwitchTo(ctx);
-            pg_sys::CurrentResourceOwner = owner;
+            undo();
             Err(message)
         };
         let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f.take().expect("runs once")())))
-            .catch_when(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, rollback)
-            .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, rollback)
+            .catch_when(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, |e| {
+                undo();
+                e.rethrow()
+            })
+            .catch_others(rollback)
             .execute();
         if r.is_ok() {
             pg_sys::ReleaseCurrentSubTransaction();
@@ -357,71 +301,44 @@ fn catching_data_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 
 fn finish() -> Result<String, String> {
     // Only one runner finishes: it must hold every job row.
-    let (locked, total): (i64, i64) = Spi::connect_mut(|c| {
-        let t = c.update("SELECT count(*) FROM (SELECT FROM cellcrypt.reencryption_job FOR UPDATE SKIP LOCKED) s", None, &[])?;
-        let locked = t.first().get_one::<i64>()?.unwrap_or(0);
-        let total = c.select("SELECT count(*) FROM cellcrypt.reencryption_job", None, &[])?.first().get_one::<i64>()?.unwrap_or(0);
-        Ok::<_, pgrx::spi::Error>((locked, total))
-    })
-    .map_err(spi_err("could not lock the re-encryption jobs"))?;
-    if locked < total {
+    if !store::lock_all_jobs()? {
         return Ok("busy".into());
     }
     // Sessions whose transaction began before the work started may still seal with the old
     // key; wait for them before the last verification.
-    let waiting: i64 = Spi::get_one(
-        "SELECT count(*) FROM pg_catalog.pg_stat_activity \
-         WHERE datid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
-           AND pid <> pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL AND backend_type <> 'autovacuum worker' \
-           AND xact_start < (SELECT min(started_at) FROM cellcrypt.reencryption_job)",
-    )
-    .map_err(spi_err("could not check running transactions"))?
-    .unwrap_or(0);
-    if waiting > 0 {
+    if store::transactions_older_than_jobs()? > 0 {
         return Ok("waiting".into());
     }
-    let schema = ext_schema();
-    let jobs: Vec<(pg_sys::Oid, i32, Vec<String>)> = Spi::connect(|c| {
-        let t = c.select("SELECT relid, key_version, columns FROM cellcrypt.reencryption_job WHERE relid IN (SELECT oid FROM pg_catalog.pg_class)", None, &[])?;
-        let mut out = Vec::new();
-        for r in t {
-            out.push((r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), r.get::<i32>(2)?.unwrap_or(0), r.get::<Vec<String>>(3)?.unwrap_or_default()));
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .map_err(spi_err("could not read the re-encryption jobs"))?;
+    let schema = store::extension_schema();
     let mut again = false;
-    for (relid, version, columns) in &jobs {
-        let table: String = Spi::get_one_with_args("SELECT $1::pg_catalog.regclass::text", &[(*relid).into()]).map_err(spi_err("could not name a table"))?.unwrap_or_default();
-        let left: i64 = Spi::get_one(&format!("SELECT count(*) FROM {table} WHERE {}", filter(&schema, columns, *version)))
-            .map_err(spi_err("could not verify a table"))?
-            .unwrap_or(0);
+    for (relid, version, columns) in store::live_jobs()? {
+        // Counted as the table's owner, with row_security off: every row is seen or the count
+        // fails (and the work says so), never a filtered view of the table.
+        let Some(table) = store::lock_user_table(relid, pg_sys::AccessShareLock) else { continue };
+        let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", table.name, filter(&schema, &columns, version));
+        let left = match catching_errors(|| store::as_table_owner(&table, || Spi::get_one::<i64>(&count))) {
+            Ok(r) => r.map_err(spi_err("could not verify a table"))?.unwrap_or(0),
+            Err(message) => {
+                store::job_blocked(relid, format!("{message} (while verifying {})", table.name))?;
+                return Ok("blocked".into());
+            }
+        };
         if left > 0 {
             again = true;
-            Spi::run_with_args("UPDATE cellcrypt.reencryption_job SET state = 'pending', next_block = 0, total_blocks = 0, pass = pass + 1 WHERE relid = $1", &[(*relid).into()])
-                .map_err(spi_err("could not record progress"))?;
+            store::job_again(relid)?;
         }
     }
     if again {
         return Ok("verify".into());
     }
     // Every value is under the current key: retire the older versions.
-    let (retired, cells): (Option<String>, Option<i64>) = Spi::get_two(
-        "SELECT (SELECT string_agg(key_version::text, ', ' ORDER BY key_version) FROM cellcrypt.keyring WHERE state = 'previous'), \
-                (SELECT sum(cells_done)::bigint FROM cellcrypt.reencryption_job)",
-    )
-    .map_err(spi_err("could not read the keyring"))?;
-    let current: (Option<i32>, Option<String>) = Spi::get_two("SELECT key_version, fingerprint FROM cellcrypt.keyring WHERE state = 'current'").map_err(spi_err("could not read the keyring"))?;
-    Spi::run("UPDATE cellcrypt.keyring SET reencrypted_values = coalesce(reencrypted_values, 0) + coalesce((SELECT sum(cells_done) FROM cellcrypt.reencryption_job), 0) WHERE state = 'current'")
-        .map_err(spi_err("could not update the keyring"))?;
-    Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state = 'previous'").map_err(spi_err("could not retire old keys"))?;
-    Spi::run("DELETE FROM cellcrypt.reencryption_job").map_err(spi_err("could not clear the jobs"))?;
+    let (retired, cells, version, fingerprint) = store::retire_previous_keys()?;
     let detail = format!("{} values re-encrypted; retired key versions: {}", cells.unwrap_or(0), retired.as_deref().unwrap_or("none"));
     audit::record(&Event {
         action: "reencryption",
         outcome: "completed",
-        key_version: current.0.map(|v| v as u32),
-        fingerprint: current.1.as_deref(),
+        key_version: version.map(|v| v as u32),
+        fingerprint: fingerprint.as_deref(),
         detail: &detail,
     });
     crate::key_admin::announce_at_commit();
@@ -439,7 +356,7 @@ pub extern "C" fn pg_finfo_cellcrypt_reencrypt_step() -> &'static pg_sys::Pg_fin
 #[unsafe(no_mangle)]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn cellcrypt_reencrypt_step(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    crate::key_admin::require_admin("finish_data_encryption_reencryption()");
+    crate::policy::require_admin("finish_data_encryption_reencryption()");
     let s = step();
     pgrx::IntoDatum::into_datum(s).unwrap_or(pg_sys::Datum::from(0))
 }
@@ -466,7 +383,7 @@ CREATE TABLE cellcrypt.reencryption_job (
 COMMENT ON TABLE cellcrypt.reencryption_job IS 'Re-encryption work left after a key change; see the view data_encryption_progress';
 CREATE FUNCTION cellcrypt._reencrypt_step() RETURNS text
     AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt_step' LANGUAGE c VOLATILE;
-REVOKE ALL ON FUNCTION cellcrypt._reencrypt_step() FROM PUBLIC;
+-- Executable by PUBLIC: it refuses non-administrators itself (policy.rs), with a hint.
 
 CREATE VIEW @extschema@.data_encryption_progress AS
 SELECT j.relid::pg_catalog.regclass AS table_name,
@@ -523,10 +440,7 @@ BEGIN
 END
 $$;
 COMMENT ON PROCEDURE @extschema@.finish_data_encryption_reencryption() IS 'Runs or finishes the re-encryption after a key change in the foreground, with NOTICE progress';
-REVOKE ALL ON PROCEDURE @extschema@.finish_data_encryption_reencryption() FROM PUBLIC;
-GRANT EXECUTE ON PROCEDURE @extschema@.finish_data_encryption_reencryption() TO data_encryption_admin;
-GRANT USAGE ON SCHEMA cellcrypt TO data_encryption_admin;
-GRANT EXECUTE ON FUNCTION cellcrypt._reencrypt_step() TO data_encryption_admin;
+-- Executable by PUBLIC: cellcrypt._reencrypt_step() refuses non-administrators.
 REVOKE ALL ON @extschema@.data_encryption_progress FROM PUBLIC;
 GRANT SELECT ON @extschema@.data_encryption_progress TO data_encryption_admin;
 "#,

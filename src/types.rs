@@ -28,7 +28,8 @@
 //! * `encrypt(plain)`: always encrypts; it is the ASSIGNMENT cast from the plain type (and from
 //!   `varchar` to `encrypted_text`), so parameters typed as the plain type encrypt on INSERT;
 //! * `decrypt(encrypted)`: the plaintext; also the EXPLICIT cast back to the plain type.
-//!   Only superusers and members of `data_encryption_reader` may call it.
+//!   Only superusers and members of `data_encryption_reader` may decrypt: the function checks
+//!   membership itself and refuses others with 42501 and a hint (see `policy.rs`).
 
 use crate::backend_local::BackendLocal;
 use crate::{errors, keys};
@@ -196,12 +197,126 @@ pub(crate) fn new_varlena(len: usize, fill: impl FnOnce(&mut [u8])) -> Datum {
 
 /// Seals `plaintext` under the database's current key into a new encrypted datum.
 pub fn seal(kind: Kind, plaintext: &[u8]) -> Datum {
+    seal_bound(kind, plaintext, 0)
+}
+
+/// Seals `plaintext` bound to blind-index column `binding` (0: none), and remembers the value
+/// as written from plaintext by this backend (see [`bind_to_column`]).
+fn seal_bound(kind: Kind, plaintext: &[u8], binding: u32) -> Datum {
     let keys = keys::loaded();
     let cipher = current_cipher(&keys);
     new_varlena(envelope::sealed_len(plaintext.len()), |out| {
-        with_context(kind, |ctx| keys::with_nonces(|n| cipher.seal_into(n, ctx, plaintext, out)))
+        with_context(kind, |ctx| keys::with_nonces(|n| cipher.seal_bound_into(n, ctx, binding, plaintext, out)));
+        FRESH.with(|f| f.borrow_mut().remember(&out[envelope::HEADER_LEN..envelope::CIPHERTEXT_OFFSET]));
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Blind-index bindings (see blind_index.rs)
+
+/// The nonces of the last values this backend sealed from plaintext. A value among them was
+/// written from its plaintext by this very statement (a parameter cast with encrypt(), then
+/// assigned to the column), so binding it to a column reveals nothing its writer did not know.
+struct Fresh {
+    nonces: [[u8; envelope::NONCE_LEN]; FRESH_LEN],
+    next: usize,
+}
+
+const FRESH_LEN: usize = 64;
+
+impl Fresh {
+    fn remember(&mut self, nonce: &[u8]) {
+        self.nonces[self.next].copy_from_slice(nonce);
+        self.next = (self.next + 1) % FRESH_LEN;
+    }
+
+    fn contains(&self, nonce: &[u8]) -> bool {
+        self.nonces.iter().any(|n| n[..] == *nonce)
+    }
+}
+
+static FRESH: BackendLocal<RefCell<Fresh>> = BackendLocal::new(RefCell::new(Fresh { nonces: [[0; envelope::NONCE_LEN]; FRESH_LEN], next: 0 }));
+
+/// The same value, re-sealed under the current key and bound to blind-index column `binding`.
+///
+/// # Safety
+/// `d` must be a non-null `encrypted_text` datum.
+pub unsafe fn rebind(d: Datum, binding: u32) -> Datum {
+    let keys = keys::loaded();
+    let env = envelope_of(Kind::Text, d);
+    let old = cipher_of(&keys, Kind::Text, env.key_id(), "bind", "The value comes from another database or was encrypted under a retired key.");
+    let new = current_cipher(&keys);
+    let mut ok = false;
+    let out = new_varlena(env.as_bytes().len(), |out| {
+        ok = with_context(Kind::Text, |ctx| keys::with_nonces(|n| new.reseal_bound_into(old, &env, ctx, binding, n, out))).is_ok();
+    });
+    if !ok {
+        pg_sys::pfree(out.cast_mut_ptr());
+        errors::decryption_failed(Kind::Text.type_name());
+    }
+    out
+}
+
+/// The value to store in an `encrypted_text` column of typmod `typmod` (a column registered
+/// for a blind index has its binding id as typmod): the value itself when it is already bound
+/// to that column; else bound to it, when it was just written from plaintext by this backend or
+/// the caller may decrypt; else refused (42501). Otherwise anyone able to copy envelopes into a
+/// registered column could compute the blind index of values from any other column.
+///
+/// # Safety
+/// `d` must be a non-null `encrypted_text` datum.
+pub unsafe fn bind_to_column(d: Datum, typmod: i32) -> Datum {
+    if typmod <= 0 {
+        return d;
+    }
+    let binding = typmod as u32;
+    let env = envelope_of(Kind::Text, d);
+    if env.binding() == binding {
+        return d;
+    }
+    let fresh = env.binding() == 0 && FRESH.with(|f| f.borrow().contains(env.nonce()));
+    if !fresh && !crate::roles::current_user_has(crate::roles::READER) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to copy an encrypted value into a column with a blind index",
+            Some("Values of a column registered for a blind index are bound to it when they are written as plaintext. A value copied from elsewhere could otherwise have its blind index computed without the right to decrypt it."),
+            Some("Write the plaintext (it is encrypted and bound to the column), or copy the values as a member of data_encryption_reader."),
+        )
+    }
+    rebind(d, binding)
+}
+
+// typmod_in(cstring[]) → integer: `encrypted_text(<blind-index column id>)`, as
+// register_blind_index() declares a registered column.
+v1_function!(pg_finfo_cellcrypt_typmod_in, cellcrypt_typmod_in, |fcinfo| {
+    let mut n = 0;
+    let items = pg_sys::ArrayGetIntegerTypmods(arg(fcinfo, 0).cast_mut_ptr(), &mut n);
+    let id = if n == 1 { *items } else { -1 };
+    if !(1..=envelope::MAX_BINDING as i32).contains(&id) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid type modifier for encrypted_text: it is the id of a column registered for a blind index (1 to 65535)",
+            None,
+            Some("Register a column with SELECT register_blind_index('table', 'column', 'normalization'); rather than writing the modifier yourself."),
+        )
+    }
+    Datum::from(id)
+});
+
+// typmod_out(integer) → cstring: `(<id>)`.
+v1_function!(pg_finfo_cellcrypt_typmod_out, cellcrypt_typmod_out, |fcinfo| {
+    let typmod = arg(fcinfo, 0).value() as i32;
+    let text = if typmod > 0 { format!("({typmod})") } else { String::new() };
+    let c = std::ffi::CString::new(text).expect("no NUL");
+    Datum::from(pg_sys::pstrdup(c.as_ptr()))
+});
+
+// cellcrypt.bind_to_column(encrypted_text, typmod integer, explicit boolean) → encrypted_text:
+// the length-coercion cast that PostgreSQL applies to every value stored into a column of
+// typmod `typmod` (see bind_to_column).
+v1_function!(pg_finfo_cellcrypt_bind_to_column, cellcrypt_bind_to_column, |fcinfo| {
+    bind_to_column(arg(fcinfo, 0), arg(fcinfo, 1).value() as i32)
+});
 
 /// The cipher of the current key; raises when the database has none.
 fn current_cipher(keys: &keys::LoadedKeys) -> &DataCipher {
@@ -243,6 +358,33 @@ pub unsafe fn encrypt_plain_datum(kind: Kind, d: Datum) -> Datum {
     }
 }
 
+/// The blind-index column an `encrypted_text` value is bound to (0: none).
+///
+/// # Safety
+/// `d` must be a non-null `encrypted_text` datum.
+pub unsafe fn binding_of(d: Datum) -> u32 {
+    envelope_of(Kind::Text, d).binding()
+}
+
+/// True when `typoid` is this extension's `encrypted_text` (not a type of that name elsewhere).
+pub fn is_encrypted_text(typoid: Oid) -> bool {
+    let schema = crate::store::extension_namespace();
+    if schema == pg_sys::InvalidOid {
+        return false;
+    }
+    // SAFETY: a syscache lookup, released before returning; NULL for a missing type.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::TYPEOID as i32, Datum::from(typoid));
+        if tup.is_null() {
+            return false;
+        }
+        let t = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_type>(tup);
+        let ours = CStr::from_ptr((*t).typname.data.as_ptr()).to_bytes() == b"encrypted_text" && (*t).typnamespace == schema;
+        pg_sys::ReleaseSysCache(tup);
+        ours
+    }
+}
+
 /// Raises 42501 unless the current user may decrypt.
 pub fn check_reader() {
     if !crate::roles::current_user_has(crate::roles::READER) {
@@ -270,7 +412,7 @@ unsafe fn check_reader_at(fcinfo: pg_sys::FunctionCallInfo) {
 /// # Safety
 /// `flinfo` must be null or the call's own, and its `fn_extra` null or set by [`set_fn_extra`]
 /// with the same `T`.
-unsafe fn fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo) -> Option<T> {
+pub(crate) unsafe fn fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo) -> Option<T> {
     if flinfo.is_null() || (*flinfo).fn_extra.is_null() {
         None
     } else {
@@ -283,7 +425,7 @@ unsafe fn fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo) -> Option<T> {
 ///
 /// # Safety
 /// As for [`fn_extra`].
-unsafe fn set_fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo, value: T) {
+pub(crate) unsafe fn set_fn_extra<T: Copy>(flinfo: *mut pg_sys::FmgrInfo, value: T) {
     if flinfo.is_null() {
         return;
     }
@@ -431,12 +573,17 @@ pub(crate) unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Datum {
 v1_function!(pg_finfo_cellcrypt_in, cellcrypt_in, |fcinfo| {
     let input = CStr::from_ptr(arg(fcinfo, 0).cast_mut_ptr());
     let kind = kind_of_type(Oid::from(arg(fcinfo, 1).value() as u32));
+    let typmod = arg(fcinfo, 2).value() as i32;
     match envelope::decode_text(input.to_bytes()) {
-        Ok(Some(bytes)) => new_varlena(bytes.len(), |out| out.copy_from_slice(&bytes)),
+        Ok(Some(bytes)) => {
+            let d = new_varlena(bytes.len(), |out| out.copy_from_slice(&bytes));
+            if kind == Kind::Text { bind_to_column(d, typmod) } else { d }
+        }
         Err(e) => errors::invalid_envelope(kind.type_name(), &e),
         Ok(None) => match kind {
-            // The parser already checked the text against the database encoding.
-            Kind::Text => seal(kind, input.to_bytes()),
+            // The parser already checked the text against the database encoding. Plaintext
+            // stored into a registered column is sealed bound to it.
+            Kind::Text => seal_bound(kind, input.to_bytes(), typmod.max(0) as u32),
             _ => encrypt_plain_datum(kind, parse_plain(kind, input)),
         },
     }
@@ -469,11 +616,13 @@ v1_function!(pg_finfo_cellcrypt_recv, cellcrypt_recv, |fcinfo| {
         errors::invalid_binary_envelope(kind.type_name(), &e);
     }
     buf.cursor = buf.len;
-    new_varlena(bytes.len(), |out| out.copy_from_slice(bytes))
+    let d = new_varlena(bytes.len(), |out| out.copy_from_slice(bytes));
+    if kind == Kind::Text { bind_to_column(d, arg(fcinfo, 2).value() as i32) } else { d }
 });
 
 // cellcrypt.reencrypt(encrypted) → encrypted: the same value under the current key.
 v1_function!(pg_finfo_cellcrypt_reencrypt, cellcrypt_reencrypt, |fcinfo| {
+    crate::reencrypt::require_batch();
     // One function serves every encrypted type: the argument's type, looked up once per call
     // site and kept in `fn_extra` (a re-encryption batch calls it for every row).
     let flinfo = (*fcinfo).flinfo;
@@ -550,18 +699,31 @@ BEGIN
         EXECUTE format($f$CREATE FUNCTION @extschema@.decrypt(@extschema@.%1$I) RETURNS %2$s
                           AS 'MODULE_PATHNAME', %3$L LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t, k, 'cellcrypt_decrypt_' || k);
         EXECUTE format('CREATE CAST (@extschema@.%I AS %s) WITH FUNCTION @extschema@.decrypt(@extschema@.%I)', t, k, t);
-        EXECUTE format('REVOKE ALL ON FUNCTION @extschema@.decrypt(@extschema@.%I) FROM PUBLIC', t);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.decrypt(@extschema@.%I) TO data_encryption_reader', t);
+        -- decrypt() checks membership in data_encryption_reader itself (42501 with a hint).
 
         -- Key changes: which key version a value is under (public), and re-sealing (internal).
         EXECUTE format($f$CREATE FUNCTION @extschema@.encryption_key_version(@extschema@.%1$I) RETURNS integer
                           AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
         EXECUTE format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
                           AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE$f$, t);
-        EXECUTE format('REVOKE ALL ON FUNCTION cellcrypt.reencrypt(@extschema@.%I) FROM PUBLIC', t);
+        -- cellcrypt.reencrypt() refuses to run outside a re-encryption batch (reencrypt.rs); the
+        -- batch runs as the table's owner, who must be able to call it.
     END LOOP;
 END
 $$;
+
+-- Blind-index bindings (types.rs, blind_index.rs): a column registered for a blind index is
+-- declared encrypted_text(<id>), and every value stored into it passes the length coercion,
+-- which binds it to the column.
+CREATE FUNCTION cellcrypt.encrypted_text_typmod_in(cstring[]) RETURNS integer
+    AS 'MODULE_PATHNAME', 'cellcrypt_typmod_in' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION cellcrypt.encrypted_text_typmod_out(integer) RETURNS cstring
+    AS 'MODULE_PATHNAME', 'cellcrypt_typmod_out' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE;
+ALTER TYPE @extschema@.encrypted_text SET (TYPMOD_IN = cellcrypt.encrypted_text_typmod_in, TYPMOD_OUT = cellcrypt.encrypted_text_typmod_out);
+CREATE FUNCTION cellcrypt.bind_to_column(@extschema@.encrypted_text, integer, boolean) RETURNS @extschema@.encrypted_text
+    AS 'MODULE_PATHNAME', 'cellcrypt_bind_to_column' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
+CREATE CAST (@extschema@.encrypted_text AS @extschema@.encrypted_text)
+    WITH FUNCTION cellcrypt.bind_to_column(@extschema@.encrypted_text, integer, boolean) AS IMPLICIT;
 
 -- JDBC's setString sends varchar.
 CREATE CAST (varchar AS @extschema@.encrypted_text) WITH FUNCTION @extschema@.encrypt(text) AS ASSIGNMENT;

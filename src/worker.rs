@@ -8,12 +8,12 @@
 //!   administrator action.
 //! * A key change starts its database's **worker** when it commits.
 //! * A worker runs [`crate::reencrypt::step`] in its own short transactions, each holding the
-//!   key-change advisory lock; `set_data_encryption_key` is refused with 55P03 while jobs are
+//!   key-change lock (`policy.rs`); `set_data_encryption_key` is refused with 55P03 while jobs are
 //!   left, so the lock and the jobs together cover the whole change. It pauses
 //!   `pg_cellcrypt.reencrypt_pause` between batches. Should it fail or be killed, PostgreSQL
 //!   restarts it after a few seconds (and the launcher starts it after a server restart).
 
-use crate::key_admin::LOCK_OBJID;
+use crate::policy::{try_lock, Lock};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::pg_sys;
@@ -49,6 +49,21 @@ pub fn start_worker(dboid: pg_sys::Oid) -> bool {
         .is_ok()
 }
 
+/// Pins this worker's `search_path` to `pg_catalog, pg_temp` for its whole life, over whatever
+/// `ALTER DATABASE ... SET search_path` or `ALTER ROLE ... SET` says: the worker runs as the
+/// bootstrap superuser, and the database's owner controls those settings.
+fn pin_search_path() {
+    // SAFETY: a session-level setting with the highest source, as autovacuum pins its own.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            crate::store::SAFE_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
+}
+
 /// The databases that accept connections, read from the shared catalog like autovacuum does.
 fn databases() -> Vec<pg_sys::Oid> {
     let mut out = Vec::new();
@@ -79,6 +94,7 @@ fn databases() -> Vec<pg_sys::Oid> {
 pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
+    pin_search_path();
     let dbs = BackgroundWorker::transaction(databases);
     for db in dbs {
         while !start_worker(db) {
@@ -96,24 +112,13 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let dboid = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    pin_search_path();
     let has_work = BackgroundWorker::transaction(|| {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_cellcrypt') \
-               AND pg_catalog.to_regclass('cellcrypt.reencryption_job') IS NOT NULL",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
         // Without the key (a restored database not restored yet, the none provider after a
         // restart) there is nothing this worker can do; the key restore starts it again.
-        installed
+        crate::store::extension_oid() != pg_sys::InvalidOid
             && crate::keys::try_loaded().is_ok()
-            && Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT FROM cellcrypt.reencryption_job) OR EXISTS (SELECT FROM cellcrypt.keyring WHERE state = 'previous')",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false)
+            && crate::store::has_reencryption_work()
     });
     if !has_work {
         return;
@@ -127,7 +132,7 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
         // Each batch holds the key-change lock for its transaction; between batches, a key
         // change is refused because the jobs are still there.
         let status = BackgroundWorker::transaction(|| {
-            if crate::key_admin::try_xact_lock(LOCK_OBJID) { crate::reencrypt::step() } else { "busy".to_owned() }
+            if try_lock(Lock::KeyChange) { crate::reencrypt::step() } else { "busy".to_owned() }
         });
         let pause = match status.as_str() {
             "done" | "idle" => break,

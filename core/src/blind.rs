@@ -71,6 +71,20 @@ impl Normalization {
     }
 }
 
+/// The key of the blind index of registered column `column` (its binding id): derived from the
+/// index key, so that equal values in two columns have unrelated blind indexes.
+pub fn column_key(key: &SecretKey, column: u32) -> SecretKey {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose()).expect("HMAC takes any key length");
+    mac.update(b"pg_cellcrypt blind column key v1;");
+    mac.update(&column.to_be_bytes());
+    let full = mac.finalize().into_bytes();
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&full);
+    let key = SecretKey::from_bytes(k);
+    zeroize::Zeroize::zeroize(&mut k);
+    key
+}
+
 /// The blind index of `value`, of type `type_tag` (e.g. "text", "bytea"), already normalized
 /// with `norm` by the caller.
 pub fn blind_index(key: &SecretKey, type_tag: &str, norm: Normalization, value: &[u8]) -> [u8; BLIND_INDEX_LEN] {
@@ -104,6 +118,18 @@ mod tests {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&[3; 32]).unwrap();
         mac.update(b"pg_cellcrypt blind v1;text;exact;alice@example.com");
         assert_eq!(&mac.finalize().into_bytes()[..16], &a[..]);
+    }
+
+    #[test]
+    fn each_column_has_its_own_key() {
+        let k = SecretKey::from_bytes([3; 32]);
+        let (a, b) = (column_key(&k, 1), column_key(&k, 2));
+        assert_ne!(a.expose(), b.expose());
+        assert_eq!(a.expose(), column_key(&k, 1).expose());
+        assert_ne!(blind_index(&a, "text", Normalization::Exact, b"x"), blind_index(&b, "text", Normalization::Exact, b"x"));
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&[3; 32]).unwrap();
+        mac.update(b"pg_cellcrypt blind column key v1;\0\0\0\x01");
+        assert_eq!(&mac.finalize().into_bytes()[..], a.expose());
     }
 
     #[test]

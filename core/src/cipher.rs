@@ -43,16 +43,22 @@ impl DataCipher {
     /// Seals `plaintext` into `out`, which must be exactly `sealed_len(plaintext.len())` bytes.
     /// One copy of the plaintext, encrypted in place; no allocation.
     pub fn seal_into(&self, nonces: &mut NonceSource, context: &[u8], plaintext: &[u8], out: &mut [u8]) {
+        self.seal_bound_into(nonces, context, 0, plaintext, out)
+    }
+
+    /// As [`DataCipher::seal_into`], for a value bound to blind-index column `binding` (see the
+    /// envelope's layout).
+    pub fn seal_bound_into(&self, nonces: &mut NonceSource, context: &[u8], binding: u32, plaintext: &[u8], out: &mut [u8]) {
         assert_eq!(out.len(), envelope::sealed_len(plaintext.len()), "output buffer has the wrong length");
         out[CIPHERTEXT_OFFSET..CIPHERTEXT_OFFSET + plaintext.len()].copy_from_slice(plaintext);
-        self.seal_in_place(nonces, context, out);
+        self.seal_in_place(nonces, context, binding, out);
     }
 
     /// Seals the plaintext that already stands where the ciphertext goes in `out` (an envelope's
     /// worth of bytes): writes the header and a fresh nonce, encrypts in place, appends the tag.
-    fn seal_in_place(&self, nonces: &mut NonceSource, context: &[u8], out: &mut [u8]) {
+    fn seal_in_place(&self, nonces: &mut NonceSource, context: &[u8], binding: u32, out: &mut [u8]) {
         let (head, rest) = out.split_at_mut(CIPHERTEXT_OFFSET);
-        envelope::write_header(head, self.key_id);
+        envelope::write_header(head, self.key_id, binding);
         nonces.fill(&mut head[HEADER_LEN..CIPHERTEXT_OFFSET]);
         let (body, tag_out) = rest.split_at_mut(rest.len() - TAG_LEN);
         let aad = Aad::new(&head[..HEADER_LEN], context);
@@ -86,14 +92,28 @@ impl DataCipher {
     /// Moves a value from `old` to this cipher without a second buffer: the ciphertext is opened
     /// into `out` (exactly `env.as_bytes().len()` bytes) with `old`, and sealed again in place
     /// under this cipher with a fresh nonce. The plaintext exists only inside `out`, between the
-    /// two steps; on failure `out` is zeroed, as with [`DataCipher::open_into`].
+    /// two steps; on failure `out` is zeroed, as with [`DataCipher::open_into`]. The value keeps
+    /// its blind-index binding.
     pub fn reseal_into(&self, old: &DataCipher, env: &Envelope<'_>, context: &[u8], nonces: &mut NonceSource, out: &mut [u8]) -> Result<(), DecryptionFailed> {
+        self.reseal_bound_into(old, env, context, env.binding(), nonces, out)
+    }
+
+    /// As [`DataCipher::reseal_into`], binding the value to blind-index column `binding`.
+    pub fn reseal_bound_into(
+        &self,
+        old: &DataCipher,
+        env: &Envelope<'_>,
+        context: &[u8],
+        binding: u32,
+        nonces: &mut NonceSource,
+        out: &mut [u8],
+    ) -> Result<(), DecryptionFailed> {
         let len = out.len();
         if len != env.as_bytes().len() || old.open_into(env, context, &mut out[CIPHERTEXT_OFFSET..len - TAG_LEN]).is_err() {
             out.fill(0);
             return Err(DecryptionFailed);
         }
-        self.seal_in_place(nonces, context, out);
+        self.seal_in_place(nonces, context, binding, out);
         Ok(())
     }
 

@@ -4,13 +4,17 @@
 //! ```text
 //! offset  size  field
 //!      0     1  format version (1)
-//!      1     4  key id, big-endian u32 (the key version in the database)
+//!      1     4  key id, big-endian u32: the key version in the database (low 16 bits) and the
+//!               blind-index binding (high 16 bits; 0 for a value bound to no column)
 //!      5    12  nonce, 96 random bits
 //!     17     n  ciphertext (same length as the plaintext)
 //!   17+n    16  GCM tag
 //! ```
 //! The 5 header bytes (version and key id) are authenticated as AAD, followed by a caller-chosen
-//! context (the extension binds the plaintext type there). Changing the version, the key id,
+//! context (the extension binds the plaintext type there). So is the binding: a value sealed for
+//! the blind index of one registered column carries that column's id, and the id cannot be
+//! changed or removed without the key. Values written before bindings existed have key versions
+//! far below 2^16, so they read as bound to nothing: the format did not change. Changing the version, the key id,
 //! the nonce, any ciphertext byte, the tag, or opening with another context fails.
 //! The overhead is [`OVERHEAD`] = 33 bytes per value.
 //!
@@ -32,6 +36,10 @@ pub const KEY_ID_LEN: usize = 4;
 pub const HEADER_LEN: usize = VERSION_LEN + KEY_ID_LEN;
 pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
+/// The largest key version (the low 16 bits of the key id).
+pub const MAX_KEY_VERSION: u32 = 0xffff;
+/// The largest blind-index binding (the high 16 bits of the key id).
+pub const MAX_BINDING: u32 = 0xffff;
 /// Bytes an envelope adds to its plaintext.
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 /// Where the ciphertext starts.
@@ -73,8 +81,14 @@ impl<'a> Envelope<'a> {
         self.bytes[0]
     }
 
+    /// The key version the value is sealed under.
     pub fn key_id(&self) -> u32 {
-        read_key_id(self.bytes)
+        read_key_id(self.bytes) & MAX_KEY_VERSION
+    }
+
+    /// The blind-index column the value is bound to (0: none).
+    pub fn binding(&self) -> u32 {
+        read_key_id(self.bytes) >> 16
     }
 
     pub fn header(&self) -> &'a [u8] {
@@ -107,10 +121,12 @@ fn read_key_id(bytes: &[u8]) -> u32 {
     u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]])
 }
 
-/// Writes the header (version and key id) into the first [`HEADER_LEN`] bytes of `out`.
-pub fn write_header(out: &mut [u8], key_id: u32) {
+/// Writes the header (version, key version and binding) into the first [`HEADER_LEN`] bytes of
+/// `out`.
+pub fn write_header(out: &mut [u8], key_id: u32, binding: u32) {
+    assert!(key_id <= MAX_KEY_VERSION && binding <= MAX_BINDING, "key version or binding out of range");
     out[0] = FORMAT_V1;
-    out[1..HEADER_LEN].copy_from_slice(&key_id.to_be_bytes());
+    out[1..HEADER_LEN].copy_from_slice(&((binding << 16) | key_id).to_be_bytes());
 }
 
 /// Length of the text form of an envelope of `len` bytes.
@@ -164,6 +180,10 @@ mod tests {
         b[1..5].copy_from_slice(&7u32.to_be_bytes());
         let e = Envelope::parse(&b).unwrap();
         assert_eq!(e.key_id(), 7);
+        assert_eq!(e.binding(), 0);
+        b[1..5].copy_from_slice(&((3u32 << 16) | 7).to_be_bytes());
+        let e = Envelope::parse(&b).unwrap();
+        assert_eq!((e.key_id(), e.binding()), (7, 3));
         assert_eq!(e.plaintext_len(), 7);
         assert_eq!(e.nonce().len(), NONCE_LEN);
         assert_eq!(e.tag().len(), TAG_LEN);

@@ -1,0 +1,731 @@
+//! Running SQL with rights other than the caller's, the safe way; and every statement on the
+//! extension's own tables (`cellcrypt.keyring`, `cellcrypt.index_key`,
+//! `cellcrypt.reencryption_job`).
+//!
+//! Two identities are ever borrowed, each the way PostgreSQL's own maintenance borrows them
+//! (`vacuum.c`, `indexcmds.c` since CVE-2022-1552):
+//!
+//! * [`as_extension_owner`]: the role that owns the extension and its tables, for the
+//!   extension's bookkeeping (reading and writing its own tables, and catalog queries);
+//! * [`as_table_owner`]: the owner of a user table, for re-encryption's statements on it. Any
+//!   code the owner attached to the table (triggers of every kind, index expressions, CHECK and
+//!   domain constraints, generated columns, policies) then runs with the owner's rights only.
+//!
+//! Both run the body with:
+//! * `search_path = pg_catalog, pg_temp`, in a GUC nesting level of its own, so no object or
+//!   operator resolves to one another role created (pg_temp is never searched for functions or
+//!   operators); the statements also qualify what they name;
+//! * `SECURITY_RESTRICTED_OPERATION`, so the body cannot change the role or leave anything
+//!   behind (temporary tables, prepared statements, cursors);
+//! * the caller's identity and settings restored afterwards, also when the body raises (and
+//!   by PostgreSQL itself when an error aborts the (sub)transaction).
+//!
+//! Nothing outside this module names `cellcrypt.keyring`, `cellcrypt.index_key`,
+//! `cellcrypt.blind_index_column` or `cellcrypt.reencryption_job` in a statement.
+
+use crate::backend_local::BackendLocal;
+use crate::errors;
+use cellcrypt_core::kdf::KdfParams;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgSqlErrorCode};
+use std::cell::{Cell, RefCell};
+use std::ffi::CStr;
+
+/// The search_path every borrowed identity runs with.
+pub const SAFE_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
+/// A GUC set for the body only: name and value.
+type Setting = (&'static CStr, &'static CStr);
+
+/// Runs `f` as `role`, with the pinned search_path, `SECURITY_RESTRICTED_OPERATION` and the
+/// extra `settings`, all undone when `f` returns or raises.
+fn run_as<R>(role: pg_sys::Oid, settings: &[Setting], f: impl FnOnce() -> R) -> R {
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    // SAFETY: plain backend calls. The identity and the GUC level are restored in `finally`
+    // (which also runs when `f` raises), and by PostgreSQL on (sub)transaction abort.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            role,
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    // SAFETY: a new GUC nesting level, popped below.
+    let nest = unsafe { pg_sys::NewGUCNestLevel() };
+    let f = Cell::new(Some(f));
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        set_local(c"search_path", SAFE_SEARCH_PATH);
+        for (name, value) in settings {
+            set_local(name, value);
+        }
+        (f.take().expect("runs once"))()
+    }))
+    .finally(|| unsafe {
+        // SAFETY: undoes exactly what was set above; a level already popped by an abort is
+        // not popped again (AtEOXact_GUC only pops levels at or above `nest`).
+        pg_sys::AtEOXact_GUC(false, nest);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+    })
+    .execute()
+}
+
+/// Sets a GUC in the current nesting level only (restored when the level is popped). Allowed in
+/// parallel workers too, as a function's SET clause is.
+fn set_local(name: &CStr, value: &CStr) {
+    // SAFETY: the arguments are valid C strings; errors are raised as usual.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// The OID of the extension, or InvalidOid while it does not exist.
+pub fn extension_oid() -> pg_sys::Oid {
+    // SAFETY: a catalog lookup by name; missing_ok.
+    unsafe { pg_sys::get_extension_oid(c"pg_cellcrypt".as_ptr(), true) }
+}
+
+/// The extension's owner and schema, read from `pg_extension` once per backend and extension;
+/// the bootstrap superuser and no schema while the extension does not exist.
+fn extension_row() -> (pg_sys::Oid, pg_sys::Oid) {
+    type Row = (pg_sys::Oid, pg_sys::Oid, pg_sys::Oid);
+    static CACHE: BackendLocal<Cell<Row>> = BackendLocal::new(Cell::new((pg_sys::InvalidOid, pg_sys::InvalidOid, pg_sys::InvalidOid)));
+    let ext = extension_oid();
+    let bootstrap = pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID);
+    if ext == pg_sys::InvalidOid {
+        return (bootstrap, pg_sys::InvalidOid);
+    }
+    let (cached_ext, owner, schema) = CACHE.with(|c| c.get());
+    if cached_ext == ext {
+        return (owner, schema);
+    }
+    // SAFETY: a heap scan of pg_extension (a handful of rows) inside a transaction, as
+    // PostgreSQL's own get_extension_schema does with its index.
+    let (owner, schema) = unsafe {
+        let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = (bootstrap, pg_sys::InvalidOid);
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            let row = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_extension>(tup);
+            if (*row).oid == ext {
+                found = ((*row).extowner, (*row).extnamespace);
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
+    };
+    CACHE.with(|c| c.set((ext, owner, schema)));
+    (owner, schema)
+}
+
+/// The role that owns the extension (and so its tables).
+pub fn extension_owner() -> pg_sys::Oid {
+    extension_row().0
+}
+
+/// The schema of the extension's SQL objects (its types and functions).
+pub fn extension_namespace() -> pg_sys::Oid {
+    extension_row().1
+}
+
+/// Runs `f` as the extension's owner, the safe way (see the module documentation). Used for
+/// the extension's own tables and for catalog queries: every role that writes encrypted
+/// columns must be able to load the key without any privilege on the keyring.
+pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+    run_as(extension_owner(), &[], f)
+}
+
+/// What a table looks like to re-encryption, read under the lock it keeps to the end of the
+/// transaction.
+pub struct UserTable {
+    /// Schema-qualified and quoted.
+    pub name: String,
+    pub owner: pg_sys::Oid,
+}
+
+/// Locks user table `relid` with `lockmode` (kept to the end of the transaction) and describes
+/// it; None when it no longer exists or is no longer a plain table.
+pub fn lock_user_table(relid: pg_sys::Oid, lockmode: u32) -> Option<UserTable> {
+    // SAFETY: try_relation_open takes the lock and returns NULL for a dropped relation; the
+    // relation is closed with NoLock, keeping the lock.
+    unsafe {
+        let rel = pg_sys::try_relation_open(relid, lockmode as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return None;
+        }
+        let form = &*(*rel).rd_rel;
+        let plain = form.relkind as u8 == b'r' && form.relpersistence as u8 != b't';
+        let owner = form.relowner;
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if !plain {
+            return None;
+        }
+        let name = as_extension_owner(|| {
+            Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[relid.into()]).ok().flatten()
+        })?;
+        Some(UserTable { name, owner })
+    }
+}
+
+/// Runs `f` as the owner of `table`, the safe way (see the module documentation), with user
+/// triggers of the ordinary kind off (`session_replication_role = replica`) and
+/// `row_security = off`, so that a statement either sees every row or fails (a table whose
+/// owner forced row level security on itself), never silently skips rows.
+pub fn as_table_owner<R>(table: &UserTable, f: impl FnOnce() -> R) -> R {
+    run_as(table.owner, &[(c"session_replication_role", c"replica"), (c"row_security", c"off")], f)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The keyring
+
+/// One row of `cellcrypt.keyring`.
+pub struct KeyRow {
+    pub version: u32,
+    pub fingerprint: String,
+    pub salt: Vec<u8>,
+    pub params: KdfParams,
+    pub state: String,
+    pub wrapped: Option<Vec<u8>>,
+}
+
+thread_local! {
+    static INTERNAL_WRITE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while this extension itself writes its key tables; rows written otherwise come from a
+/// restore (see the keyring trigger in the install SQL).
+pub fn internal_write_in_progress() -> bool {
+    INTERNAL_WRITE.with(|w| w.get())
+}
+
+/// Runs a write to the key tables as the extension owner, marked as the extension's own.
+fn write<R>(what: &str, f: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> R {
+    INTERNAL_WRITE.with(|w| w.set(true));
+    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| as_extension_owner(f))).finally(|| INTERNAL_WRITE.with(|w| w.set(false))).execute();
+    r.unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not {what}: {e}"), None, None))
+}
+
+/// Runs a read of the extension's tables as the extension owner with the latest snapshot, as
+/// catalogs are read: a key change that committed after this transaction began is seen,
+/// whatever the isolation level. A parallel worker reads with the snapshot its leader shared.
+fn read_latest<R>(f: impl FnOnce() -> R) -> R {
+    as_extension_owner(|| {
+        // SAFETY: plain backend calls; the pushed snapshot is popped below (and on abort).
+        if unsafe { pg_sys::IsInParallelMode() } {
+            return f();
+        }
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+        let r = f();
+        unsafe { pg_sys::PopActiveSnapshot() };
+        r
+    })
+}
+
+/// The keyring's live rows (current first, then previous versions, newest first).
+pub fn key_rows() -> Vec<KeyRow> {
+    read_latest(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, wrapped_data_key \
+                 FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[]) \
+                 ORDER BY state OPERATOR(pg_catalog.=) 'current' DESC, key_version DESC",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(KeyRow {
+                    version: row.get::<i32>(1)?.unwrap_or(0) as u32,
+                    fingerprint: row.get::<String>(2)?.unwrap_or_default(),
+                    salt: row.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                    params: KdfParams {
+                        m_cost_kib: row.get::<i32>(4)?.unwrap_or(0) as u32,
+                        t_cost: row.get::<i32>(5)?.unwrap_or(0) as u32,
+                        p_cost: row.get::<i32>(6)?.unwrap_or(0) as u32,
+                    },
+                    state: row.get::<String>(7)?.unwrap_or_default(),
+                    wrapped: row.get::<Vec<u8>>(8)?,
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not read the pg_cellcrypt keyring: {e}"), None, None))
+}
+
+/// The current data key version and blind-index key version, read-only (for standbys).
+pub fn current_versions() -> (Option<u32>, Option<u32>) {
+    read_latest(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT (SELECT key_version FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'current'), \
+                        (SELECT key_version FROM cellcrypt.index_key WHERE state OPERATOR(pg_catalog.=) 'current')",
+                None,
+                &[],
+            )?
+            .first()
+            .get_two::<i32, i32>()
+        })
+    })
+    .map(|(a, b)| (a.map(|v| v as u32), b.map(|v| v as u32)))
+    .unwrap_or((None, None))
+}
+
+/// True when the keyring has any row (the extension's first key exists).
+pub fn keyring_has_rows() -> bool {
+    as_extension_owner(|| Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM cellcrypt.keyring)")).ok().flatten().unwrap_or(false)
+}
+
+/// The highest key version ever recorded (retired ones included).
+pub fn max_key_version() -> Option<u32> {
+    as_extension_owner(|| Spi::get_one::<i32>("SELECT pg_catalog.max(key_version) FROM cellcrypt.keyring")).ok().flatten().map(|v| v as u32)
+}
+
+/// The current key's row as the status view shows it.
+pub type CurrentKeyStatus = (Option<i32>, Option<String>, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>, Option<i64>);
+
+pub fn current_key_status() -> CurrentKeyStatus {
+    as_extension_owner(|| {
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT key_version, fingerprint, created_at, created_by::pg_catalog.text, reencrypted_values FROM cellcrypt.keyring \
+                 WHERE state OPERATOR(pg_catalog.=) 'current'",
+                None,
+                &[],
+            )?;
+            for r in t {
+                return Ok::<CurrentKeyStatus, pgrx::spi::Error>((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?));
+            }
+            Ok((None, None, None, None, None))
+        })
+        .unwrap_or((None, None, None, None, None))
+    })
+}
+
+/// Marks `version` as a previous version whose data key is `wrapped` under the new current key.
+pub fn demote_key(version: u32, wrapped: Vec<u8>) {
+    write("update the keyring", || {
+        Spi::run_with_args(
+            "UPDATE cellcrypt.keyring SET state = 'previous', wrapped_data_key = $2 WHERE key_version OPERATOR(pg_catalog.=) $1",
+            &[(version as i32).into(), wrapped.into()],
+        )
+    })
+}
+
+/// Records a new current key version.
+pub fn insert_current_key(version: u32, fingerprint: &str, salt: &[u8], params: &KdfParams, provider: &str) {
+    write("record the key", || {
+        Spi::run_with_args(
+            "INSERT INTO cellcrypt.keyring (key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'current', $7)",
+            &[
+                (version as i32).into(),
+                fingerprint.into(),
+                salt.to_vec().into(),
+                (params.m_cost_kib as i32).into(),
+                (params.t_cost as i32).into(),
+                (params.p_cost as i32).into(),
+                provider.into(),
+            ],
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The blind-index key
+
+/// The current blind-index key row: (version, wrapped key, data key version it is wrapped under).
+pub fn index_key_row() -> Option<(u32, Vec<u8>, u32)> {
+    // A read-only SPI connection: parallel workers load keys too, and may not assign an XID.
+    read_latest(|| {
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT key_version, wrapped_key, wrapped_under FROM cellcrypt.index_key WHERE state OPERATOR(pg_catalog.=) 'current'",
+                None,
+                &[],
+            )?;
+            let mut out = None;
+            for r in t {
+                out = match (r.get::<i32>(1)?, r.get::<Vec<u8>>(2)?, r.get::<i32>(3)?) {
+                    (Some(v), Some(w), Some(u)) => Some((v as u32, w, u as u32)),
+                    _ => None,
+                };
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .ok()
+        .flatten()
+    })
+}
+
+/// Stores blind-index key `version`, wrapped under data key `under`: inserted as the current
+/// index key, or re-wrapped in place.
+pub fn store_index_key(version: u32, wrapped: Vec<u8>, under: u32, insert: bool) {
+    let sql = if insert {
+        "INSERT INTO cellcrypt.index_key (key_version, wrapped_key, wrapped_under, state) VALUES ($1, $2, $3, 'current')"
+    } else {
+        "UPDATE cellcrypt.index_key SET wrapped_key = $2, wrapped_under = $3 WHERE key_version OPERATOR(pg_catalog.=) $1"
+    };
+    write("store the blind-index key", || Spi::run_with_args(sql, &[(version as i32).into(), wrapped.into(), (under as i32).into()]))
+}
+
+/// Retires the current blind-index key (its wrapped key is deleted).
+pub fn retire_index_key() {
+    write("retire the blind-index key", || {
+        Spi::run("UPDATE cellcrypt.index_key SET state = 'retired', wrapped_key = NULL WHERE state OPERATOR(pg_catalog.=) 'current'")
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blind-index registrations
+
+/// The next free blind-index column id.
+pub fn next_blind_index_id() -> u32 {
+    as_extension_owner(|| Spi::get_one::<i32>("SELECT COALESCE(pg_catalog.max(id), 0) OPERATOR(pg_catalog.+) 1 FROM cellcrypt.blind_index_column"))
+        .ok()
+        .flatten()
+        .unwrap_or(1) as u32
+}
+
+/// Records a registered column.
+pub fn insert_blind_index_column(id: u32, normalization: &str, table: &str, column: &str) {
+    write("register the column", || {
+        Spi::run_with_args(
+            "INSERT INTO cellcrypt.blind_index_column (id, normalization, table_name, column_name) VALUES ($1, $2, $3, $4)",
+            &[(id as i32).into(), normalization.into(), table.into(), column.into()],
+        )
+    })
+}
+
+/// The normalization of registered column `id`.
+pub fn blind_index_normalization(id: u32) -> Option<String> {
+    read_latest(|| {
+        Spi::get_one_with_args::<String>("SELECT normalization FROM cellcrypt.blind_index_column WHERE id OPERATOR(pg_catalog.=) $1", &[(id as i32).into()])
+    })
+    .ok()
+    .flatten()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Re-encryption jobs
+
+/// One job: a table whose encrypted columns are being moved to `version`.
+pub struct Job {
+    pub relid: pg_sys::Oid,
+    pub version: i32,
+    pub columns: Vec<String>,
+    pub next_block: i64,
+    pub total_blocks: i64,
+}
+
+fn job_error(what: &'static str) -> impl Fn(pgrx::spi::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// Records one job per table with encrypted columns (every schema, partitions included,
+/// temporary tables excepted). Returns how many.
+pub fn create_jobs(version: u32) -> i64 {
+    as_extension_owner(|| {
+        Spi::connect_mut(|c| {
+            c.update(
+                "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns) \
+                 SELECT c.oid, $1, pg_catalog.array_agg(pg_catalog.quote_ident(a.attname) ORDER BY a.attnum) \
+                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
+                 WHERE a.atttypid OPERATOR(pg_catalog.=) ANY (SELECT d.objid FROM pg_catalog.pg_depend d \
+                                      WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                                        AND d.refobjid OPERATOR(pg_catalog.=) $2 \
+                                        AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
+                                        AND d.deptype OPERATOR(pg_catalog.=) 'e') \
+                   AND c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't' \
+                   AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+                 GROUP BY c.oid",
+                None,
+                &[(version as i32).into(), extension_oid().into()],
+            )
+            .map(|t| t.len() as i64)
+        })
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not plan the re-encryption: {e}"), None, None))
+}
+
+/// Stamps the start of the work on jobs that have not started.
+pub fn start_jobs() -> Result<(), String> {
+    as_extension_owner(|| {
+        Spi::run("UPDATE cellcrypt.reencryption_job SET started_at = pg_catalog.clock_timestamp() WHERE started_at IS NULL")
+    })
+    .map_err(job_error("could not start the re-encryption"))
+}
+
+/// Claims the next pending job for this transaction (`FOR UPDATE SKIP LOCKED`: two runners
+/// never take the same one).
+pub fn claim_job() -> Result<Option<Job>, String> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|c| {
+            let t = c.update(
+                "SELECT relid, key_version, columns, next_block, total_blocks FROM cellcrypt.reencryption_job \
+                 WHERE state OPERATOR(pg_catalog.=) 'pending' ORDER BY relid LIMIT 1 FOR UPDATE SKIP LOCKED",
+                None,
+                &[],
+            )?;
+            let mut job = None;
+            for r in t {
+                job = Some(Job {
+                    relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    version: r.get::<i32>(2)?.unwrap_or(0),
+                    columns: r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                    next_block: r.get::<i64>(4)?.unwrap_or(0),
+                    total_blocks: r.get::<i64>(5)?.unwrap_or(0),
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(job)
+        })
+    })
+    .map_err(job_error("could not read the re-encryption jobs"))
+}
+
+/// (pending jobs, all jobs).
+pub fn job_counts() -> Result<(i64, i64), String> {
+    as_extension_owner(|| {
+        Spi::get_two::<i64, i64>(
+            "SELECT pg_catalog.count(*) FILTER (WHERE state OPERATOR(pg_catalog.=) 'pending'), pg_catalog.count(*) FROM cellcrypt.reencryption_job",
+        )
+    })
+    .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
+    .map_err(job_error("could not read the re-encryption jobs"))
+}
+
+/// (verified jobs, all jobs, the reasons of blocked jobs), read-only (for standbys too).
+pub fn job_summary() -> (Option<i64>, Option<i64>, Option<String>) {
+    as_extension_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT pg_catalog.count(*) FILTER (WHERE state OPERATOR(pg_catalog.=) 'verified'), pg_catalog.count(*), \
+                        pg_catalog.string_agg(last_error, '; ') FROM cellcrypt.reencryption_job",
+                None,
+                &[],
+            )?
+            .first()
+            .get_three::<i64, i64, String>()
+        })
+        .unwrap_or((None, None, None))
+    })
+}
+
+/// Who started the running change and how far it is, when jobs are left.
+pub fn running_change() -> Option<String> {
+    as_extension_owner(|| {
+        Spi::get_one::<String>(
+            "SELECT pg_catalog.format('the change to key version %s started by role %s at %s: %s of %s tables done, %s values re-encrypted so far', \
+                    pg_catalog.max(key_version), pg_catalog.min(created_by), pg_catalog.min(created_at), \
+                    pg_catalog.count(*) FILTER (WHERE state OPERATOR(pg_catalog.=) 'verified'), pg_catalog.count(*), pg_catalog.sum(cells_done)) \
+             FROM cellcrypt.reencryption_job HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0",
+        )
+        .ok()
+        .flatten()
+    })
+}
+
+/// True when re-encryption has work: jobs, or previous key versions to plan it for.
+pub fn has_reencryption_work() -> bool {
+    as_extension_owner(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM cellcrypt.reencryption_job) \
+                 OR EXISTS (SELECT FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'previous')",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// True when the keyring holds previous versions (re-encryption has work or must plan it).
+pub fn has_previous_keys() -> Result<bool, String> {
+    as_extension_owner(|| Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'previous')"))
+        .map(|b| b.unwrap_or(false))
+        .map_err(job_error("could not read the keyring"))
+}
+
+/// Records a verified placeholder job when planning found no table, so that the finish step
+/// runs and retires the older versions.
+pub fn plan_nothing_left() -> Result<(), String> {
+    as_extension_owner(|| {
+        Spi::run(
+            "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns, state) \
+             SELECT 0, 0, '{}', 'verified' WHERE NOT EXISTS (SELECT FROM cellcrypt.reencryption_job)",
+        )
+    })
+    .map_err(job_error("could not plan the re-encryption"))
+}
+
+/// Forgets the job of a table that was dropped.
+pub fn drop_job(relid: pg_sys::Oid) -> Result<(), String> {
+    as_extension_owner(|| Spi::run_with_args("DELETE FROM cellcrypt.reencryption_job WHERE relid OPERATOR(pg_catalog.=) $1", &[relid.into()]))
+        .map_err(job_error("could not drop a job"))
+}
+
+/// Marks a table's pass as done.
+pub fn job_verified(relid: pg_sys::Oid) -> Result<(), String> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE cellcrypt.reencryption_job SET state = 'verified', updated_at = pg_catalog.clock_timestamp() WHERE relid OPERATOR(pg_catalog.=) $1",
+            &[relid.into()],
+        )
+    })
+    .map_err(job_error("could not record progress"))
+}
+
+/// Records why a table's batch cannot be done (shown by the status and progress views).
+pub fn job_blocked(relid: pg_sys::Oid, reason: String) -> Result<(), String> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE cellcrypt.reencryption_job SET last_error = $2, updated_at = pg_catalog.clock_timestamp() WHERE relid OPERATOR(pg_catalog.=) $1",
+            &[relid.into(), reason.into()],
+        )
+    })
+    .map_err(job_error("could not record progress"))
+}
+
+/// Records a batch done: the next block, the pass's size and the values moved.
+pub fn job_progress(relid: pg_sys::Oid, next_block: i64, total_blocks: i64, cells: i64) -> Result<(), String> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE cellcrypt.reencryption_job SET next_block = $2, total_blocks = $3, cells_done = cells_done OPERATOR(pg_catalog.+) $4, \
+                    last_error = NULL, updated_at = pg_catalog.clock_timestamp() WHERE relid OPERATOR(pg_catalog.=) $1",
+            &[relid.into(), next_block.into(), total_blocks.into(), cells.into()],
+        )
+    })
+    .map_err(job_error("could not record progress"))
+}
+
+/// Sends a table back for another pass (values under an older key were found).
+pub fn job_again(relid: pg_sys::Oid) -> Result<(), String> {
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "UPDATE cellcrypt.reencryption_job SET state = 'pending', next_block = 0, total_blocks = 0, pass = pass OPERATOR(pg_catalog.+) 1 \
+             WHERE relid OPERATOR(pg_catalog.=) $1",
+            &[relid.into()],
+        )
+    })
+    .map_err(job_error("could not record progress"))
+}
+
+/// Locks every job row for this transaction; true when this runner holds them all (only one
+/// runner finishes).
+pub fn lock_all_jobs() -> Result<bool, String> {
+    as_extension_owner(|| {
+        Spi::connect_mut(|c| {
+            let t = c.update("SELECT pg_catalog.count(*) FROM (SELECT FROM cellcrypt.reencryption_job FOR UPDATE SKIP LOCKED) s", None, &[])?;
+            let locked = t.first().get_one::<i64>()?.unwrap_or(0);
+            let total = c.select("SELECT pg_catalog.count(*) FROM cellcrypt.reencryption_job", None, &[])?.first().get_one::<i64>()?.unwrap_or(0);
+            Ok::<_, pgrx::spi::Error>(locked >= total)
+        })
+    })
+    .map_err(job_error("could not lock the re-encryption jobs"))
+}
+
+/// How many other sessions of this database run a transaction that began before the work
+/// started (they may still seal with the old key).
+pub fn transactions_older_than_jobs() -> Result<i64, String> {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+             WHERE datid OPERATOR(pg_catalog.=) $1 AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL \
+               AND backend_type OPERATOR(pg_catalog.<>) 'autovacuum worker' \
+               AND xact_start OPERATOR(pg_catalog.<) (SELECT pg_catalog.min(started_at) FROM cellcrypt.reencryption_job)",
+            // SAFETY: a backend global.
+            &[unsafe { pg_sys::MyDatabaseId }.into()],
+        )
+    })
+    .map(|n| n.unwrap_or(0))
+    .map_err(job_error("could not check running transactions"))
+}
+
+/// The jobs of tables that still exist: (relid, version, columns).
+pub fn live_jobs() -> Result<Vec<(pg_sys::Oid, i32, Vec<String>)>, String> {
+    as_extension_owner(|| {
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT relid, key_version, columns FROM cellcrypt.reencryption_job \
+                 WHERE relid OPERATOR(pg_catalog.=) ANY (SELECT oid FROM pg_catalog.pg_class)",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), r.get::<i32>(2)?.unwrap_or(0), r.get::<Vec<String>>(3)?.unwrap_or_default()));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .map_err(job_error("could not read the re-encryption jobs"))
+}
+
+/// Every value is under the current key: records the count, retires the older versions (their
+/// wrapped keys are deleted) and clears the jobs. Returns (retired versions, values moved,
+/// current version, its fingerprint).
+pub fn retire_previous_keys() -> Result<(Option<String>, Option<i64>, Option<i32>, Option<String>), String> {
+    INTERNAL_WRITE.with(|w| w.set(true));
+    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        as_extension_owner(|| {
+            let (retired, cells) = Spi::get_two::<String, i64>(
+                "SELECT (SELECT pg_catalog.string_agg(key_version::pg_catalog.text, ', ' ORDER BY key_version) FROM cellcrypt.keyring \
+                         WHERE state OPERATOR(pg_catalog.=) 'previous'), \
+                        (SELECT pg_catalog.sum(cells_done)::pg_catalog.int8 FROM cellcrypt.reencryption_job)",
+            )?;
+            let (version, fingerprint) =
+                Spi::get_two::<i32, String>("SELECT key_version, fingerprint FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'current'")?;
+            Spi::run_with_args(
+                "UPDATE cellcrypt.keyring SET reencrypted_values = COALESCE(reencrypted_values, 0) OPERATOR(pg_catalog.+) $1 \
+                 WHERE state OPERATOR(pg_catalog.=) 'current'",
+                &[cells.unwrap_or(0).into()],
+            )?;
+            Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state OPERATOR(pg_catalog.=) 'previous'")?;
+            Spi::run("DELETE FROM cellcrypt.reencryption_job")?;
+            Ok::<_, pgrx::spi::Error>((retired, cells, version, fingerprint))
+        })
+    }))
+    .finally(|| INTERNAL_WRITE.with(|w| w.set(false)))
+    .execute();
+    r.map_err(job_error("could not retire old keys"))
+}
+
+/// The extension's schema, quoted. Read once per backend and extension: the extension is not
+/// relocatable, so only a DROP and CREATE EXTENSION moves it, and that gives it a new OID.
+pub fn extension_schema() -> String {
+    static CACHE: BackendLocal<RefCell<Option<(pg_sys::Oid, String)>>> = BackendLocal::new(RefCell::new(None));
+    let ext = extension_oid();
+    CACHE.with(|c| {
+        if let Some((oid, schema)) = c.borrow().as_ref() {
+            if *oid == ext {
+                return schema.clone();
+            }
+        }
+        let schema: String = as_extension_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
+                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace WHERE e.oid OPERATOR(pg_catalog.=) $1",
+                &[ext.into()],
+            )
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "public".into());
+        *c.borrow_mut() = Some((ext, schema.clone()));
+        schema
+    })
+}
