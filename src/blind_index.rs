@@ -292,9 +292,9 @@ fn rotate_blind_index_key() -> String {
             .filter(|(v, _)| *v != loaded.current_version)
             .filter_map(|(v, k)| SecretKey::from_slice(k.expose()).map(|k| (*v, k)))
             .collect();
-        keys::install(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), loaded.current_version, master, others, Some((new_version, new_key))));
+        crate::keystate::install_keys(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), loaded.current_version, master, others, Some((new_version, new_key))));
         drop(loaded);
-        key_admin::announce_at_commit();
+        crate::keystate::announce_at_commit();
         rebuild_indexes()
     };
     crate::audit::record(&crate::audit::Event {

@@ -29,53 +29,51 @@ use crate::policy;
 use crate::errors;
 use crate::gucs::KeyProvider;
 use crate::key_cache;
+use crate::keystate::{self, KeyFile, Stage};
 use crate::keys::{self, KeyRow, KeyUnavailable};
 use crate::providers;
 use cellcrypt_core::kdf::{new_salt, KdfParams, MasterKey};
 use cellcrypt_core::AdminKey;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
-use std::cell::RefCell;
 use zeroize::Zeroizing;
 
-type KeyFile = Vec<(u32, Zeroizing<String>)>;
-
-/// What must happen when the transaction that changed the key ends.
-#[derive(Default)]
-struct Pending {
-    subxact: pg_sys::SubTransactionId,
-    /// Put into the shared cache and announce at commit.
-    publish: Option<(u32, MasterKey, Zeroizing<String>)>,
-    /// Forget the shared cache and announce at commit (the keyring was replaced by a restore).
-    forget: bool,
-    file_after_commit: Option<KeyFile>,
-    file_after_abort: Option<KeyFile>,
-    /// Bump the generation at commit (older keys were retired).
-    announce: bool,
-    /// Start this database's re-encryption worker at commit.
-    launch_worker: bool,
-    /// (action, version, fingerprint) to record as committed or rolled back.
-    audit: Vec<(&'static str, Option<u32>, String)>,
+fn with_pending(f: impl FnOnce(&mut Stage)) {
+    keystate::stage(f)
 }
 
-thread_local! {
-    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
-}
-
-fn with_pending(f: impl FnOnce(&mut Pending)) {
-    // SAFETY: a backend call.
-    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    PENDING.with(|p| {
-        let mut p = p.borrow_mut();
-        let p = p.get_or_insert_with(|| Pending { subxact, ..Default::default() });
-        p.subxact = p.subxact.max(subxact);
-        f(p)
-    })
-}
-
+/// Registers the transaction callbacks that carry out what a transaction staged
+/// (`keystate.rs`) when it, or one of its subtransactions, ends.
 pub fn init() {
     // SAFETY: called once from _PG_init.
-    unsafe { pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut()) };
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    keys::end_of_transaction();
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if keystate::has_staged() => errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "cannot PREPARE a transaction that changed pg_cellcrypt's keys",
+            Some("What a key change does outside the database (the key provider, the shared key cache, the re-encryption worker) happens when its own session commits."),
+            Some("Run key calls in ordinary transactions."),
+        ),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            if let Some(s) = keystate::transaction_committed() {
+                commit_effects(s);
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT => {
+            for s in keystate::transaction_aborted() {
+                abort_effects(s);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[pg_guard]
@@ -85,19 +83,12 @@ unsafe extern "C-unwind" fn subxact_callback(
     parent_subid: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    let mine = PENDING.with(|p| p.borrow().as_ref().map(|p| p.subxact == my_subid).unwrap_or(false));
-    if !mine {
-        return;
-    }
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => PENDING.with(|p| {
-            if let Some(p) = p.borrow_mut().as_mut() {
-                p.subxact = parent_subid;
-            }
-        }),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => keystate::subtransaction_committed(my_subid, parent_subid),
         pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
-            on_abort();
-            keys::invalidate();
+            if let Some(s) = keystate::subtransaction_aborted(my_subid) {
+                abort_effects(s);
+            }
         }
         _ => {}
     }
@@ -109,8 +100,7 @@ fn write_key_file(entries: &KeyFile) -> Result<(), String> {
 }
 
 /// The transaction committed: announce the new key. Must not raise (the commit is done).
-pub fn on_commit() {
-    let Some(p) = PENDING.with(|p| p.borrow_mut().take()) else { return };
+fn commit_effects(p: Stage) {
     if let Some(entries) = &p.file_after_commit {
         if let Err(e) = write_key_file(entries) {
             pgrx::warning!("pg_cellcrypt: {e}; the key file still holds the previous key too, which is harmless");
@@ -138,10 +128,8 @@ pub fn on_commit() {
     }
 }
 
-/// The transaction (or the subtransaction that made the change) rolled back: undo what was
-/// done outside the database.
-pub fn on_abort() {
-    let Some(p) = PENDING.with(|p| p.borrow_mut().take()) else { return };
+/// A (sub)transaction that staged something rolled back: undo what it did outside the database.
+fn abort_effects(p: Stage) {
     if let Some(entries) = &p.file_after_abort {
         if let Err(e) = write_key_file(entries) {
             pgrx::warning!("pg_cellcrypt: {e}; the key file holds the new key too, which is harmless");
@@ -150,11 +138,6 @@ pub fn on_abort() {
     for (action, version, fp) in &p.audit {
         audit::record(&Event { action, outcome: "rolled back", key_version: *version, fingerprint: Some(fp), detail: "" });
     }
-}
-
-/// Makes every backend reload its keys when this transaction commits.
-pub fn announce_at_commit() {
-    with_pending(|p| p.announce = true);
 }
 
 /// `cellcrypt._keyring_write_is_internal()`, called by the keyring's BEFORE INSERT trigger.
@@ -239,15 +222,31 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         return pg_sys::Datum::from(false);
     }
     let provider = providers::current();
-    let key = match provider {
-        KeyProvider::Command => {
+    // With the `file` provider, a key file this database already has is kept, never
+    // overwritten: it is what a DROP and CREATE EXTENSION (as `pg_restore --clean` runs them)
+    // finds, and the keyring restored next names that key. Its newest version becomes current.
+    let kept = match provider {
+        KeyProvider::File => providers::file::read_all()
+            .unwrap_or_default()
+            .into_iter()
+            .max_by_key(|(v, _)| *v)
+            .and_then(|(v, text)| AdminKey::parse(&text).ok().map(|k| (v, k))),
+        _ => None,
+    };
+    let kept_existing = kept.is_some();
+    let (version, key) = match (provider, kept) {
+        (_, Some((v, k))) => (v, k),
+        (KeyProvider::Command, None) => {
             let text = providers::command::run().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
-            AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}")))
+            (1, AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}"))))
         }
-        _ => AdminKey::generate(),
+        _ => (1, AdminKey::generate()),
     };
     let (salt, params, master) = derive_new(&key);
     match provider {
+        KeyProvider::File if kept_existing => {
+            pgrx::notice!("pg_cellcrypt: this database's key file already holds key version {version}; it is kept and is the current key");
+        }
         KeyProvider::File => {
             let previous = providers::file::read_all().unwrap_or_default();
             write_key_file(&vec![(1, Zeroizing::new(key.as_str().to_owned()))]).unwrap_or_else(|e| key_io_error(e));
@@ -262,25 +261,25 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         }
         KeyProvider::Command => {}
     }
-    insert_key_row(1, &salt, &params, &master);
+    insert_key_row(version, &salt, &params, &master);
     // The blind-index key: random, independent of the data key, kept wrapped under it.
     let index_key = cellcrypt_core::SecretKey::random();
-    store_index_key(1, &master, 1, &index_key, true);
+    store_index_key(1, &master, version, &index_key, true);
     let fp = master.fingerprint().to_string();
-    keys::install(keys::LoadedKeys::build(
+    keystate::install_keys(keys::LoadedKeys::build(
         keys::keyring_relid(),
         keys::generation_now(),
-        1,
+        version,
         MasterKey::from_bytes(*master.expose()),
         Vec::new(),
         Some((1, index_key)),
     ));
     with_pending(|p| {
         p.forget = true;
-        p.publish = Some((1, master, Zeroizing::new(key.as_str().to_owned())));
+        p.publish = Some((version, master, Zeroizing::new(key.as_str().to_owned())));
     });
-    audit::record(&Event { action: "create", outcome: "started", key_version: Some(1), fingerprint: Some(&fp), detail: "first key, at CREATE EXTENSION" });
-    with_pending(|p| p.audit.push(("create", Some(1), fp)));
+    audit::record(&Event { action: "create", outcome: "started", key_version: Some(version), fingerprint: Some(&fp), detail: "first key, at CREATE EXTENSION" });
+    with_pending(|p| p.audit.push(("create", Some(version), fp)));
     pg_sys::Datum::from(true)
 }
 
@@ -410,7 +409,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
             message.push_str("; provider \"none\" holds it in memory until the next restart");
         }
     }
-    keys::install(keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, MasterKey::from_bytes(*master.expose())));
+    keystate::install_keys(keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, MasterKey::from_bytes(*master.expose())));
     audit::record(&Event { action: "restore", outcome: "started", key_version: Some(current.version), fingerprint: Some(&fp), detail: "" });
     with_pending(|p| {
         p.publish = Some((current.version, master, Zeroizing::new(key.as_str().to_owned())));
@@ -489,7 +488,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         store_index_key(*iv, &master, new_version, ik, false);
     }
     // From here on this transaction seals with the new key.
-    keys::install(keys::LoadedKeys::build(
+    keystate::install_keys(keys::LoadedKeys::build(
         keys::keyring_relid(),
         keys::generation_now(),
         new_version,
@@ -498,6 +497,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         index_key,
     ));
     with_pending(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
+    keystate::announce_at_commit();
 
     let tables = crate::reencrypt::create_jobs(new_version);
     with_pending(|p| p.launch_worker = tables > 0);
@@ -537,8 +537,9 @@ fn data_encryption_status() -> TableIterator<
     // transaction id can be assigned.
     let (done, total, blocked) = crate::store::job_summary();
     let reencryption = match (done, total, blocked) {
+        (_, _, Some(waiting)) if waiting.starts_with("waiting: ") => waiting,
         (_, _, Some(blocked)) => format!(
-            "blocked: {blocked}. Restore that row from a backup or delete it; the worker retries every {} seconds",
+            "blocked: {blocked}. The worker retries every {} seconds",
             crate::worker::BLOCKED_RETRY.as_secs()
         ),
         (Some(done), Some(total), None) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
@@ -559,6 +560,94 @@ REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
 CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();
 CREATE VIEW @extschema@.data_encryption_audit AS SELECT * FROM @extschema@.data_encryption_audit();
 GRANT SELECT ON @extschema@.data_encryption_status, @extschema@.data_encryption_audit TO PUBLIC;
+
+-- DDL that would keep encrypted values out of re-encryption's reach is refused (types.rs):
+-- an encrypted value stored in an expression (a DEFAULT, a view, a rule, a constraint, an index,
+-- a policy, a trigger's WHEN, a SQL-standard function body) was sealed once, when the statement
+-- was parsed, and would outlive its key; encrypted values inside arrays, domains or composite
+-- types are not rewritten by re-encryption.
+CREATE FUNCTION cellcrypt._holds_encrypted(t oid, ours oid[]) RETURNS boolean LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE r(t) AS (
+        SELECT t
+        UNION
+        SELECT z.x FROM r JOIN pg_catalog.pg_type y ON y.oid = r.t,
+             LATERAL (SELECT y.typelem WHERE y.typlen = -1 AND y.typelem <> 0
+                      UNION ALL SELECT y.typbasetype WHERE y.typtype = 'd'
+                      UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                                WHERE y.typrelid <> 0 AND a.attrelid = y.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                      UNION ALL SELECT g.rngsubtype FROM pg_catalog.pg_range g WHERE g.rngtypid = y.oid) z(x)
+    )
+    SELECT EXISTS (SELECT FROM r WHERE r.t = ANY (ours))
+$$;
+CREATE FUNCTION cellcrypt._check_ddl() RETURNS event_trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ours oid[];
+    pattern text;
+    cmd record;
+    found text;
+BEGIN
+    SELECT array_agg(d.objid) INTO ours
+      FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+     WHERE e.extname = 'pg_cellcrypt' AND d.classid = 'pg_type'::regclass AND d.deptype = 'e';
+    IF ours IS NULL THEN
+        RETURN;
+    END IF;
+    pattern := ':consttype (' || array_to_string(ours, '|') || ') [^{}]*:constisnull false';
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        SELECT string_agg(what, ', ') INTO found FROM (
+            SELECT format('the default of column %I of %s', a.attname, c.adrelid::regclass) AS what
+              FROM pg_attrdef c JOIN pg_attribute a ON a.attrelid = c.adrelid AND a.attnum = c.adnum
+             WHERE c.adrelid = cmd.objid AND c.adbin::text ~ pattern
+            UNION ALL
+            SELECT format('rule %I of %s', r.rulename, r.ev_class::regclass) FROM pg_rewrite r
+             WHERE (r.ev_class = cmd.objid OR r.oid = cmd.objid) AND r.ev_action::text ~ pattern
+            UNION ALL
+            SELECT format('function %s', p.oid::regprocedure) FROM pg_proc p
+             WHERE p.oid = cmd.objid AND p.prosqlbody::text ~ pattern
+            UNION ALL
+            SELECT format('the default of domain %s', t.oid::regtype) FROM pg_type t
+             WHERE t.oid = cmd.objid AND t.typdefaultbin::text ~ pattern
+            UNION ALL
+            SELECT format('constraint %I', k.conname) FROM pg_constraint k
+             WHERE (k.conrelid = cmd.objid OR k.contypid = cmd.objid OR k.oid = cmd.objid) AND k.conbin::text ~ pattern
+            UNION ALL
+            SELECT format('policy %I', o.polname) FROM pg_policy o
+             WHERE (o.polrelid = cmd.objid OR o.oid = cmd.objid) AND (o.polqual::text ~ pattern OR o.polwithcheck::text ~ pattern)
+            UNION ALL
+            SELECT format('index %s', i.indexrelid::regclass) FROM pg_index i
+             WHERE (i.indrelid = cmd.objid OR i.indexrelid = cmd.objid) AND (i.indexprs::text ~ pattern OR i.indpred::text ~ pattern)
+            UNION ALL
+            SELECT format('trigger %I', g.tgname) FROM pg_trigger g
+             WHERE (g.tgrelid = cmd.objid OR g.oid = cmd.objid) AND g.tgqual::text ~ pattern
+        ) s;
+        IF found IS NOT NULL THEN
+            RAISE EXCEPTION 'pg_cellcrypt: % would keep an encrypted value in the catalog', found
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = 'A value of an encrypted type written in an expression is encrypted once, when the statement is parsed, and stored with the expression: it would outlive the key it was sealed under.',
+                      HINT = 'Write the value in its plain type, e.g. DEFAULT ''none''::text: it is then encrypted for each row.';
+        END IF;
+        SELECT string_agg(what, ', ') INTO found FROM (
+            SELECT format('column %I of %s (type %s)', a.attname, a.attrelid::regclass, format_type(a.atttypid, a.atttypmod)) AS what
+              FROM pg_attribute a
+             WHERE a.attrelid = cmd.objid AND a.attnum > 0 AND NOT a.attisdropped
+               AND NOT a.atttypid = ANY (ours) AND cellcrypt._holds_encrypted(a.atttypid, ours)
+            UNION ALL
+            SELECT format('type %s', t.oid::regtype) FROM pg_type t
+             WHERE t.oid = cmd.objid AND NOT t.oid = ANY (ours) AND cellcrypt._holds_encrypted(t.oid, ours)
+        ) s;
+        IF found IS NOT NULL THEN
+            RAISE EXCEPTION 'pg_cellcrypt: % would hold encrypted values inside an array, a domain, a range or a composite type', found
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = 'A key change re-encrypts the columns of the encrypted types themselves; values nested in other types would keep the old key and become unreadable when it is retired.',
+                      HINT = 'Store each encrypted value in a column of an encrypted type (encrypted_text, encrypted_jsonb, ...).';
+        END IF;
+    END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION cellcrypt._check_ddl() FROM PUBLIC;
+CREATE EVENT TRIGGER cellcrypt_check_ddl ON ddl_command_end EXECUTE FUNCTION cellcrypt._check_ddl();
 
 -- Encryption is on from the start: the database gets its first key now.
 SELECT cellcrypt._initialize();

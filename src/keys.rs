@@ -21,7 +21,6 @@ use crate::key_cache;
 use crate::providers;
 use cellcrypt_core::kdf::MasterKey;
 use cellcrypt_core::{AdminKey, Keyring, NonceSource, SecretKey};
-use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -109,20 +108,9 @@ static LOADED: BackendLocal<RefCell<Option<Rc<LoadedKeys>>>> = BackendLocal::new
 static NONCES: BackendLocal<RefCell<Option<NonceSource>>> = BackendLocal::new(RefCell::new(None));
 static VALIDATED_THIS_XACT: BackendLocal<Cell<bool>> = BackendLocal::new(Cell::new(false));
 
-/// Registers the end-of-transaction callback that makes the next use revalidate the cache.
-pub fn init() {
-    // SAFETY: called once from _PG_init.
-    unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+/// The transaction ended: the next key access checks the cache against the keyring again.
+pub fn end_of_transaction() {
     VALIDATED_THIS_XACT.with(|v| v.set(false));
-    match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT => crate::key_admin::on_commit(),
-        pg_sys::XactEvent::XACT_EVENT_ABORT => crate::key_admin::on_abort(),
-        _ => {}
-    }
 }
 
 pub fn keyring_relid() -> pg_sys::Oid {
@@ -183,9 +171,13 @@ pub fn is_active() -> bool {
     try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
 }
 
-/// Installs keys this backend built itself (during its own key change).
-pub fn install(keys: LoadedKeys) {
-    LOADED.with(|l| *l.borrow_mut() = Some(Rc::new(keys)));
+/// Sets this backend's keys (`keystate.rs` installs the keys a transaction staged, and puts
+/// back the enclosing ones when a subtransaction rolls back).
+pub fn set_loaded(keys: Option<Rc<LoadedKeys>>) {
+    match keys {
+        Some(k) => LOADED.with(|l| *l.borrow_mut() = Some(k)),
+        None => invalidate(),
+    }
 }
 
 /// Runs `f` with this backend's nonce source (created on first use, after fork).

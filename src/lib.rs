@@ -6,6 +6,7 @@
 //! | [`gucs`] | every setting, in one place |
 //! | [`errors`] | how errors are raised: SQLSTATE, message, detail, hint |
 //! | [`keys`] | the data encryption key: what the database stores, how a backend loads and caches it |
+//! | [`keystate`] | the transactional key state: what each (sub)transaction staged, merged or discarded as it ends |
 //! | [`key_cache`] | shared memory: each database's current key, and the generation that announces a change |
 //! | [`providers`] | where keys live: the `file`, `command` and `none` key providers |
 //! | [`store`] | the extension's own tables, and every statement run with rights other than the caller's |
@@ -31,6 +32,7 @@ pub mod blind_index;
 pub mod key_admin;
 pub mod key_cache;
 pub mod keys;
+pub mod keystate;
 pub mod policy;
 pub mod providers;
 pub mod reencrypt;
@@ -87,7 +89,6 @@ pub extern "C-unwind" fn _PG_init() {
     key_cache::init();
     audit::init();
     hooks::init();
-    keys::init();
     key_admin::init();
     worker::init();
 }

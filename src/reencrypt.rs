@@ -200,7 +200,7 @@ fn process(job: store::Job) -> Result<String, String> {
             // own code on the table (a trigger, a constraint) may refuse the update. The work
             // stops at this batch, says where, and is retried until the cause is fixed.
             let blocked = format!(
-                "{message} (a row in blocks {}..{end} of {name}: SELECT ctid FROM {name} WHERE ctid >= '({},0)' AND ctid < '({end},0)')",
+                "{message} (a row in blocks {}..{end} of {name}: SELECT ctid FROM {name} WHERE ctid >= '({},0)' AND ctid < '({end},0)'; restore that row from a backup or delete it, or fix what refused the update)",
                 job.next_block, job.next_block
             );
             store::job_blocked(job.relid, blocked)?;
@@ -309,6 +309,17 @@ fn finish() -> Result<String, String> {
     if store::transactions_older_than_jobs()? > 0 {
         return Ok("waiting".into());
     }
+    // Tables created, or given encrypted columns, while the work ran get a pass too.
+    let current = keys::loaded().current_version;
+    if store::create_jobs(current) > 0 {
+        return Ok("verify".into());
+    }
+    // What this runner cannot read (other sessions' temporary tables) or what may still commit
+    // old-key values (prepared transactions) keeps the older keys alive until it is gone.
+    if let Some(reason) = store::retirement_waits_for()? {
+        store::jobs_note(format!("waiting: {reason} may hold values under an older key"))?;
+        return Ok("waiting".into());
+    }
     let schema = store::extension_schema();
     let mut again = false;
     for (relid, version, columns) in store::live_jobs()? {
@@ -331,6 +342,26 @@ fn finish() -> Result<String, String> {
     if again {
         return Ok("verify".into());
     }
+    // Materialized views are not rewritten; one that still holds old-key values must be
+    // refreshed (from its re-encrypted tables) before the older keys go.
+    for (relid, columns) in store::materialized_views()? {
+        let Some(view) = store::lock_user_relation(relid, pg_sys::AccessShareLock, b'm') else { continue };
+        let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", view.name, filter(&schema, &columns, current as i32));
+        let left = match catching_errors(|| store::as_table_owner(&view, || Spi::get_one::<i64>(&count))) {
+            Ok(r) => r.map_err(spi_err("could not verify a materialized view"))?.unwrap_or(0),
+            Err(message) => {
+                store::jobs_note(format!("{message} (while verifying materialized view {})", view.name))?;
+                return Ok("blocked".into());
+            }
+        };
+        if left > 0 {
+            store::jobs_note(format!(
+                "materialized view {0} holds {left} values under an older key: REFRESH MATERIALIZED VIEW {0}; (it is refreshed from its re-encrypted tables)",
+                view.name
+            ))?;
+            return Ok("blocked".into());
+        }
+    }
     // Every value is under the current key: retire the older versions.
     let (retired, cells, version, fingerprint) = store::retire_previous_keys()?;
     let detail = format!("{} values re-encrypted; retired key versions: {}", cells.unwrap_or(0), retired.as_deref().unwrap_or("none"));
@@ -341,7 +372,7 @@ fn finish() -> Result<String, String> {
         fingerprint: fingerprint.as_deref(),
         detail: &detail,
     });
-    crate::key_admin::announce_at_commit();
+    crate::keystate::announce_at_commit();
     Ok("done".into())
 }
 
@@ -420,7 +451,7 @@ BEGIN
             SELECT coalesce(sum(cells_done), 0), coalesce(sum(cells_remaining), 0) INTO done, remaining FROM @extschema@.data_encryption_progress;
             RAISE NOTICE 'pg_cellcrypt re-encryption: % (% values re-encrypted, about % remaining)',
                 CASE s WHEN 'idle' THEN 'nothing to do' WHEN 'done' THEN 'finished; older keys retired'
-                       WHEN 'waiting' THEN 'waiting for transactions that began before the change'
+                       WHEN 'waiting' THEN 'waiting for what began before the change (see data_encryption_status)'
                        WHEN 'busy' THEN 'the background worker holds the remaining work'
                        ELSE 'working' END, done, remaining;
         END IF;

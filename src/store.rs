@@ -161,6 +161,12 @@ pub struct UserTable {
 /// Locks user table `relid` with `lockmode` (kept to the end of the transaction) and describes
 /// it; None when it no longer exists or is no longer a plain table.
 pub fn lock_user_table(relid: pg_sys::Oid, lockmode: u32) -> Option<UserTable> {
+    lock_user_relation(relid, lockmode, b'r')
+}
+
+/// As [`lock_user_table`], for a permanent relation of kind `relkind` (`r`, or `m` for a
+/// materialized view).
+pub fn lock_user_relation(relid: pg_sys::Oid, lockmode: u32, relkind: u8) -> Option<UserTable> {
     // SAFETY: try_relation_open takes the lock and returns NULL for a dropped relation; the
     // relation is closed with NoLock, keeping the lock.
     unsafe {
@@ -169,7 +175,7 @@ pub fn lock_user_table(relid: pg_sys::Oid, lockmode: u32) -> Option<UserTable> {
             return None;
         }
         let form = &*(*rel).rd_rel;
-        let plain = form.relkind as u8 == b'r' && form.relpersistence as u8 != b't';
+        let plain = form.relkind as u8 == relkind && form.relpersistence as u8 != b't';
         let owner = form.relowner;
         pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         if !plain {
@@ -414,8 +420,14 @@ pub fn insert_blind_index_column(id: u32, normalization: &str, table: &str, colu
 
 /// The normalization of registered column `id`.
 pub fn blind_index_normalization(id: u32) -> Option<String> {
+    // A read-only connection: lookups run on standbys and in parallel workers, where no
+    // transaction id can be assigned.
     read_latest(|| {
-        Spi::get_one_with_args::<String>("SELECT normalization FROM cellcrypt.blind_index_column WHERE id OPERATOR(pg_catalog.=) $1", &[(id as i32).into()])
+        Spi::connect(|c| {
+            c.select("SELECT normalization FROM cellcrypt.blind_index_column WHERE id OPERATOR(pg_catalog.=) $1", None, &[(id as i32).into()])?
+                .first()
+                .get_one::<String>()
+        })
     })
     .ok()
     .flatten()
@@ -437,30 +449,76 @@ fn job_error(what: &'static str) -> impl Fn(pgrx::spi::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
+/// The columns of encrypted types, per relation of the given kinds, as `SELECT relid, columns`.
+fn encrypted_columns_sql(relkinds: &str) -> String {
+    format!(
+        "SELECT c.oid, pg_catalog.array_agg(pg_catalog.quote_ident(a.attname) ORDER BY a.attnum) \
+         FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
+         WHERE a.atttypid OPERATOR(pg_catalog.=) ANY (SELECT d.objid FROM pg_catalog.pg_depend d \
+                              WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                                AND d.refobjid OPERATOR(pg_catalog.=) $2 \
+                                AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
+                                AND d.deptype OPERATOR(pg_catalog.=) 'e') \
+           AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{{relkinds}}}'::pg_catalog.\"char\"[]) \
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND c.relispopulated \
+         GROUP BY c.oid"
+    )
+}
+
 /// Records one job per table with encrypted columns (every schema, partitions included,
-/// temporary tables excepted). Returns how many.
+/// temporary tables excepted) that has none yet. Returns how many were added.
 pub fn create_jobs(version: u32) -> i64 {
+    let sql = format!(
+        "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns) \
+         SELECT t.oid, $1, t.columns FROM ({}) t(oid, columns) \
+         WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.<>) 't' \
+         ON CONFLICT (relid) DO NOTHING",
+        encrypted_columns_sql("r")
+    );
     as_extension_owner(|| {
-        Spi::connect_mut(|c| {
-            c.update(
-                "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns) \
-                 SELECT c.oid, $1, pg_catalog.array_agg(pg_catalog.quote_ident(a.attname) ORDER BY a.attnum) \
-                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
-                 WHERE a.atttypid OPERATOR(pg_catalog.=) ANY (SELECT d.objid FROM pg_catalog.pg_depend d \
-                                      WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
-                                        AND d.refobjid OPERATOR(pg_catalog.=) $2 \
-                                        AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
-                                        AND d.deptype OPERATOR(pg_catalog.=) 'e') \
-                   AND c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't' \
-                   AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
-                 GROUP BY c.oid",
-                None,
-                &[(version as i32).into(), extension_oid().into()],
-            )
-            .map(|t| t.len() as i64)
-        })
+        Spi::connect_mut(|c| c.update(&sql, None, &[(version as i32).into(), extension_oid().into()]).map(|t| t.len() as i64))
     })
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not plan the re-encryption: {e}"), None, None))
+}
+
+/// What keeps older key versions from being retired although every job is done, if anything:
+/// temporary tables with encrypted columns (other sessions' data, which no one else can read),
+/// prepared transactions that began before the work, and materialized views holding values
+/// under an older key.
+pub fn retirement_waits_for() -> Result<Option<String>, String> {
+    let temp = format!(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('temporary table %s', t.oid::pg_catalog.regclass), ', ') FROM ({}) t(oid, columns) \
+         WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) 't'",
+        encrypted_columns_sql("r")
+    );
+    as_extension_owner(|| {
+        let temp = Spi::get_one_with_args::<String>(&temp, &[0.into(), extension_oid().into()])?;
+        let prepared = Spi::get_one::<String>(
+            "SELECT pg_catalog.string_agg(pg_catalog.format('prepared transaction %L', gid), ', ') FROM pg_catalog.pg_prepared_xacts \
+             WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database() \
+               AND prepared OPERATOR(pg_catalog.<) (SELECT pg_catalog.max(started_at) FROM cellcrypt.reencryption_job)",
+        )?;
+        Ok::<_, pgrx::spi::Error>(match (temp, prepared) {
+            (Some(t), Some(p)) => Some(format!("{t}, {p}")),
+            (t, p) => t.or(p),
+        })
+    })
+    .map_err(job_error("could not check what retirement waits for"))
+}
+
+/// The materialized views with encrypted columns: (relid, columns).
+pub fn materialized_views() -> Result<Vec<(pg_sys::Oid, Vec<String>)>, String> {
+    let sql = encrypted_columns_sql("m");
+    as_extension_owner(|| {
+        Spi::connect(|c| {
+            let mut out = Vec::new();
+            for r in c.select(&sql, None, &[0.into(), extension_oid().into()])? {
+                out.push((r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), r.get::<Vec<String>>(2)?.unwrap_or_default()));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .map_err(job_error("could not list materialized views"))
 }
 
 /// Stamps the start of the work on jobs that have not started.
@@ -515,7 +573,7 @@ pub fn job_summary() -> (Option<i64>, Option<i64>, Option<String>) {
         Spi::connect(|c| {
             c.select(
                 "SELECT pg_catalog.count(*) FILTER (WHERE state OPERATOR(pg_catalog.=) 'verified'), pg_catalog.count(*), \
-                        pg_catalog.string_agg(last_error, '; ') FROM cellcrypt.reencryption_job",
+                        pg_catalog.string_agg(DISTINCT last_error, '; ') FROM cellcrypt.reencryption_job",
                 None,
                 &[],
             )?
@@ -598,6 +656,12 @@ pub fn job_blocked(relid: pg_sys::Oid, reason: String) -> Result<(), String> {
         )
     })
     .map_err(job_error("could not record progress"))
+}
+
+/// Records on every job why the work cannot finish yet (shown by the status view).
+pub fn jobs_note(reason: String) -> Result<(), String> {
+    as_extension_owner(|| Spi::run_with_args("UPDATE cellcrypt.reencryption_job SET last_error = $1, updated_at = pg_catalog.clock_timestamp()", &[reason.into()]))
+        .map_err(job_error("could not record progress"))
 }
 
 /// Records a batch done: the next block, the pass's size and the values moved.

@@ -214,28 +214,42 @@ fn seal_bound(kind: Kind, plaintext: &[u8], binding: u32) -> Datum {
 // ---------------------------------------------------------------------------------------------
 // Blind-index bindings (see blind_index.rs)
 
-/// The nonces of the last values this backend sealed from plaintext. A value among them was
-/// written from its plaintext by this very statement (a parameter cast with encrypt(), then
-/// assigned to the column), so binding it to a column reveals nothing its writer did not know.
+/// The last values this backend sealed from plaintext: their nonces, with the role that sealed
+/// each and the start of the statement it was sealed in. A value among them, met again in the
+/// same statement by the same role, was written from its plaintext by that role in that very
+/// statement (a parameter cast with encrypt(), then assigned to the column), so binding it to a
+/// column tells that role nothing it did not know. A value sealed by another role (a SECURITY
+/// DEFINER function of a reader, say) or in an earlier statement is not fresh.
 struct Fresh {
-    nonces: [[u8; envelope::NONCE_LEN]; FRESH_LEN],
+    entries: [([u8; envelope::NONCE_LEN], Oid, i64); FRESH_LEN],
     next: usize,
 }
 
 const FRESH_LEN: usize = 64;
 
+/// Who is sealing now, and in which statement.
+fn sealing_context() -> (Oid, i64) {
+    // SAFETY: backend state of the current statement.
+    unsafe { (pg_sys::GetUserId(), pg_sys::GetCurrentStatementStartTimestamp()) }
+}
+
 impl Fresh {
     fn remember(&mut self, nonce: &[u8]) {
-        self.nonces[self.next].copy_from_slice(nonce);
+        let (user, statement) = sealing_context();
+        let e = &mut self.entries[self.next];
+        e.0.copy_from_slice(nonce);
+        (e.1, e.2) = (user, statement);
         self.next = (self.next + 1) % FRESH_LEN;
     }
 
     fn contains(&self, nonce: &[u8]) -> bool {
-        self.nonces.iter().any(|n| n[..] == *nonce)
+        let (user, statement) = sealing_context();
+        self.entries.iter().any(|(n, u, s)| n[..] == *nonce && *u == user && *s == statement)
     }
 }
 
-static FRESH: BackendLocal<RefCell<Fresh>> = BackendLocal::new(RefCell::new(Fresh { nonces: [[0; envelope::NONCE_LEN]; FRESH_LEN], next: 0 }));
+static FRESH: BackendLocal<RefCell<Fresh>> =
+    BackendLocal::new(RefCell::new(Fresh { entries: [([0; envelope::NONCE_LEN], pg_sys::InvalidOid, 0); FRESH_LEN], next: 0 }));
 
 /// The same value, re-sealed under the current key and bound to blind-index column `binding`.
 ///

@@ -34,7 +34,7 @@ fn put_in_kms(standby: &Cluster, key: &str) {
 
 #[test]
 fn a_streaming_standby_reads_with_its_own_provider_and_follows_a_key_change() {
-    let primary = populated("primary", "wal_level = replica", 500, "CREATE INDEX t_bidx ON t (blind_index(s))");
+    let primary = populated("primary", "wal_level = replica", 500, "SELECT register_blind_index('t', 's'); CREATE INDEX t_bidx ON t (blind_index(s))");
     let key = primary.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
     let before = primary.psql("app", DIGEST);
 
@@ -53,12 +53,12 @@ fn a_streaming_standby_reads_with_its_own_provider_and_follows_a_key_change() {
     assert_eq!(standby.psql("app", "SELECT pg_is_in_recovery()").trim(), "t");
     assert_eq!(standby.psql("app", DIGEST), before, "the standby reads what the primary wrote");
     assert_eq!(standby.psql("app", "SELECT provider FROM data_encryption_status").trim(), "command");
-    let found = standby.psql("app", "SET enable_seqscan = off; SELECT id FROM t WHERE blind_index(s) = blind_index('secret 42')");
+    let found = standby.psql("app", "SET enable_seqscan = off; SELECT id FROM t WHERE blind_index(s) = blind_index('secret 42', 't', 's')");
     assert_eq!(found.trim(), "42", "blind-index lookups on the standby");
 
     // Key calls on the standby: a clear read-only error (25006), over a secure connection.
     let mut on_standby = standby.connect(Transport::TcpSsl, "app");
-    for call in ["SELECT set_data_encryption_key(generate_data_encryption_key())", "SELECT rotate_blind_index_key()"] {
+    for call in ["SELECT set_data_encryption_key(generate_data_encryption_key())", "SELECT rotate_blind_index_key()", "SELECT register_blind_index('t', 's')"] {
         let e = db_error(on_standby.query_one(call, &[]));
         assert_eq!(e.code(), &SqlState::READ_ONLY_SQL_TRANSACTION, "{call}");
         assert!(e.message().contains("cannot run on a standby"), "{}", e.message());
@@ -87,7 +87,7 @@ fn a_streaming_standby_reads_with_its_own_provider_and_follows_a_key_change() {
     assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), ("after the change".to_owned(), 2), "the open session follows the change");
     assert_eq!(standby.psql("app", DIGEST), after, "every value reads back on the standby, no restart");
     let found: i32 = on_standby
-        .query_one("SELECT id FROM t WHERE blind_index(s) = blind_index('secret 7')", &[])
+        .query_one("SELECT id FROM t WHERE blind_index(s) = blind_index('secret 7', 't', 's')", &[])
         .unwrap()
         .get(0);
     assert_eq!(found, 7, "lookups use the rotated index key the standby replayed");
@@ -97,7 +97,7 @@ fn a_streaming_standby_reads_with_its_own_provider_and_follows_a_key_change() {
 
 #[test]
 fn logical_replication_to_a_subscriber_restored_with_the_same_key() {
-    let publisher = populated("publisher", "wal_level = logical", 300, "CREATE PUBLICATION pub FOR TABLE t");
+    let publisher = populated("publisher", "wal_level = logical", 300, "SELECT register_blind_index('t', 's'); CREATE PUBLICATION pub FOR TABLE t");
     let key = publisher.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
 
     // The subscriber: the publisher's database restored (its keyring comes with it), then the key.
@@ -140,6 +140,13 @@ fn logical_replication_to_a_subscriber_restored_with_the_same_key() {
     }
     assert_eq!(subscriber.psql("app", "SELECT decrypt(s) FROM t WHERE id = 351").trim(), "replicated 351");
     assert_eq!(subscriber.psql("app", "SELECT decrypt(s) FROM t WHERE id = 20").trim(), "updated 20");
+    // The registration came with the dump, and replicated values arrive bound to the column.
+    assert_eq!(subscriber.psql("app", "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 's'").trim(), "encrypted_text(1)");
+    subscriber.psql("app", "CREATE INDEX t_bidx ON t (blind_index(s))");
+    for (value, id) in [("replicated 351", "351"), ("updated 20", "20"), ("secret 7", "7")] {
+        let found = subscriber.psql("app", &format!("SET enable_seqscan = off; SELECT id FROM t WHERE blind_index(s) = blind_index('{value}', 't', 's')"));
+        assert_eq!(found.trim(), id, "blind-index lookup of {value} on the subscriber");
+    }
     // The envelopes travel as they are: the same bytes on both sides.
     let q = "SELECT md5(string_agg(s::text, ',' ORDER BY id)) FROM (SELECT id, format('%s', s) AS s FROM t) x";
     assert_eq!(subscriber.psql("app", q), publisher.psql("app", q));

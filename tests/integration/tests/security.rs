@@ -262,7 +262,8 @@ fn tampered_envelopes_give_their_documented_error_and_never_wrong_plaintext() {
         let (pos, state): (i32, String) = (r.get(0), r.get(1));
         let expected = match pos {
             0 => "22P02",      // the format version: refused by the input function
-            1..=4 => "42704",  // the key version: no such key
+            1..=2 => "XX001",  // the blind-index binding (authenticated): authentication fails
+            3..=4 => "42704",  // the key version: no such key
             _ => "XX001",      // nonce, ciphertext, tag: authentication fails
         };
         assert_eq!(state, expected, "byte {pos} flipped");
@@ -314,7 +315,7 @@ fn tampered_envelopes_give_their_documented_error_and_never_wrong_plaintext() {
         assert!(started.elapsed() < std::time::Duration::from_secs(60), "never blocked: {s}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    assert!(status.contains("could not decrypt") && status.contains("of t: SELECT ctid FROM t WHERE ctid >= '(0,0)'"), "{status}");
+    assert!(status.contains("could not decrypt") && status.contains("of public.t: SELECT ctid FROM public.t WHERE ctid >= '(0,0)'"), "{status}");
     assert!(c.psql("app", "SELECT blocked_by FROM data_encryption_progress").contains("could not decrypt"));
     let e = db_error(client.batch_execute("CALL finish_data_encryption_reencryption()"));
     assert_eq!(e.code(), &SqlState::DATA_CORRUPTED);
@@ -347,8 +348,13 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("encrypt(int8)", "SELECT encrypt(7::int8)", "yyyyy"),
     ("SELECT of the envelopes (text form)", "SELECT s, y, n FROM t", "yyyyy"),
     ("encryption_key_version(encrypted_text)", "SELECT encryption_key_version(s) FROM t", "yyyyy"),
-    ("blind_index(encrypted_text)", "SELECT blind_index(s) FROM t", "yyyyy"),
-    ("blind_index(text)", "SELECT blind_index('x')", "yyyyy"),
+    ("blind_index(encrypted_text) of a registered column", "SELECT blind_index(s) FROM t", "yyyyy"),
+    ("blind_index(text, table, column) lookup", "SELECT blind_index('x', 't', 's')", "yyyyy"),
+    ("blind_index of an unregistered column", "SELECT blind_index(u) FROM t", "-----"),
+    ("blind_index(text, table, column) of an unregistered column", "SELECT blind_index('x', 't', 'u')", "-----"),
+    ("copying an envelope into a registered column", "INSERT INTO t (id, s) SELECT 3, u FROM t", "-y--y"),
+    ("blind_index_columns (view)", "SELECT * FROM blind_index_columns", "yyyyy"),
+    ("register_blind_index()", "SELECT register_blind_index('t', 'u')", "--y-y"),
     ("is_data_encryption_active()", "SELECT is_data_encryption_active()", "yyyyy"),
     ("generate_data_encryption_key()", "SELECT generate_data_encryption_key()", "yyyyy"),
     ("retrieve_data_encryption_key()", "SELECT retrieve_data_encryption_key()", "--y-y"),
@@ -363,6 +369,7 @@ const MATRIX: &[(&str, &str, &str)] = &[
     ("cellcrypt.keyring (table)", "SELECT * FROM cellcrypt.keyring", "----y"),
     ("cellcrypt.index_key (table)", "SELECT * FROM cellcrypt.index_key", "----y"),
     ("cellcrypt.reencryption_job (table)", "SELECT * FROM cellcrypt.reencryption_job", "----y"),
+    ("cellcrypt.blind_index_column (table)", "SELECT * FROM cellcrypt.blind_index_column", "----y"),
     ("cellcrypt.reencrypt(encrypted_text), outside a batch", "SELECT cellcrypt.reencrypt(s) FROM t", "-----"),
     ("cellcrypt._reencrypt_step()", "SELECT cellcrypt._reencrypt_step()", "--y-y"),
     ("cellcrypt._initialize()", "SELECT cellcrypt._initialize()", "----y"),
@@ -395,8 +402,9 @@ fn privileges_matrix() {
         "app",
         "CREATE ROLE nobody LOGIN; CREATE ROLE reader LOGIN IN ROLE data_encryption_reader; \
          CREATE ROLE admin LOGIN IN ROLE data_encryption_admin; CREATE ROLE owner LOGIN; \
-         CREATE TABLE t (id int, s encrypted_text, y encrypted_bytea, n encrypted_int8); \
-         INSERT INTO t VALUES (1, 'secret', 'bytes', 7); CREATE INDEX ON t (blind_index(s)); \
+         CREATE TABLE t (id int, s encrypted_text, y encrypted_bytea, n encrypted_int8, u encrypted_text); \
+         INSERT INTO t VALUES (1, 'secret', 'bytes', 7, 'unregistered'); \
+         SELECT register_blind_index('t', 's'); CREATE INDEX ON t (blind_index(s)); \
          ALTER TABLE t OWNER TO owner; GRANT SELECT, INSERT ON t TO PUBLIC",
     );
     let mut client = c.connect(Transport::Unix, "app");
@@ -421,7 +429,11 @@ fn privileges_matrix() {
     for line in casts.lines().filter(|l| !l.is_empty()) {
         let (source, target) = line.split_once('|').unwrap();
         let sample = |ty: &str| samples.iter().find(|(t, _)| *t == ty).map(|(_, v)| format!("{v}::{ty}"));
-        let (probe, expected) = if source.starts_with("encrypted_") {
+        let (probe, expected) = if source == "encrypted_text" && target == "encrypted_text" {
+            // The length coercion to a registered column's encrypted_text(<id>): it binds the
+            // value to the column, so copying an existing envelope there needs the reader role.
+            ("SELECT CAST(u AS encrypted_text(1)) FROM t".to_owned(), "-y--y")
+        } else if source.starts_with("encrypted_") {
             let plain = c.psql("app", &format!("SELECT format_type(casttarget, NULL) FROM pg_cast WHERE castsource = '{source}'::regtype AND casttarget = '{target}'::regtype"));
             let value = sample(plain.trim()).unwrap_or_else(|| panic!("no sample value for {}", plain.trim()));
             (format!("SELECT CAST(CAST({value} AS {source}) AS {target})"), "-y--y")
@@ -432,7 +444,7 @@ fn privileges_matrix() {
         assert_eq!(who_may(&mut client, &probe), expected, "{probe}");
         n += 1;
     }
-    assert!(n >= 17, "{n} casts: 7 decrypting, 10 encrypting");
+    assert!(n >= 18, "{n} casts: 7 decrypting, 10 encrypting, 1 binding to a registered column");
 
     // No SECURITY DEFINER function in the extension: nothing runs with another role's rights,
     // so a caller's search_path cannot turn one against its owner. One added later must pin
@@ -454,7 +466,7 @@ fn privileges_matrix() {
     );
     let probed: Vec<&str> = MATRIX.iter().map(|(_, p, _)| *p).collect();
     for f in functions.trim().split(',') {
-        let covered = probed.iter().any(|p| p.contains(&format!("{f}("))) || ["int4_to_encrypted_int8", "int8_to_encrypted_numeric", "int4_to_encrypted_numeric", "_before_insert_from_dump", "_keyring_write_is_internal"].contains(&f);
+        let covered = probed.iter().any(|p| p.contains(&format!("{f}("))) || ["int4_to_encrypted_int8", "int8_to_encrypted_numeric", "int4_to_encrypted_numeric", "_before_insert_from_dump", "_keyring_write_is_internal", "bind_to_column", "encrypted_text_typmod_in", "encrypted_text_typmod_out"].contains(&f);
         assert!(covered, "function {f} is not in the privileges matrix");
     }
     // The audit record on disk: readable by the server's OS user only.
