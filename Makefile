@@ -44,7 +44,7 @@ test-pg: setup
 
 ## Real clusters driven over TCP (with and without SSL) and Unix sockets.
 test-integration: install-dev
-	cargo test -p cellcrypt-integration -- --test-threads=2
+	cargo test -p cellcrypt-integration --no-fail-fast -- --test-threads=2
 
 ## Release build, its own tuned cluster, every case against its baselines in the same run:
 ## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.

@@ -13,8 +13,7 @@
 //! PUBLIC cannot. Lines are tab-separated, with `\t`, `\n` and `\\` escaped.
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, pg_sys, PgAtomic};
-use std::sync::atomic::{AtomicU64, Ordering};
+use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
@@ -88,40 +87,71 @@ pub fn client_address() -> String {
     }
 }
 
-/// Refused calls recorded per minute, for the whole cluster. Anyone can make calls that are
-/// refused, so recording each would let any role grow the file and its fsyncs without bound.
-pub const REFUSALS_PER_MINUTE: u64 = 60;
+/// Refused calls recorded per minute and role. Anyone can make calls that are refused, so
+/// recording each would let any role grow the file and its fsyncs without bound; counting per
+/// role keeps one role's flood from hiding another's refusals.
+pub const REFUSALS_PER_MINUTE: u32 = 60;
 
-/// The minute (high 32 bits) and the refused calls seen in it (low 32 bits).
-static REFUSALS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_cellcrypt refused calls this minute") };
+/// Roles counted at once; beyond that, the role whose count is oldest gives way.
+const REFUSAL_SLOTS: usize = 64;
+
+/// One role's refused calls in one minute.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+pub struct RefusalSlot {
+    role: u32,
+    minute: u32,
+    count: u32,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct RefusalSlots([RefusalSlot; REFUSAL_SLOTS]);
+
+impl Default for RefusalSlots {
+    fn default() -> Self {
+        RefusalSlots([RefusalSlot { role: 0, minute: 0, count: 0 }; REFUSAL_SLOTS])
+    }
+}
+
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for RefusalSlots {}
+
+static REFUSALS: PgLwLock<RefusalSlots> = unsafe { PgLwLock::new(c"pg_cellcrypt refused calls") };
 
 /// Requests the shared memory; from `_PG_init`.
 pub fn init() {
     pg_shmem_init!(REFUSALS);
 }
 
-/// How many refused calls this one is in the current minute (1 for the first).
-fn count_refusal(now_secs: u64) -> u64 {
-    let minute = (now_secs / 60) & 0xffff_ffff;
-    let counter = REFUSALS.get();
-    let mut cur = counter.load(Ordering::Relaxed);
-    loop {
-        let n = if cur >> 32 == minute { (cur & 0xffff_ffff) + 1 } else { 1 };
-        match counter.compare_exchange_weak(cur, (minute << 32) | n.min(0xffff_ffff), Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return n,
-            Err(seen) => cur = seen,
-        }
+/// How many refused calls of `role` this one is in the current minute (1 for the first).
+fn count_refusal(role: u32, now_secs: u64) -> u32 {
+    let minute = (now_secs / 60) as u32;
+    let mut slots = REFUSALS.exclusive();
+    let slots = &mut slots.0;
+    let i = slots
+        .iter()
+        .position(|s| s.role == role && s.count > 0)
+        .unwrap_or_else(|| (0..REFUSAL_SLOTS).min_by_key(|&i| (slots[i].count > 0, slots[i].minute)).unwrap_or(0));
+    let slot = &mut slots[i];
+    if slot.role != role || slot.minute != minute {
+        *slot = RefusalSlot { role, minute, count: 0 };
     }
+    slot.count = slot.count.saturating_add(1);
+    slot.count
 }
 
 /// Appends one event, durably. Refused calls are recorded up to [`REFUSALS_PER_MINUTE`] a
-/// minute; the next one in that minute is recorded as a note that further ones are not. Never raises: an audit failure is reported as a WARNING and the
+/// minute per session role; that role's next one in that minute is recorded as a note that
+/// further ones are not. Never raises: an audit failure is reported as a WARNING and the
 /// operation's own outcome stands. Safe to call from error and transaction-end callbacks.
 pub fn record(e: &Event) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
     let bounded;
     let e = if e.outcome == "refused" {
-        match count_refusal((now / 1_000_000) as u64) {
+        // SAFETY: a backend global.
+        let role = unsafe { pg_sys::GetSessionUserId() }.to_u32();
+        match count_refusal(role, (now / 1_000_000) as u64) {
             n if n <= REFUSALS_PER_MINUTE => e,
             n if n == REFUSALS_PER_MINUTE + 1 => {
                 bounded = Event {
@@ -129,7 +159,7 @@ pub fn record(e: &Event) {
                     outcome: "refused",
                     key_version: None,
                     fingerprint: None,
-                    detail: "more refused calls in this minute: they are not recorded (at most 60 a minute are)",
+                    detail: "more refused calls of this role in this minute: they are not recorded (at most 60 a minute per role are)",
                 };
                 &bounded
             }

@@ -161,14 +161,18 @@ v1_function!(pg_finfo_cellcrypt_blind_index_lookup, cellcrypt_blind_index_lookup
     let column = CStr::from_ptr(arg(fcinfo, 2).cast_mut_ptr::<std::ffi::c_char>());
     // The column's id, kept per call site: a lookup in a loop resolves it once.
     let flinfo = (*fcinfo).flinfo;
-    let id = match types::fn_extra::<(pg_sys::Oid, u32)>(flinfo) {
-        Some((r, id)) if r == relid => id,
+    let mut name = [0u8; pg_sys::NAMEDATALEN as usize];
+    let bytes = column.to_bytes();
+    let len = bytes.len().min(name.len());
+    name[..len].copy_from_slice(&bytes[..len]);
+    let id = match types::fn_extra::<(pg_sys::Oid, [u8; pg_sys::NAMEDATALEN as usize], u32)>(flinfo) {
+        Some((r, n, id)) if r == relid && n == name => id,
         _ => {
             let (typid, typmod, _) = attribute(relid, column);
             if !types::is_encrypted_text(typid) || typmod <= 0 {
                 not_registered(relid, column);
             }
-            types::set_fn_extra(flinfo, (relid, typmod as u32));
+            types::set_fn_extra(flinfo, (relid, name, typmod as u32));
             typmod as u32
         }
     };
@@ -203,15 +207,20 @@ v1_function!(pg_finfo_cellcrypt_register_blind_index, cellcrypt_register_blind_i
     if typmod > 0 {
         errors::raise(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-            format!("column \"{}\" of table {} is already registered for a blind index (id {typmod})", column.to_string_lossy(), table.name),
-            None,
+            format!("column \"{}\" of table {} is already registered for a blind index", column.to_string_lossy(), table.name),
+            Some(&format!("It is blind-index column {typmod} (see the view blind_index_columns).")),
             None,
         )
     }
-    let id = store::next_blind_index_id();
-    if id > cellcrypt_core::envelope::MAX_BINDING {
-        errors::raise(PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED, "a database can register at most 65535 blind-index columns", None, None)
+    if store::in_inheritance_tree(relid) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("cannot register a column of {}: it is part of an inheritance or partition tree", table.name),
+            Some("A registered column's type changes to encrypted_text(<id>), which PostgreSQL changes for a whole inheritance tree at once."),
+            Some("Register columns of tables outside inheritance and partitioning."),
+        )
     }
+    let id = store::next_blind_index_id();
     let quoted = CStr::from_ptr(pg_sys::quote_identifier(column.as_ptr())).to_string_lossy().into_owned();
     store::insert_blind_index_column(id, norm.name(), &table.name, &column.to_string_lossy());
     // Under the table's ACCESS EXCLUSIVE lock: this function binds each value it reads from the
@@ -242,12 +251,23 @@ v1_function!(pg_finfo_cellcrypt_register_blind_index, cellcrypt_register_blind_i
 /// Binds every value of a column being registered: read from the table as its owner (with
 /// row_security off, so every row), bound here, and written back to the same row.
 fn bind_existing(table: &store::UserTable, column: &str, id: u32, typid: pg_sys::Oid) -> i64 {
-    let select = format!("SELECT ctid::pg_catalog.text, {column} FROM {} WHERE {column} IS NOT NULL", table.name);
-    let update = format!("UPDATE {} SET {column} = $1 WHERE ctid OPERATOR(pg_catalog.=) $2::pg_catalog.tid", table.name);
+    let select = format!("SELECT ctid::pg_catalog.text, {column} FROM ONLY {} WHERE {column} IS NOT NULL", table.name);
+    let update = format!("UPDATE ONLY {} SET {column} = $1 WHERE ctid OPERATOR(pg_catalog.=) $2::pg_catalog.tid", table.name);
+    // Whoever registers a column that holds values vouches for them: a value someone copied in
+    // from another column would get a blind index too. So that takes the right to decrypt.
+    let may_bind = crate::roles::current_user_has(crate::roles::READER);
     store::as_table_owner(table, || {
         Spi::connect_mut(|c| {
             let mut rows = Vec::new();
             let mut t = c.select(&select, None, &[])?;
+            if !may_bind && !t.is_empty() {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    format!("permission denied to register a column that holds values: {} already has some", table.name),
+                    Some("Registering binds every value the column holds to its blind index; a value copied into it from another column would get one too, so this takes the right to decrypt."),
+                    Some("Register the column while it is empty, or have a member of data_encryption_reader (also a member of data_encryption_admin) register it."),
+                )
+            }
             while t.next().is_some() {
                 let ctid = t.get::<String>(1)?.unwrap_or_default();
                 if let Some(d) = t.get_datum_by_ordinal(2)? {
@@ -338,12 +358,18 @@ fn refuse_generated_columns() {
 
 /// Rebuilds every index whose definition calls `blind_index` (found through pg_depend).
 fn rebuild_indexes() -> i64 {
-    let indexes: Vec<String> = store::as_extension_owner(|| {
+    // Indexes with storage only (a partitioned index is rebuilt through its partitions' own).
+    // Another session's temporary table cannot be reindexed from here: it is left, with a
+    // warning, rather than letting any session that can create a temporary table block the
+    // rotation.
+    let indexes: Vec<(String, bool)> = store::as_extension_owner(|| {
         Spi::connect(|c| {
             let t = c.select(
                 format!(
-                    "SELECT DISTINCT d.objid::pg_catalog.regclass::text FROM pg_catalog.pg_depend d \
-                 JOIN pg_catalog.pg_class i ON i.oid OPERATOR(pg_catalog.=) d.objid AND i.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['i', 'I']::pg_catalog.char[]) \
+                    "SELECT DISTINCT d.objid::pg_catalog.regclass::pg_catalog.text, \
+                            i.relpersistence OPERATOR(pg_catalog.=) 't' AND i.relnamespace OPERATOR(pg_catalog.<>) pg_catalog.pg_my_temp_schema() \
+                 FROM pg_catalog.pg_depend d \
+                 JOIN pg_catalog.pg_class i ON i.oid OPERATOR(pg_catalog.=) d.objid AND i.relkind OPERATOR(pg_catalog.=) 'i' \
                  WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
                    AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
                    AND d.refobjid OPERATOR(pg_catalog.=) ANY ({BLIND_INDEX_FUNCTIONS}) \
@@ -355,14 +381,20 @@ fn rebuild_indexes() -> i64 {
             )?;
             let mut out = Vec::new();
             for r in t {
-                out.push(r.get::<String>(1)?.unwrap_or_default());
+                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<bool>(2)?.unwrap_or(false)));
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
         .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not list blind indexes: {e}"), None, None))
     });
-    let total = indexes.len();
-    for (i, index) in indexes.iter().enumerate() {
+    let (others, mine): (Vec<_>, Vec<_>) = indexes.into_iter().partition(|(_, other_session)| *other_session);
+    for (index, _) in &others {
+        pgrx::warning!(
+            "pg_cellcrypt: blind index {index} is on another session's temporary table and was not rebuilt; lookups through it in that session miss values until it runs REINDEX"
+        );
+    }
+    let total = mine.len();
+    for (i, (index, _)) in mine.iter().enumerate() {
         store::as_extension_owner(|| Spi::run(&format!("REINDEX INDEX {index}")))
             .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not rebuild index {index}: {e}"), None, None));
         pgrx::notice!("pg_cellcrypt: rebuilt blind index {} ({} of {total})", index, i + 1);
@@ -375,13 +407,16 @@ pgrx::extension_sql!(
 -- Blind indexes (blind_index.rs): opt-in per column. An administrator registers a column; its
 -- values are bound to it (types.rs) and hashed under a key of its own.
 CREATE TABLE cellcrypt.blind_index_column (
-    id            integer PRIMARY KEY CHECK (id BETWEEN 1 AND 65535),
+    id            integer PRIMARY KEY CHECK (id OPERATOR(pg_catalog.>=) 1 AND id OPERATOR(pg_catalog.<=) 65535),
     normalization text NOT NULL,
     table_name    text NOT NULL,
     column_name   text NOT NULL,
-    created_at    timestamptz NOT NULL DEFAULT now(),
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by    name NOT NULL DEFAULT session_user
 );
+-- Ids come from a sequence, never reused (a registration rolled back leaves its id unused).
+CREATE SEQUENCE cellcrypt.blind_index_column_id MINVALUE 1 MAXVALUE 65535 NO CYCLE;
+SELECT pg_catalog.pg_extension_config_dump('cellcrypt.blind_index_column_id', '');
 COMMENT ON TABLE cellcrypt.blind_index_column IS 'Columns registered for a blind index; a registered column is declared encrypted_text(<id>)';
 SELECT pg_catalog.pg_extension_config_dump('cellcrypt.blind_index_column', '');
 CREATE VIEW @extschema@.blind_index_columns AS

@@ -11,9 +11,10 @@
 //! 3. The new key is validated (a weak key is refused with 22023) and derived with a fresh salt.
 //! 4. In the keyring, the old current version becomes `previous`, and the data key of every
 //!    older version still in use is wrapped under the new key; the new version becomes current.
-//! 5. The `file` provider gets a file holding both the old and the new key *before* commit, so a
-//!    crash at any point leaves a key file that opens whichever version the keyring says is
-//!    current. After commit the old key is dropped from the file; after a rollback the new one.
+//! 5. The `file` provider's file gains the new key *before* commit, so a crash at any point
+//!    leaves a key file that opens whichever version the keyring says is current. Older
+//!    versions stay in the file (a backup or a point-in-time recovery from before the change
+//!    needs them); after a rollback the file is put back as it was.
 //! 6. One re-encryption job per table with encrypted columns is recorded (`reencrypt.rs`).
 //! 7. At commit the new key goes to the shared key cache and the shared generation is bumped:
 //!    from then on every backend, and every parallel worker, seals with the new key; and the
@@ -94,6 +95,27 @@ unsafe extern "C-unwind" fn subxact_callback(
     }
 }
 
+/// With provider "none" the key lives only in shared memory: makes sure it can, before the
+/// transaction that sets it commits (53000 otherwise).
+fn reserve_cache_slot() {
+    if !key_cache::reserve() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+            "the shared key cache has no room for this database's key, and provider \"none\" keeps it nowhere else",
+            Some(&format!("Every one of its {} slots holds the key of another live database.", key_cache::SLOTS)),
+            Some("Use the file or command provider (pg_cellcrypt.key_provider), or drop unused databases."),
+        )
+    }
+}
+
+/// `entries` with `version` holding `text` (replacing what it held), in version order.
+fn with_key(mut entries: KeyFile, version: u32, text: &str) -> KeyFile {
+    entries.retain(|(v, _)| *v != version);
+    entries.push((version, Zeroizing::new(text.to_owned())));
+    entries.sort_by_key(|(v, _)| *v);
+    entries
+}
+
 fn write_key_file(entries: &KeyFile) -> Result<(), String> {
     let refs: Vec<(u32, &str)> = entries.iter().map(|(v, k)| (*v, k.as_str())).collect();
     providers::file::write_all(&refs)
@@ -101,11 +123,6 @@ fn write_key_file(entries: &KeyFile) -> Result<(), String> {
 
 /// The transaction committed: announce the new key. Must not raise (the commit is done).
 fn commit_effects(p: Stage) {
-    if let Some(entries) = &p.file_after_commit {
-        if let Err(e) = write_key_file(entries) {
-            pgrx::warning!("pg_cellcrypt: {e}; the key file still holds the previous key too, which is harmless");
-        }
-    }
     if p.forget {
         key_cache::forget();
     }
@@ -255,6 +272,7 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
             });
         }
         KeyProvider::None => {
+            reserve_cache_slot();
             pgrx::warning!(
                 "pg_cellcrypt.key_provider is \"none\": this database's key lives only in memory. Run SELECT retrieve_data_encryption_key(); now and keep the key safe: after a restart it must be restored with set_data_encryption_key."
             );
@@ -396,7 +414,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     match providers::current() {
         KeyProvider::File => {
             let previous = providers::file::read_all().unwrap_or_default();
-            write_key_file(&vec![(current.version, Zeroizing::new(key.as_str().to_owned()))]).unwrap_or_else(|e| key_io_error(e));
+            write_key_file(&with_key(previous.clone(), current.version, key.as_str())).unwrap_or_else(|e| key_io_error(e));
             with_pending(|p| {
                 p.file_after_abort.get_or_insert(previous);
             });
@@ -406,6 +424,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
             pgrx::warning!("{}", command_update_warning(current.version, &fp));
         }
         KeyProvider::None => {
+            reserve_cache_slot();
             message.push_str("; provider \"none\" holds it in memory until the next restart");
         }
     }
@@ -464,12 +483,13 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     let mut notes = Vec::new();
     match providers::current() {
         KeyProvider::File => {
-            let old_version = current.version;
-            let before = vec![(old_version, old_text.clone())];
-            let both = vec![(old_version, old_text), (new_version, Zeroizing::new(new_key.as_str().to_owned()))];
-            write_key_file(&both).unwrap_or_else(|e| key_io_error(e));
+            // The file gains the new version before commit and keeps every older one after it:
+            // a crash at any point finds the version the keyring says is current, and a backup
+            // or point-in-time recovery from before the change finds the key it needs.
+            let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
+            let after = with_key(with_key(before.clone(), current.version, &old_text), new_version, new_key.as_str());
+            write_key_file(&after).unwrap_or_else(|e| key_io_error(e));
             with_pending(|p| {
-                p.file_after_commit = Some(vec![(new_version, Zeroizing::new(new_key.as_str().to_owned()))]);
                 p.file_after_abort.get_or_insert(before);
             });
         }
@@ -478,6 +498,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             notes.push("pg_cellcrypt.key_command must print the new key before the next restart".to_owned());
         }
         KeyProvider::None => {
+            reserve_cache_slot();
             notes.push("provider \"none\": back up the new key with retrieve_data_encryption_key()".to_owned());
         }
     }

@@ -10,9 +10,10 @@
 //!   generation it loaded its keys at on each key access (one atomic load), so from the commit
 //!   on no session, and no parallel worker, seals with the old key.
 //!
-//! There are [`SLOTS`] slots. Beyond that many databases with the extension, keys are still
-//! loaded (from the `file` or `command` provider) but not shared, and the `none` provider is
-//! refused.
+//! There are [`SLOTS`] slots. The slots of dropped databases are reused. Beyond that many live
+//! databases with the extension, keys are still loaded (from the `file` or `command` provider)
+//! but not shared, and a key change with the `none` provider, which keeps the key nowhere else,
+//! is refused before it commits.
 
 use cellcrypt_core::kdf::FINGERPRINT_LEN;
 use cellcrypt_core::MasterKey;
@@ -105,21 +106,58 @@ pub fn get() -> Option<CachedKey> {
     })
 }
 
-/// Stores this database's current key. False when every slot is taken by other databases or
-/// the key text is too long to hold.
+/// The databases whose slots are in use but that no longer exist (dropped), read inside a
+/// transaction; outside one (a commit callback) nothing is checked.
+fn dropped_databases() -> Vec<u32> {
+    // SAFETY: a backend state check.
+    if !unsafe { pg_sys::IsTransactionState() } {
+        return Vec::new();
+    }
+    let mine = my_dboid();
+    let in_use: Vec<u32> = CACHE.share().0.iter().filter(|s| s.used && s.dboid != mine).map(|s| s.dboid).collect();
+    in_use
+        .into_iter()
+        // SAFETY: a syscache existence check inside a transaction, outside the cache's lock.
+        .filter(|&d| !unsafe { pg_sys::SearchSysCacheExists(pg_sys::SysCacheIdentifier::DATABASEOID as i32, pg_sys::Datum::from(d), 0.into(), 0.into(), 0.into()) })
+        .collect()
+}
+
+/// The slot for this database: its own, a free one, or one of a dropped database.
+fn slot_for(slots: &Slots, dboid: u32, dropped: &[u32]) -> Option<usize> {
+    slots
+        .0
+        .iter()
+        .position(|s| s.used && s.dboid == dboid)
+        .or_else(|| slots.0.iter().position(|s| !s.used))
+        .or_else(|| slots.0.iter().position(|s| dropped.contains(&s.dboid)))
+}
+
+/// Makes sure this database has a slot, taking a free one or one of a dropped database, and
+/// keeping it (a key change with the `none` provider reserves its slot before it commits, so the
+/// new key can be held when it does). False when every slot belongs to a live database.
+pub fn reserve() -> bool {
+    let dropped = dropped_databases();
+    let dboid = my_dboid();
+    let mut slots = CACHE.exclusive();
+    let Some(i) = slot_for(&slots, dboid, &dropped) else { return false };
+    if !(slots.0[i].used && slots.0[i].dboid == dboid) {
+        slots.0[i] = EMPTY;
+        slots.0[i].used = true;
+        slots.0[i].dboid = dboid;
+    }
+    true
+}
+
+/// Stores this database's current key. False when every slot is taken by other (live)
+/// databases or the key text is too long to hold. Slots of dropped databases are reused.
 pub fn put(version: u32, master: &MasterKey, key_text: &str) -> bool {
     if key_text.len() > MAX_KEY_TEXT {
         return false;
     }
+    let dropped = dropped_databases();
     let dboid = my_dboid();
     let mut slots = CACHE.exclusive();
-    let idx = match slots.0.iter().position(|s| s.used && s.dboid == dboid) {
-        Some(i) => i,
-        None => match slots.0.iter().position(|s| !s.used) {
-            Some(i) => i,
-            None => return false,
-        },
-    };
+    let Some(idx) = slot_for(&slots, dboid, &dropped) else { return false };
     let s = &mut slots.0[idx];
     *s = EMPTY;
     s.used = true;

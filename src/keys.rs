@@ -303,15 +303,15 @@ pub fn generation_now() -> u64 {
 pgrx::extension_sql!(
     r#"
 CREATE TABLE cellcrypt.keyring (
-    key_version        integer PRIMARY KEY CHECK (key_version > 0),
+    key_version        integer PRIMARY KEY CHECK (key_version OPERATOR(pg_catalog.>) 0),
     fingerprint        text NOT NULL,
     kdf_salt           bytea NOT NULL,
     kdf_memory_kib     integer NOT NULL,
     kdf_iterations     integer NOT NULL,
     kdf_parallelism    integer NOT NULL,
-    state              text NOT NULL CHECK (state IN ('current', 'previous', 'retired')),
+    state              text NOT NULL CHECK (state OPERATOR(pg_catalog.=) ANY ('{current,previous,retired}'::pg_catalog.text[])),
     provider           text NOT NULL,
-    created_at         timestamptz NOT NULL DEFAULT now(),
+    created_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by         name NOT NULL DEFAULT session_user,
     -- previous versions only: the data key, sealed under the current version's wrap key
     wrapped_data_key   bytea,
@@ -319,7 +319,7 @@ CREATE TABLE cellcrypt.keyring (
     -- true for rows that arrived from a dump (they replaced the key CREATE EXTENSION made)
     restored           boolean NOT NULL DEFAULT false
 );
-CREATE UNIQUE INDEX keyring_one_current ON cellcrypt.keyring ((true)) WHERE state = 'current';
+CREATE UNIQUE INDEX keyring_one_current ON cellcrypt.keyring ((true)) WHERE state OPERATOR(pg_catalog.=) 'current';
 COMMENT ON TABLE cellcrypt.keyring IS 'Key versions of this database: fingerprints and KDF parameters only, never a usable key';
 -- pg_dump carries the keyring, so a restored database knows which key it needs.
 SELECT pg_catalog.pg_extension_config_dump('cellcrypt.keyring', '');
@@ -327,15 +327,15 @@ SELECT pg_catalog.pg_extension_config_dump('cellcrypt.keyring', '');
 -- The blind-index key: random, independent of the data key, stored only wrapped under the
 -- current data key (blind_index.rs).
 CREATE TABLE cellcrypt.index_key (
-    key_version   integer PRIMARY KEY CHECK (key_version > 0),
+    key_version   integer PRIMARY KEY CHECK (key_version OPERATOR(pg_catalog.>) 0),
     wrapped_key   bytea,
     wrapped_under integer NOT NULL,
-    state         text NOT NULL CHECK (state IN ('current', 'retired')),
-    created_at    timestamptz NOT NULL DEFAULT now(),
+    state         text NOT NULL CHECK (state OPERATOR(pg_catalog.=) ANY ('{current,retired}'::pg_catalog.text[])),
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by    name NOT NULL DEFAULT session_user,
     restored      boolean NOT NULL DEFAULT false
 );
-CREATE UNIQUE INDEX index_key_one_current ON cellcrypt.index_key ((true)) WHERE state = 'current';
+CREATE UNIQUE INDEX index_key_one_current ON cellcrypt.index_key ((true)) WHERE state OPERATOR(pg_catalog.=) 'current';
 COMMENT ON TABLE cellcrypt.index_key IS 'Blind-index key versions, each only wrapped under the current data key';
 SELECT pg_catalog.pg_extension_config_dump('cellcrypt.index_key', '');
 
@@ -343,10 +343,11 @@ SELECT pg_catalog.pg_extension_config_dump('cellcrypt.index_key', '');
 -- the database then waits for its original key (set_data_encryption_key restores it).
 CREATE FUNCTION cellcrypt._keyring_write_is_internal() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_keyring_write_is_internal' LANGUAGE c VOLATILE;
-CREATE FUNCTION cellcrypt._before_insert_from_dump() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION cellcrypt._before_insert_from_dump() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT cellcrypt._keyring_write_is_internal() THEN
-        EXECUTE format('DELETE FROM %I.%I WHERE NOT restored', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+        EXECUTE pg_catalog.format('DELETE FROM %I.%I WHERE NOT restored', TG_TABLE_SCHEMA, TG_TABLE_NAME);
         NEW.restored := true;
     END IF;
     RETURN NEW;

@@ -6,7 +6,7 @@
 //! did in the stage of the (sub)transaction they run in:
 //! * the keys this session must use from then on ([`install_keys`]);
 //! * what to do outside the database when the transaction ends: publish the new key to the
-//!   shared cache, rewrite the `file` provider's key file, announce the change to every backend,
+//!   shared cache, put the `file` provider's key file back (at abort), announce the change to every backend,
 //!   start the re-encryption worker, complete the audit record.
 //!
 //! Commit of a subtransaction merges its stage into its parent's. Abort of a subtransaction
@@ -37,8 +37,6 @@ pub struct Stage {
     pub publish: Option<(u32, MasterKey, Zeroizing<String>)>,
     /// Forget the shared cache and announce at commit (the keyring was replaced by a restore).
     pub forget: bool,
-    /// The key file to write at commit.
-    pub file_after_commit: Option<KeyFile>,
     /// The key file as it was before this stage changed it, to put back at abort.
     pub file_after_abort: Option<KeyFile>,
     /// Bump the generation at commit (older keys were retired, or the index key changed).
@@ -62,9 +60,6 @@ impl Stage {
         if child.publish.is_some() {
             self.publish = child.publish;
         }
-        if child.file_after_commit.is_some() {
-            self.file_after_commit = child.file_after_commit;
-        }
         if self.file_after_abort.is_none() {
             self.file_after_abort = child.file_after_abort;
         }
@@ -80,7 +75,6 @@ impl Stage {
     fn is_empty(&self) -> bool {
         self.publish.is_none()
             && !self.forget
-            && self.file_after_commit.is_none()
             && self.file_after_abort.is_none()
             && !self.announce
             && !self.launch_worker

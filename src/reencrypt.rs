@@ -184,9 +184,10 @@ fn process(job: store::Job) -> Result<String, String> {
     // this pass wrote into free space further on in the table would be rewritten again.
     let condition = filter(&store::extension_schema(), &job.columns, job.version);
     let update = format!(
-        "UPDATE {name} SET {set} WHERE ctid OPERATOR(pg_catalog.>=) '({},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid AND ({condition})",
+        "UPDATE ONLY {name} SET {set} WHERE ctid OPERATOR(pg_catalog.>=) '({},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid AND ({condition})",
         job.next_block
     );
+    // ONLY: an inheritance child is a job of its own, done as its own owner.
     // Values, not rows, are counted: those reencrypt() moved to the current key.
     let batch = || -> Result<i64, String> {
         let before = crate::types::resealed_count();
@@ -326,7 +327,8 @@ fn finish() -> Result<String, String> {
         // Counted as the table's owner, with row_security off: every row is seen or the count
         // fails (and the work says so), never a filtered view of the table.
         let Some(table) = store::lock_user_table(relid, pg_sys::AccessShareLock) else { continue };
-        let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", table.name, filter(&schema, &columns, version));
+        // ONLY: an inheritance child is a job of its own, done as its own owner.
+        let count = format!("SELECT pg_catalog.count(*) FROM ONLY {} WHERE {}", table.name, filter(&schema, &columns, version));
         let left = match catching_errors(|| store::as_table_owner(&table, || Spi::get_one::<i64>(&count))) {
             Ok(r) => r.map_err(spi_err("could not verify a table"))?.unwrap_or(0),
             Err(message) => {
@@ -400,12 +402,12 @@ CREATE TABLE cellcrypt.reencryption_job (
     relid        oid PRIMARY KEY,
     key_version  integer NOT NULL,
     columns      text[] NOT NULL,
-    state        text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'verified')),
+    state        text NOT NULL DEFAULT 'pending' CHECK (state OPERATOR(pg_catalog.=) ANY ('{pending,verified}'::pg_catalog.text[])),
     next_block   bigint NOT NULL DEFAULT 0,
     total_blocks bigint NOT NULL DEFAULT 0,
     pass         integer NOT NULL DEFAULT 1,
     cells_done   bigint NOT NULL DEFAULT 0,
-    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by   name NOT NULL DEFAULT session_user,
     started_at   timestamptz,
     updated_at   timestamptz,
@@ -416,56 +418,77 @@ CREATE FUNCTION cellcrypt._reencrypt_step() RETURNS text
     AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt_step' LANGUAGE c VOLATILE;
 -- Executable by PUBLIC: it refuses non-administrators itself (policy.rs), with a hint.
 
+-- Every function and operator is qualified (and typed to match exactly): a view is parsed
+-- once, at CREATE EXTENSION, where the search_path is the extension's schema, which other roles
+-- may be able to create objects in.
 CREATE VIEW @extschema@.data_encryption_progress AS
 SELECT j.relid::pg_catalog.regclass AS table_name,
        j.key_version,
        j.state,
        j.pass,
        j.cells_done,
-       CASE WHEN j.state = 'verified' THEN 0
-            ELSE pg_catalog.round(greatest(c.reltuples, 0) * pg_catalog.array_length(j.columns, 1)
-                      * (1 - least(1, j.next_block::float8 / greatest(j.total_blocks, 1))))::bigint END AS cells_remaining,
-       CASE WHEN j.updated_at > j.started_at
-            THEN pg_catalog.round(j.cells_done / pg_catalog.array_length(j.columns, 1)
-                      / extract(epoch FROM j.updated_at - j.started_at))::bigint END AS rows_per_second,
-       CASE WHEN j.state = 'verified' THEN j.updated_at
-            WHEN j.updated_at > j.started_at AND j.cells_done > 0
-            THEN pg_catalog.now() + (greatest(c.reltuples, 0) * pg_catalog.array_length(j.columns, 1)
-                      * (1 - least(1, j.next_block::float8 / greatest(j.total_blocks, 1))))
-                 * ((j.updated_at - j.started_at) / j.cells_done) END AS estimated_finish,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'verified' THEN 0::pg_catalog.int8
+            ELSE pg_catalog.round(r.cells)::pg_catalog.int8 END AS cells_remaining,
+       CASE WHEN j.updated_at OPERATOR(pg_catalog.>) j.started_at
+            THEN pg_catalog.round(j.cells_done::pg_catalog.float8
+                      OPERATOR(pg_catalog./) pg_catalog.array_length(j.columns, 1)::pg_catalog.float8
+                      OPERATOR(pg_catalog./) pg_catalog.date_part('epoch', j.updated_at OPERATOR(pg_catalog.-) j.started_at))::pg_catalog.int8 END AS rows_per_second,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'verified' THEN j.updated_at
+            WHEN j.updated_at OPERATOR(pg_catalog.>) j.started_at AND j.cells_done OPERATOR(pg_catalog.>) 0::pg_catalog.int8
+            THEN pg_catalog.now() OPERATOR(pg_catalog.+) (r.cells OPERATOR(pg_catalog.*)
+                      ((j.updated_at OPERATOR(pg_catalog.-) j.started_at) OPERATOR(pg_catalog./) j.cells_done::pg_catalog.float8)) END AS estimated_finish,
        j.last_error AS blocked_by
-FROM cellcrypt.reencryption_job j JOIN pg_catalog.pg_class c ON c.oid = j.relid;
+FROM cellcrypt.reencryption_job j
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) j.relid,
+LATERAL (SELECT GREATEST(c.reltuples::pg_catalog.float8, 0::pg_catalog.float8)
+                OPERATOR(pg_catalog.*) pg_catalog.array_length(j.columns, 1)::pg_catalog.float8
+                OPERATOR(pg_catalog.*) (1::pg_catalog.float8 OPERATOR(pg_catalog.-)
+                    LEAST(1::pg_catalog.float8, j.next_block::pg_catalog.float8 OPERATOR(pg_catalog./) GREATEST(j.total_blocks, 1::pg_catalog.int8)::pg_catalog.float8))) r(cells);
 COMMENT ON VIEW @extschema@.data_encryption_progress IS 'Per table: re-encryption progress after a key change';
 
+-- The procedure commits between batches, so it cannot pin its search_path with a SET clause:
+-- it runs with the caller's, and names nothing through it (every function and operator is
+-- qualified, with argument types that match exactly). The reports come from functions that
+-- pin theirs.
+CREATE FUNCTION cellcrypt._reencryption_totals(OUT done pg_catalog.int8, OUT remaining pg_catalog.int8) LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(sum(cells_done), 0)::int8, coalesce(sum(cells_remaining), 0)::int8 FROM @extschema@.data_encryption_progress
+$$;
+CREATE FUNCTION cellcrypt._reencryption_blocked_by() RETURNS text LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT string_agg(DISTINCT blocked_by, '; ') FROM @extschema@.data_encryption_progress WHERE blocked_by IS NOT NULL
+$$;
+CREATE FUNCTION cellcrypt._reencryption_report(step text) RETURNS text LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format('pg_cellcrypt re-encryption: %s (%s values re-encrypted, about %s remaining)',
+                  CASE step WHEN 'idle' THEN 'nothing to do' WHEN 'done' THEN 'finished; older keys retired'
+                            WHEN 'waiting' THEN 'waiting for what began before the change (see data_encryption_status)'
+                            WHEN 'busy' THEN 'the background worker holds the remaining work'
+                            ELSE 'working' END, t.done, t.remaining)
+    FROM cellcrypt._reencryption_totals() t
+$$;
 CREATE PROCEDURE @extschema@.finish_data_encryption_reencryption() LANGUAGE plpgsql AS $$
 DECLARE
-    s text;
-    n bigint := 0;
-    done bigint;
-    remaining bigint;
+    s pg_catalog.text;
+    n pg_catalog.int4 := 0;
 BEGIN
     LOOP
         s := cellcrypt._reencrypt_step();
-        n := n + 1;
-        IF s IN ('idle', 'done', 'waiting', 'busy') OR n % 10 = 0 THEN
-            SELECT coalesce(sum(cells_done), 0), coalesce(sum(cells_remaining), 0) INTO done, remaining FROM @extschema@.data_encryption_progress;
-            RAISE NOTICE 'pg_cellcrypt re-encryption: % (% values re-encrypted, about % remaining)',
-                CASE s WHEN 'idle' THEN 'nothing to do' WHEN 'done' THEN 'finished; older keys retired'
-                       WHEN 'waiting' THEN 'waiting for what began before the change (see data_encryption_status)'
-                       WHEN 'busy' THEN 'the background worker holds the remaining work'
-                       ELSE 'working' END, done, remaining;
+        n := n OPERATOR(pg_catalog.+) 1;
+        IF s OPERATOR(pg_catalog.=) ANY ('{idle,done,waiting,busy}'::pg_catalog.text[])
+           OR (n OPERATOR(pg_catalog.%) 10) OPERATOR(pg_catalog.=) 0 THEN
+            RAISE NOTICE '%', cellcrypt._reencryption_report(s);
         END IF;
-        EXIT WHEN s IN ('idle', 'done');
-        IF s = 'blocked' THEN
+        EXIT WHEN s OPERATOR(pg_catalog.=) ANY ('{idle,done}'::pg_catalog.text[]);
+        IF s OPERATOR(pg_catalog.=) 'blocked' THEN
             COMMIT;
-            RAISE EXCEPTION 'pg_cellcrypt re-encryption is blocked: %',
-                (SELECT string_agg(last_error, '; ') FROM cellcrypt.reencryption_job WHERE last_error IS NOT NULL)
+            RAISE EXCEPTION 'pg_cellcrypt re-encryption is blocked: %', cellcrypt._reencryption_blocked_by()
                 USING ERRCODE = 'data_corrupted',
-                      HINT = 'Restore that row from a backup or delete it (or set the value to NULL); then CALL finish_data_encryption_reencryption() again. The background worker retries on its own.';
+                      HINT = 'Fix what the message names: a row that does not decrypt (restore it from a backup or delete it), a table owner''s forced row level security, a materialized view to refresh. Then CALL finish_data_encryption_reencryption() again; the background worker retries on its own.';
         END IF;
         COMMIT;
-        IF s IN ('waiting', 'busy') THEN
-            PERFORM pg_catalog.pg_sleep(0.5);
+        IF s OPERATOR(pg_catalog.=) ANY ('{waiting,busy}'::pg_catalog.text[]) THEN
+            PERFORM pg_catalog.pg_sleep(0.5::pg_catalog.float8);
         END IF;
     END LOOP;
 END

@@ -400,12 +400,32 @@ pub fn retire_index_key() {
 // ---------------------------------------------------------------------------------------------
 // Blind-index registrations
 
-/// The next free blind-index column id.
+/// The next blind-index column id, from a sequence: never reused, even when a registration
+/// rolls back (a backend may have cached the normalization of the id it used).
 pub fn next_blind_index_id() -> u32 {
-    as_extension_owner(|| Spi::get_one::<i32>("SELECT COALESCE(pg_catalog.max(id), 0) OPERATOR(pg_catalog.+) 1 FROM cellcrypt.blind_index_column"))
-        .ok()
-        .flatten()
-        .unwrap_or(1) as u32
+    as_extension_owner(|| Spi::get_one::<i64>("SELECT pg_catalog.nextval('cellcrypt.blind_index_column_id'::pg_catalog.regclass)"))
+        .unwrap_or_else(|e| {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("could not allocate a blind-index column id: {e}"),
+                Some("A database registers at most 65535 blind-index columns over its life."),
+                None,
+            )
+        })
+        .unwrap_or(0) as u32
+}
+
+/// True when the relation is part of an inheritance tree or a partition tree.
+pub fn in_inheritance_tree(relid: pg_sys::Oid) -> bool {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1 OR inhparent OPERATOR(pg_catalog.=) $1)",
+            &[relid.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(true)
 }
 
 /// Records a registered column.

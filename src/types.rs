@@ -215,41 +215,40 @@ fn seal_bound(kind: Kind, plaintext: &[u8], binding: u32) -> Datum {
 // Blind-index bindings (see blind_index.rs)
 
 /// The last values this backend sealed from plaintext: their nonces, with the role that sealed
-/// each and the start of the statement it was sealed in. A value among them, met again in the
-/// same statement by the same role, was written from its plaintext by that role in that very
-/// statement (a parameter cast with encrypt(), then assigned to the column), so binding it to a
-/// column tells that role nothing it did not know. A value sealed by another role (a SECURITY
-/// DEFINER function of a reader, say) or in an earlier statement is not fresh.
+/// each. A value among them, met again by the same role, was written from its plaintext by
+/// that role (a parameter cast with encrypt(), then assigned to the column; a literal, which
+/// PostgreSQL encrypts before it applies the column's type modifier), so binding it to a column
+/// tells that role nothing it did not know. A value sealed by another role (a SECURITY DEFINER
+/// function of a reader, say, or before a SET ROLE) is not fresh for this one.
 struct Fresh {
-    entries: [([u8; envelope::NONCE_LEN], Oid, i64); FRESH_LEN],
+    entries: [([u8; envelope::NONCE_LEN], Oid); FRESH_LEN],
     next: usize,
 }
 
-const FRESH_LEN: usize = 64;
-
-/// Who is sealing now, and in which statement.
-fn sealing_context() -> (Oid, i64) {
-    // SAFETY: backend state of the current statement.
-    unsafe { (pg_sys::GetUserId(), pg_sys::GetCurrentStatementStartTimestamp()) }
-}
+/// How many values the ring remembers: a statement prepared with a literal for a registered
+/// column must run before this many other values are sealed in its session.
+const FRESH_LEN: usize = 256;
 
 impl Fresh {
     fn remember(&mut self, nonce: &[u8]) {
-        let (user, statement) = sealing_context();
+        // SAFETY: the current user, backend state.
+        let user = unsafe { pg_sys::GetUserId() };
         let e = &mut self.entries[self.next];
         e.0.copy_from_slice(nonce);
-        (e.1, e.2) = (user, statement);
+        e.1 = user;
         self.next = (self.next + 1) % FRESH_LEN;
     }
 
+    /// Newest first: a value is usually bound right after it was sealed.
     fn contains(&self, nonce: &[u8]) -> bool {
-        let (user, statement) = sealing_context();
-        self.entries.iter().any(|(n, u, s)| n[..] == *nonce && *u == user && *s == statement)
+        // SAFETY: the current user, backend state.
+        let user = unsafe { pg_sys::GetUserId() };
+        (1..=FRESH_LEN).map(|back| &self.entries[(self.next + FRESH_LEN - back) % FRESH_LEN]).any(|(n, u)| n[..] == *nonce && *u == user)
     }
 }
 
 static FRESH: BackendLocal<RefCell<Fresh>> =
-    BackendLocal::new(RefCell::new(Fresh { entries: [([0; envelope::NONCE_LEN], pg_sys::InvalidOid, 0); FRESH_LEN], next: 0 }));
+    BackendLocal::new(RefCell::new(Fresh { entries: [([0; envelope::NONCE_LEN], pg_sys::InvalidOid); FRESH_LEN], next: 0 }));
 
 /// The same value, re-sealed under the current key and bound to blind-index column `binding`.
 ///
@@ -686,39 +685,39 @@ DECLARE
     t text;
 BEGIN
     FOREACH k IN ARRAY ARRAY['text', 'bytea', 'jsonb', 'numeric', 'date', 'timestamptz', 'int8'] LOOP
-        t := 'encrypted_' || k;
-        EXECUTE format('CREATE TYPE @extschema@.%I', t);
-        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(cstring, oid, integer) RETURNS @extschema@.%2$I
-                          AS 'MODULE_PATHNAME', 'cellcrypt_in' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t || '_in', t);
-        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS cstring
-                          AS 'MODULE_PATHNAME', 'cellcrypt_out' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t || '_out', t);
-        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(internal, oid, integer) RETURNS @extschema@.%2$I
-                          AS 'MODULE_PATHNAME', 'cellcrypt_recv' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t || '_recv', t);
-        EXECUTE format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS bytea
-                          AS 'MODULE_PATHNAME', 'cellcrypt_send' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t || '_send', t);
-        EXECUTE format($f$CREATE TYPE @extschema@.%1$I (
+        t := 'encrypted_' OPERATOR(pg_catalog.||) k;
+        EXECUTE pg_catalog.format('CREATE TYPE @extschema@.%I', t);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(cstring, oid, integer) RETURNS @extschema@.%2$I
+                          AS 'MODULE_PATHNAME', 'cellcrypt_in' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_in', t);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS cstring
+                          AS 'MODULE_PATHNAME', 'cellcrypt_out' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_out', t);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(internal, oid, integer) RETURNS @extschema@.%2$I
+                          AS 'MODULE_PATHNAME', 'cellcrypt_recv' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_recv', t);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS bytea
+                          AS 'MODULE_PATHNAME', 'cellcrypt_send' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_send', t);
+        EXECUTE pg_catalog.format($f$CREATE TYPE @extschema@.%1$I (
                               INPUT = @extschema@.%2$I, OUTPUT = @extschema@.%3$I,
                               RECEIVE = @extschema@.%4$I, SEND = @extschema@.%5$I,
                               INTERNALLENGTH = VARIABLE, ALIGNMENT = int4, STORAGE = external,
-                              CATEGORY = 'U')$f$, t, t || '_in', t || '_out', t || '_recv', t || '_send');
-        EXECUTE format('COMMENT ON TYPE @extschema@.%I IS %L', t,
-                       k || ', encrypted with AES-256-GCM by pg_cellcrypt; decrypt() or ::' || k || ' returns the plaintext');
+                              CATEGORY = 'U')$f$, t, t OPERATOR(pg_catalog.||) '_in', t OPERATOR(pg_catalog.||) '_out', t OPERATOR(pg_catalog.||) '_recv', t OPERATOR(pg_catalog.||) '_send');
+        EXECUTE pg_catalog.format('COMMENT ON TYPE @extschema@.%I IS %L', t,
+                       k OPERATOR(pg_catalog.||) ', encrypted with AES-256-GCM by pg_cellcrypt; decrypt() or ::' OPERATOR(pg_catalog.||) k OPERATOR(pg_catalog.||) ' returns the plaintext');
 
         -- encrypt(plain) always encrypts; it is also the assignment cast from the plain type.
-        EXECUTE format($f$CREATE FUNCTION @extschema@.encrypt(%1$s) RETURNS @extschema@.%2$I
-                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c VOLATILE STRICT PARALLEL SAFE$f$, k, t, 'cellcrypt_encrypt_' || k);
-        EXECUTE format('CREATE CAST (%s AS @extschema@.%I) WITH FUNCTION @extschema@.encrypt(%s) AS ASSIGNMENT', k, t, k);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.encrypt(%1$s) RETURNS @extschema@.%2$I
+                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c VOLATILE STRICT PARALLEL SAFE$f$, k, t, 'cellcrypt_encrypt_' OPERATOR(pg_catalog.||) k);
+        EXECUTE pg_catalog.format('CREATE CAST (%s AS @extschema@.%I) WITH FUNCTION @extschema@.encrypt(%s) AS ASSIGNMENT', k, t, k);
 
         -- decrypt(encrypted) is the explicit cast back; reserved to data_encryption_reader.
-        EXECUTE format($f$CREATE FUNCTION @extschema@.decrypt(@extschema@.%1$I) RETURNS %2$s
-                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t, k, 'cellcrypt_decrypt_' || k);
-        EXECUTE format('CREATE CAST (@extschema@.%I AS %s) WITH FUNCTION @extschema@.decrypt(@extschema@.%I)', t, k, t);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.decrypt(@extschema@.%1$I) RETURNS %2$s
+                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t, k, 'cellcrypt_decrypt_' OPERATOR(pg_catalog.||) k);
+        EXECUTE pg_catalog.format('CREATE CAST (@extschema@.%I AS %s) WITH FUNCTION @extschema@.decrypt(@extschema@.%I)', t, k, t);
         -- decrypt() checks membership in data_encryption_reader itself (42501 with a hint).
 
         -- Key changes: which key version a value is under (public), and re-sealing (internal).
-        EXECUTE format($f$CREATE FUNCTION @extschema@.encryption_key_version(@extschema@.%1$I) RETURNS integer
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.encryption_key_version(@extschema@.%1$I) RETURNS integer
                           AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
-        EXECUTE format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
                           AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE$f$, t);
         -- cellcrypt.reencrypt() refuses to run outside a re-encryption batch (reencrypt.rs); the
         -- batch runs as the table's owner, who must be able to call it.

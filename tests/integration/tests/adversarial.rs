@@ -435,9 +435,11 @@ fn a_hostile_database_search_path_does_not_reach_the_worker() {
     );
 }
 
-/// Tom's table: every kind of owner code PostgreSQL runs on an UPDATE, each reporting who it
-/// runs as and trying to make tom a superuser. (The escalation log table must exist.)
-const TOM_OBJECTS: &str = r#"
+/// Tom's probe, `public.tom_probe(what)`: records who runs it (and `what` called it) in the
+/// escalation log, reports itself when that is not tom, and tries to make tom a superuser.
+macro_rules! tom_probe_sql {
+    () => {
+        r#"
 CREATE FUNCTION public.tom_probe(what text) RETURNS boolean LANGUAGE plpgsql AS $f$
 BEGIN
     IF current_user OPERATOR(pg_catalog.<>) 'tom'::pg_catalog.name THEN
@@ -458,6 +460,15 @@ BEGIN
     RETURN true;
 END
 $f$;
+"#
+    };
+}
+
+/// Tom's table: every kind of owner code PostgreSQL runs on an UPDATE, each reporting who it
+/// runs as and trying to make tom a superuser. (The escalation log table must exist.)
+const TOM_OBJECTS: &str = concat!(
+    tom_probe_sql!(),
+    r#"
 CREATE FUNCTION public.tom_trigger() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
     PERFORM public.tom_probe('trigger ' || TG_NAME);
@@ -497,7 +508,8 @@ ALTER TABLE public.t ENABLE REPLICA TRIGGER t_replica;
 INSERT INTO public.t (id, s, n, d) SELECT g, 'tom secret ' || g, g, g FROM generate_series(1, 200) g;
 ALTER TABLE public.t ENABLE ROW LEVEL SECURITY;
 CREATE POLICY t_policy ON public.t USING (public.tom_policy(id));
-"#;
+"#
+);
 
 const TOM_DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(public.decrypt(s) || '/' || n || '/' || d || '/' || g, ',' ORDER BY id)) FROM public.t";
 
@@ -794,6 +806,14 @@ fn create_extension_refuses_preexisting_roles_it_did_not_create() {
     assert_eq!(one(&mut second, "SELECT is_data_encryption_active()"), "t");
 }
 
+/// Waits for the next wall-clock minute when this one is past `latest` seconds.
+fn early_in_a_minute(latest: u64) {
+    let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 60;
+    if second > latest {
+        std::thread::sleep(Duration::from_secs(61 - second));
+    }
+}
+
 /// 7. A role flooding refused key calls cannot flood the audit record.
 #[test]
 fn the_audit_of_refused_calls_is_rate_bounded() {
@@ -801,10 +821,7 @@ fn the_audit_of_refused_calls_is_rate_bounded() {
     c.database_with_extension("app");
     c.psql("app", "CREATE ROLE nadia LOGIN");
     // A bound per wall-clock minute must not be met twice: start early in a minute.
-    let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 60;
-    if second > 50 {
-        std::thread::sleep(Duration::from_secs(61 - second));
-    }
+    early_in_a_minute(50);
     let mut n = c.connect_as(Transport::Unix, "app", "nadia");
     let started = Instant::now();
     for i in 0..300 {
@@ -1091,8 +1108,9 @@ fn blind_indexes_exist_only_for_registered_columns() {
     drop((bw, bsu, b));
 
     // A hostile table owner: tom's code runs when his column is registered (by a superuser,
-    // then by an administrator who is not one), and only as tom; every value is bound.
-    c.psql("postgres", "CREATE ROLE tom LOGIN; CREATE ROLE ada LOGIN IN ROLE data_encryption_admin");
+    // then by an administrator who is not one: registering a column that holds values also
+    // takes the reader role), and only as tom; every value is bound.
+    c.psql("postgres", "CREATE ROLE tom LOGIN; CREATE ROLE ada LOGIN IN ROLE data_encryption_admin, data_encryption_reader");
     toms_database(&c, "toms");
     {
         let mut tom = c.connect_as(Transport::Unix, "toms", "tom");
@@ -1123,4 +1141,395 @@ fn blind_indexes_exist_only_for_registered_columns() {
     assert_eq!(e.message(), copy_denied);
     refused(tom.execute("UPDATE public.u SET s = s2 WHERE id = 2", &[]), &NOT_ALLOWED, "tom: copying between his registered columns");
     base.check(&c, &mut su, &["tom"], "at the end");
+}
+
+/// Tom's look-alikes (after his probe, [`tom_probe_sql`]) of what an install script, a
+/// procedure or a view may call unqualified: `format` (whose `VARIADIC "any"` loses to an
+/// exact match of any schema), operators whose argument types have no exact match in
+/// pg_catalog, and some that have one (harmless only while pg_catalog comes first). Each runs
+/// `public.tom_probe()`, then does what pg_catalog's does; every name in their bodies is
+/// qualified.
+const INSTALL_LOOKALIKES: &str = concat!(
+    tom_probe_sql!(),
+    r#"
+CREATE FUNCTION public.format(text, text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('format(text,text)'); RETURN pg_catalog.format($1, $2); END $f$;
+CREATE FUNCTION public.format(text, text, text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('format(text,text,text)'); RETURN pg_catalog.format($1, $2, $3); END $f$;
+CREATE FUNCTION public.format(text, text, text, text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('format(text,text,text,text)'); RETURN pg_catalog.format($1, $2, $3, $4); END $f$;
+CREATE FUNCTION public.format(text, text, text, text, text, text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('format(text,text,text,text,text,text)'); RETURN pg_catalog.format($1, $2, $3, $4, $5, $6); END $f$;
+CREATE FUNCTION public.tom_textcat(text, text) RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('||(text,text)'); RETURN $1 OPERATOR(pg_catalog.||) $2; END $f$;
+CREATE OPERATOR public.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = public.tom_textcat);
+CREATE FUNCTION public.tom_mul_real(real, integer) RETURNS real LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('*(real,integer)'); RETURN $1 OPERATOR(pg_catalog.*) $2::pg_catalog.float4; END $f$;
+CREATE OPERATOR public.* (LEFTARG = real, RIGHTARG = integer, FUNCTION = public.tom_mul_real);
+CREATE FUNCTION public.tom_mul_double(double precision, integer) RETURNS double precision LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('*(double precision,integer)'); RETURN $1 OPERATOR(pg_catalog.*) $2::pg_catalog.float8; END $f$;
+CREATE OPERATOR public.* (LEFTARG = double precision, RIGHTARG = integer, FUNCTION = public.tom_mul_double);
+CREATE FUNCTION public.tom_mod(bigint, integer) RETURNS bigint LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('%(bigint,integer)'); RETURN $1 OPERATOR(pg_catalog.%) $2::pg_catalog.int8; END $f$;
+CREATE OPERATOR public.% (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = public.tom_mod);
+CREATE FUNCTION public.tom_text_eq(text, text) RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('=(text,text)'); RETURN $1 OPERATOR(pg_catalog.=) $2; END $f$;
+CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.tom_text_eq);
+CREATE FUNCTION public.tom_int_gt(integer, integer) RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('>(integer,integer)'); RETURN $1 OPERATOR(pg_catalog.>) $2; END $f$;
+CREATE OPERATOR public.> (LEFTARG = integer, RIGHTARG = integer, FUNCTION = public.tom_int_gt);
+CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE plpgsql AS $f$
+BEGIN PERFORM public.tom_probe('now()'); RETURN pg_catalog.now(); END $f$;
+"#
+);
+
+/// What tom's probes recorded as run by someone other than tom (escalation log and server
+/// log), empty when nothing was.
+fn not_run_by_tom(c: &Cluster, su: &mut Client) -> String {
+    let logged = rows(su, "SELECT who || ' via ' || at || ' x' || count(*) FROM public.escalation_log WHERE who <> 'tom' GROUP BY who, at ORDER BY 1");
+    let warnings = probes(c);
+    if logged.is_empty() && warnings.is_empty() {
+        String::new()
+    } else {
+        format!("escalation log:\n{logged}server log: {} probe warnings, as {:?}", warnings.len(), warnings.iter().collect::<std::collections::BTreeSet<_>>())
+    }
+}
+
+/// 10. CREATE EXTENSION, as a superuser types it (default search_path), in a database owned by
+/// an ordinary role who planted look-alikes in its public schema: none of his code runs, not
+/// in the install script, nor later in the extension's procedure and views called by a
+/// (non-superuser) administrator and a superuser with their default search_path.
+#[test]
+fn create_extension_in_a_hostile_owners_database_runs_none_of_his_code() {
+    let c = start("adv-install", &[]);
+    c.psql("postgres", "CREATE ROLE tom LOGIN");
+    c.psql("postgres", "CREATE DATABASE z OWNER tom");
+    c.psql("z", LOG_TABLE);
+    {
+        let mut tom = c.connect_as(Transport::Unix, "z", "tom");
+        assert_eq!(one(&mut tom, "SHOW search_path"), "\"$user\", public");
+        ok(tom.batch_execute(INSTALL_LOOKALIKES), "tom's look-alikes");
+        // On the default search_path, they win where pg_catalog has no exact match.
+        ok(tom.batch_execute("SELECT format('%s', 'a'::text), format('%s%s', 'a'::text, 'b'::text), 7::bigint % 3, 1.5::real * 2, 1.5::float8 * 2"), "tom calling his look-alikes");
+    }
+    let mut su = superuser(&c, "z");
+    let mut shadowing: Vec<String> = rows(&mut su, "SELECT DISTINCT at FROM public.escalation_log WHERE who = 'tom'").lines().map(str::to_owned).collect();
+    shadowing.sort();
+    assert_eq!(shadowing, ["%(bigint,integer)", "*(double precision,integer)", "*(real,integer)", "format(text,text)", "format(text,text,text)"], "tom's look-alikes must shadow pg_catalog's");
+    let tom_role = "SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication FROM pg_catalog.pg_roles WHERE rolname = 'tom'";
+    let tom_before = one(&mut su, tom_role);
+    let members_before = rows(&mut su, MEMBERS);
+
+    let mut installer = c.connect(Transport::Unix, "z");
+    assert_eq!(one(&mut installer, "SHOW search_path"), "\"$user\", public");
+    ok(installer.batch_execute("CREATE EXTENSION pg_cellcrypt"), "CREATE EXTENSION in tom's database");
+    let ran = not_run_by_tom(&c, &mut su);
+    assert_eq!(one(&mut su, tom_role), tom_before, "CREATE EXTENSION changed tom's attributes; tom's code ran as:\n{ran}");
+    assert_eq!(rows(&mut su, MEMBERS), members_before, "CREATE EXTENSION changed role memberships; tom's code ran as:\n{ran}");
+    assert!(ran.is_empty(), "tom's code ran during CREATE EXTENSION:\n{ran}");
+
+    // Tom's table with encrypted columns, an administrator who is not a superuser, and a
+    // worker slowed to one small batch a minute, so that the procedure does the work.
+    c.psql("postgres", "CREATE ROLE adam LOGIN IN ROLE data_encryption_admin");
+    {
+        let mut tom = c.connect_as(Transport::Unix, "z", "tom");
+        ok(
+            tom.batch_execute(
+                "CREATE TABLE public.tt (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb); \
+                 INSERT INTO public.tt SELECT g, 'value ' || g, jsonb_build_object('g', g) FROM generate_series(1, 300) g",
+            ),
+            "tom's table",
+        );
+    }
+    for setting in ["ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = '60s'", "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10", "SELECT pg_reload_conf()"] {
+        su.batch_execute(setting).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let base = Baseline::take(&mut su);
+    let digest_sql = "SELECT count(*) || ':' || md5(string_agg(public.decrypt(s) || '/' || public.decrypt(j)::text, ',' ORDER BY id)) FROM public.tt";
+    let digest = one(&mut su, digest_sql);
+    assert!(digest.starts_with("300:"), "{digest}");
+
+    let msg = one(&mut su, "SELECT public.set_data_encryption_key(public.generate_data_encryption_key())");
+    assert!(msg.starts_with("changed"), "{msg}");
+    base.check(&c, &mut su, &["tom"], "after the key change");
+    let mut adam = c.connect_as(Transport::Unix, "z", "adam");
+    assert_eq!(one(&mut adam, "SHOW search_path"), "\"$user\", public");
+    let progress = ok(try_rows(&mut adam, "SELECT * FROM data_encryption_progress"), "adam: data_encryption_progress");
+    assert!(progress.contains("tt|2|pending"), "a job under way: {progress}");
+    base.check(&c, &mut su, &["tom"], "after adam's SELECT * FROM data_encryption_progress");
+    ok(try_rows(&mut installer, "SELECT * FROM data_encryption_progress"), "the superuser: data_encryption_progress");
+    base.check(&c, &mut su, &["tom"], "after the superuser's SELECT * FROM data_encryption_progress");
+    ok(adam.batch_execute("CALL finish_data_encryption_reencryption()"), "adam: CALL finish_data_encryption_reencryption()");
+    base.check(&c, &mut su, &["tom"], "after adam's CALL finish_data_encryption_reencryption()");
+    ok(try_rows(&mut adam, "SELECT * FROM data_encryption_progress"), "adam: data_encryption_progress, afterwards");
+    base.check(&c, &mut su, &["tom"], "after adam's second SELECT * FROM data_encryption_progress");
+
+    c.wait_reencrypted("z");
+    assert_eq!(one(&mut su, "SELECT count(*) FROM public.tt WHERE public.encryption_key_version(s) <> 2 OR public.encryption_key_version(j) <> 2"), "0");
+    assert_eq!(one(&mut su, digest_sql), digest, "every value reads back as before");
+    assert_eq!(one(&mut su, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = 'tom'"), "f");
+    let ran = not_run_by_tom(&c, &mut su);
+    assert!(ran.is_empty(), "tom's code ran as someone else:\n{ran}");
+    base.check(&c, &mut su, &["tom"], "at the end");
+}
+
+/// 11. Registering a column that holds values binds every one of them to a blind index, so it
+/// takes the right to decrypt them: an administrator who is not a reader may register only an
+/// empty column. Otherwise a table owner could copy envelopes he cannot read into his own
+/// column and have it registered, then test guesses against them.
+#[test]
+fn registering_a_column_that_holds_values_takes_a_reader() {
+    let c = start("adv-bidx-nonempty", &[]);
+    c.database_with_extension("app");
+    c.psql(
+        "app",
+        "CREATE ROLE tom LOGIN; CREATE ROLE ada LOGIN IN ROLE data_encryption_admin; \
+         CREATE ROLE rena LOGIN IN ROLE data_encryption_admin, data_encryption_reader; \
+         GRANT CREATE ON SCHEMA public TO tom; \
+         CREATE TABLE public.hr (id int PRIMARY KEY, ssn encrypted_text); \
+         INSERT INTO public.hr SELECT g, 'ssn-' || g FROM generate_series(1, 50) g; GRANT SELECT ON public.hr TO tom",
+    );
+    let mut tom = c.connect_as(Transport::Unix, "app", "tom");
+    ok(
+        tom.batch_execute(
+            "CREATE TABLE public.tomt (id int, email encrypted_text); INSERT INTO public.tomt SELECT id, ssn FROM public.hr; \
+             CREATE TABLE public.tom_empty (id int, email encrypted_text)",
+        ),
+        "tom's tables, one holding copies of hr.ssn",
+    );
+    refused(tom.query("SELECT blind_index(email) FROM tomt", &[]), &NOT_ALLOWED, "tom: blind_index of his copies");
+    let mut su = superuser(&c, "app");
+    let types = "SELECT string_agg(attrelid::regclass || '.' || attname || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attrelid::regclass::text) \
+                 FROM pg_attribute WHERE attrelid IN ('public.tomt'::regclass, 'public.hr'::regclass) AND attname IN ('email', 'ssn')";
+    let types_before = one(&mut su, types);
+
+    let mut ada = c.connect_as(Transport::Unix, "app", "ada");
+    let e = refused(try_rows(&mut ada, "SELECT register_blind_index('tomt', 'email')"), &NOT_ALLOWED, "ada (an administrator, not a reader): registering tom's column of copied values");
+    assert!(e.hint().unwrap_or("").contains("data_encryption_reader"), "the hint names data_encryption_reader: {} (hint: {:?})", e.message(), e.hint());
+    assert_eq!(one(&mut su, types), types_before, "the refused registration changed nothing");
+    assert_eq!(one(&mut su, "SELECT count(*) FROM public.blind_index_columns"), "0");
+    // So tom has no oracle for the values he copied.
+    refused(tom.query("SELECT blind_index(email) FROM tomt", &[]), &NOT_ALLOWED, "tom: blind_index of his copies, after the refusal");
+    refused(tom.query("SELECT blind_index('ssn-7', 'tomt', 'email')", &[]), &NOT_ALLOWED, "tom: a guess, after the refusal");
+
+    // An empty column she may register; a reader-administrator may register one with values.
+    let msg = ok(try_rows(&mut ada, "SELECT register_blind_index('tom_empty', 'email')"), "ada: registering an empty column");
+    assert!(msg.starts_with("registered: public.tom_empty.email is blind-index column") && msg.contains("; 0 values bound."), "{msg}");
+    let mut rena = c.connect_as(Transport::Unix, "app", "rena");
+    let msg = ok(try_rows(&mut rena, "SELECT register_blind_index('hr', 'ssn')"), "rena (administrator and reader): registering hr.ssn");
+    assert!(msg.contains("; 50 values bound."), "{msg}");
+    assert_eq!(one(&mut su, "SELECT id FROM public.hr WHERE public.blind_index(ssn) = public.blind_index('ssn-7', 'public.hr', 'ssn')"), "7");
+    // Tom's copies stay unbound.
+    refused(tom.query("SELECT blind_index(email) FROM tomt", &[]), &NOT_ALLOWED, "tom: blind_index of his copies, hr.ssn registered");
+}
+
+/// 12a. A registered column's type changes for a whole inheritance tree at once and its
+/// values are rewritten by ctid, so registration is refused, with nothing changed, for a
+/// table with inheritance children, an inheritance child and a partition.
+#[test]
+fn register_blind_index_refuses_inheritance_and_partition_trees() {
+    let c = start("adv-bidx-inherit", &[]);
+    c.database_with_extension("app");
+    c.psql(
+        "app",
+        "CREATE TABLE par (id int, c encrypted_text); CREATE TABLE kid () INHERITS (par); \
+         INSERT INTO par SELECT g, 'parent ' || g FROM generate_series(1, 20) g; \
+         INSERT INTO kid SELECT g, 'child ' || g FROM generate_series(1, 20) g; \
+         CREATE TABLE pt (id int, c encrypted_text) PARTITION BY RANGE (id); \
+         CREATE TABLE pt_1 PARTITION OF pt FOR VALUES FROM (0) TO (100); \
+         INSERT INTO pt SELECT g, 'partition ' || g FROM generate_series(1, 20) g",
+    );
+    let mut su = superuser(&c, "app");
+    let values = "SELECT string_agg(tableoid::regclass || ':' || id || ':' || public.decrypt(c), ',' ORDER BY tableoid::regclass::text, id) FROM \
+                  (SELECT tableoid, id, c FROM public.par UNION ALL SELECT tableoid, id, c FROM public.pt) v";
+    let types = "SELECT string_agg(attrelid::regclass || ' ' || format_type(atttypid, atttypmod), ', ' ORDER BY attrelid::regclass::text) \
+                 FROM pg_attribute WHERE attrelid IN ('public.par'::regclass, 'public.kid'::regclass, 'public.pt'::regclass, 'public.pt_1'::regclass) AND attname = 'c'";
+    let (values_before, types_before) = (one(&mut su, values), one(&mut su, types));
+    let mut failures = Vec::new();
+    for (table, what) in [("par", "a table with an inheritance child"), ("kid", "an inheritance child"), ("pt_1", "a partition")] {
+        match try_rows(&mut su, &format!("SELECT public.register_blind_index('{table}', 'c')")) {
+            Ok(out) => failures.push(format!("{what} ({table}): registered: {}", out.trim_end())),
+            Err(e) if e.as_db_error().map(|d| d.code()) == Some(&SqlState::FEATURE_NOT_SUPPORTED) => {}
+            Err(e) => failures.push(format!("{what} ({table}): expected 0A000, got {}", describe(&e))),
+        }
+    }
+    let (values_after, types_after) = (one(&mut su, values), one(&mut su, types));
+    if values_after != values_before {
+        failures.push(format!("values changed:\nbefore: {values_before}\nafter:  {values_after}"));
+    }
+    if types_after != types_before {
+        failures.push(format!("column types changed: before: {types_before}; after: {types_after}"));
+    }
+    let parent_one = one(&mut su, "SELECT public.decrypt(c) FROM ONLY public.par WHERE id = 1");
+    let child_one = one(&mut su, "SELECT public.decrypt(c) FROM public.kid WHERE id = 1");
+    if (parent_one.as_str(), child_one.as_str()) != ("parent 1", "child 1") {
+        failures.push(format!("row 1 of par holds {parent_one:?}, row 1 of kid holds {child_one:?}"));
+    }
+    let registered = one(&mut su, "SELECT count(*) FROM public.blind_index_columns");
+    if registered != "0" {
+        failures.push(format!("{registered} registrations recorded"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// 12b. Re-encryption of an inheritance tree whose child has another owner than its parent:
+/// each table is rewritten as its own owner (the parent's rewrite does not reach the child's
+/// rows), and every value reads back as before, in its own table.
+#[test]
+fn reencryption_of_an_inheritance_tree_runs_each_table_as_its_own_owner() {
+    let c = start("adv-inherit-owners", &[]);
+    c.database_with_extension("app");
+    c.psql(
+        "app",
+        &format!(
+            "{LOG_TABLE} CREATE ROLE tom LOGIN; CREATE ROLE tina LOGIN; \
+             CREATE FUNCTION public.who_probe() RETURNS trigger LANGUAGE plpgsql AS $f$ \
+             BEGIN INSERT INTO public.escalation_log (who, at) VALUES (current_user, TG_TABLE_NAME); RETURN NEW; END $f$; \
+             CREATE TABLE public.tp (id int, s encrypted_text); CREATE TABLE public.tc () INHERITS (public.tp); \
+             INSERT INTO public.tp SELECT g, 'parent ' || g FROM generate_series(1, 200) g; \
+             INSERT INTO public.tc SELECT g, 'child ' || g FROM generate_series(1, 200) g; \
+             CREATE TRIGGER tp_always BEFORE UPDATE ON public.tp FOR EACH ROW EXECUTE FUNCTION public.who_probe(); \
+             CREATE TRIGGER tc_always BEFORE UPDATE ON public.tc FOR EACH ROW EXECUTE FUNCTION public.who_probe(); \
+             ALTER TABLE public.tp ENABLE ALWAYS TRIGGER tp_always; ALTER TABLE public.tc ENABLE ALWAYS TRIGGER tc_always; \
+             ALTER TABLE public.tp OWNER TO tom; ALTER TABLE public.tc OWNER TO tina"
+        ),
+    );
+    let mut su = superuser(&c, "app");
+    let parent_digest = "SELECT count(*) || ':' || md5(string_agg(public.decrypt(s), ',' ORDER BY id)) FROM ONLY public.tp";
+    let child_digest = "SELECT count(*) || ':' || md5(string_agg(public.decrypt(s), ',' ORDER BY id)) FROM public.tc";
+    let (parent_before, child_before) = (one(&mut su, parent_digest), one(&mut su, child_digest));
+    assert!(parent_before.starts_with("200:") && child_before.starts_with("200:"), "{parent_before} {child_before}");
+
+    assert!(one(&mut su, "SELECT public.set_data_encryption_key(public.generate_data_encryption_key())").starts_with("changed"));
+    c.wait_reencrypted("app");
+    let ran_as = |su: &mut Client, table: &str| one(su, &format!("SELECT coalesce(string_agg(DISTINCT who, ','), 'nobody') FROM public.escalation_log WHERE at = '{table}'"));
+    let (parent_ran_as, child_ran_as) = (ran_as(&mut su, "tp"), ran_as(&mut su, "tc"));
+    assert_eq!(
+        (parent_ran_as.as_str(), child_ran_as.as_str()),
+        ("tom", "tina"),
+        "the ALWAYS triggers of the parent (tom's) and of the child (tina's) ran as these roles"
+    );
+    assert_eq!(one(&mut su, "SELECT count(*) FROM public.tp WHERE public.encryption_key_version(s) <> 2"), "0", "values left under the old key");
+    assert_eq!((one(&mut su, parent_digest), one(&mut su, child_digest)), (parent_before, child_before), "every value reads back as before");
+    assert_eq!(one(&mut su, "SELECT public.decrypt(s) FROM ONLY public.tp WHERE id = 1"), "parent 1");
+    assert_eq!(one(&mut su, "SELECT public.decrypt(s) FROM public.tc WHERE id = 1"), "child 1");
+}
+
+/// 13. Another session's temporary table with an index on `blind_index(...)` (which no other
+/// session can rebuild) does not stop a rotation of the blind-index key.
+#[test]
+fn another_sessions_temporary_blind_index_does_not_stop_a_rotation() {
+    let c = start("adv-rotate-temp", &[]);
+    c.database_with_extension("app");
+    c.psql(
+        "app",
+        "CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
+         INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 50) g; \
+         SELECT register_blind_index('people', 'email'); CREATE INDEX people_email_bidx ON people (blind_index(email))",
+    );
+    let lookup = "SELECT id FROM public.people WHERE public.blind_index(email) = public.blind_index('user7@example.com', 'public.people', 'email')";
+    let mut other = superuser(&c, "app");
+    ok(
+        other.batch_execute(
+            "CREATE TEMP TABLE people_copy AS SELECT id, email FROM public.people; \
+             CREATE INDEX people_copy_bidx ON people_copy (public.blind_index(email))",
+        ),
+        "another session's temporary copy, with a blind index",
+    );
+    assert_eq!(one(&mut other, "SELECT id FROM people_copy WHERE public.blind_index(email) = public.blind_index('user7@example.com', 'public.people', 'email')"), "7");
+
+    let mut su = superuser(&c, "app");
+    let msg = ok(try_rows(&mut su, "SELECT public.rotate_blind_index_key()"), "rotate_blind_index_key() while another session holds a temporary table with a blind index");
+    assert!(msg.starts_with("rotated: "), "{msg}");
+    assert_eq!(one(&mut su, lookup), "7", "a lookup after the rotation");
+    ok(su.batch_execute("SET enable_seqscan = off"), "enable_seqscan");
+    let plan = rows(&mut su, &format!("EXPLAIN {lookup}"));
+    assert!(plan.contains("people_email_bidx"), "{plan}");
+    assert_eq!(one(&mut su, lookup), "7", "a lookup through the rebuilt index");
+    let mut fresh = superuser(&c, "app");
+    assert_eq!(one(&mut fresh, lookup), "7", "a lookup in a new session");
+    drop(other);
+}
+
+/// 14. The bound on recorded refusals is per role: one role's flood does not hide another
+/// role's refusal.
+#[test]
+fn one_roles_flood_of_refusals_does_not_hide_another_roles() {
+    let c = start("adv-audit-roles", &[]);
+    c.database_with_extension("app");
+    c.psql("app", "CREATE ROLE mallory LOGIN; CREATE ROLE rita LOGIN");
+    // A bound per wall-clock minute: the flood and rita's call must fall in the same minute.
+    early_in_a_minute(45);
+    let mut m = c.connect_as(Transport::Unix, "app", "mallory");
+    for i in 0..70 {
+        refused(m.query_one("SELECT retrieve_data_encryption_key()", &[]), &NOT_ALLOWED, &format!("mallory: refused call {i}"));
+    }
+    let mut r = c.connect_as(Transport::Unix, "app", "rita");
+    refused(r.query_one("SELECT retrieve_data_encryption_key()", &[]), &NOT_ALLOWED, "rita: one refused call");
+    let count = |role: &str| -> i64 {
+        c.psql("app", &format!("SELECT count(*) FROM data_encryption_audit WHERE session_role = '{role}' AND outcome = 'refused'")).trim().parse().unwrap()
+    };
+    let (mallory, rita) = (count("mallory"), count("rita"));
+    assert!(rita >= 1, "rita's refused call is not in the audit record (mallory's 70 refusals left {mallory} lines)");
+    assert!((1..=61).contains(&mallory), "{mallory} lines for mallory's 70 refused calls (at most 60 a minute and a note)");
+}
+
+/// 15. `blind_index(value, table, column)` resolves the column each call names, even when one
+/// call site sees several: an unregistered or missing column is never hashed as a registered
+/// one of the same table.
+#[test]
+fn a_blind_index_lookup_resolves_each_column_it_is_given() {
+    let c = start("adv-bidx-lookup", &[]);
+    c.database_with_extension("app");
+    c.psql(
+        "app",
+        "CREATE ROLE tom LOGIN; CREATE TABLE tomt (id int, email encrypted_text, note encrypted_text); \
+         INSERT INTO tomt VALUES (1, 'x', 'x'); SELECT register_blind_index('tomt', 'email'); GRANT SELECT ON tomt TO tom",
+    );
+    let mut tom = c.connect_as(Transport::Unix, "app", "tom");
+    let registered = one(&mut tom, "SELECT encode(blind_index('x', 'tomt', 'email'), 'hex')");
+    assert_eq!(registered.len(), 32, "{registered}");
+    for (list, codes) in [
+        ("('email'::name), ('id'), ('nonexistent')", [SqlState::INSUFFICIENT_PRIVILEGE, SqlState::UNDEFINED_COLUMN]),
+        ("('email'::name), ('note')", [SqlState::INSUFFICIENT_PRIVILEGE, SqlState::INSUFFICIENT_PRIVILEGE]),
+        ("('email'::name), ('nonexistent')", [SqlState::UNDEFINED_COLUMN, SqlState::UNDEFINED_COLUMN]),
+    ] {
+        let sql = format!("SELECT c, encode(blind_index('x', 'tomt', c), 'hex') FROM (VALUES {list}) v(c)");
+        match try_rows(&mut tom, &sql) {
+            Ok(out) => panic!("{sql}: expected SQLSTATE {} or {}, but it succeeded:\n{out}", codes[0].code(), codes[1].code()),
+            Err(e) => {
+                let code = e.as_db_error().map(|d| d.code().clone());
+                assert!(code.as_ref().is_some_and(|c| codes.contains(c)), "{sql}: {}", describe(&e));
+            }
+        }
+    }
+}
+
+/// 16. A blind-index column id is never reused, even when the registration that took it rolled
+/// back: a session that computed blind indexes under that id (with that registration's
+/// normalization) and a new session compute the same for the column registered next.
+#[test]
+fn blind_index_column_ids_are_never_reused_after_a_rollback() {
+    let c = start("adv-bidx-rollback", &[]);
+    c.database_with_extension("app");
+    c.psql("app", "CREATE TABLE t2 (id int, c encrypted_text); CREATE TABLE t3 (id int, c encrypted_text)");
+    let column_id = |msg: &str| -> String {
+        msg.split("blind-index column ").nth(1).map(|r| r.chars().take_while(char::is_ascii_digit).collect()).unwrap_or_else(|| panic!("no id in {msg:?}"))
+    };
+    let hash = |client: &mut Client| one(client, "SELECT encode(public.blind_index('ABC', 'public.t3', 'c'), 'hex')");
+    let mut s = superuser(&c, "app");
+    ok(s.batch_execute("BEGIN"), "BEGIN");
+    let t2_id = column_id(&one(&mut s, "SELECT public.register_blind_index('t2', 'c', 'lower')"));
+    one(&mut s, "SELECT public.blind_index('ABC', 'public.t2', 'c')");
+    ok(s.batch_execute("ROLLBACK"), "ROLLBACK");
+    assert_eq!(one(&mut s, "SELECT count(*) FROM public.blind_index_columns"), "0");
+    let msg = one(&mut s, "SELECT public.register_blind_index('t3', 'c', 'exact')");
+    let t3_id = one(&mut s, "SELECT id FROM public.blind_index_columns WHERE column_name = 'c'");
+    assert_eq!(column_id(&msg), t3_id, "{msg}");
+    let here = hash(&mut s);
+    let mut fresh = superuser(&c, "app");
+    let there = hash(&mut fresh);
+    assert_eq!(here, there, "blind_index('ABC', 't3', 'c') in the session that rolled back t2's registration (id {t2_id}, 'lower') and in a new one (t3: id {t3_id}, 'exact')");
+    assert_ne!(t3_id, t2_id, "t3 took the id of t2's rolled-back registration");
 }

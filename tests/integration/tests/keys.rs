@@ -87,10 +87,13 @@ fn a_change_reaches_every_session_and_parallel_worker_at_commit() {
     assert_eq!(c.psql("app", "DELETE FROM t WHERE id >= 1000; SELECT 1").trim(), "1");
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
     assert_eq!(key_of(&c, "app"), new_key);
-    // The key file holds only the new key now.
+    // The key file holds the new key as version 2 and keeps version 1, which a backup or a
+    // point-in-time recovery from before the change needs.
     let file = std::fs::read_dir(c.key_dir()).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "key")).unwrap();
     let text = std::fs::read_to_string(file).unwrap();
-    assert!(text.contains(&new_key) && text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count() == 1, "{text}");
+    let versions: Vec<&str> = text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(versions, ["1", "2"], "{text}");
+    assert!(text.contains(&format!("2 {new_key}")), "{text}");
     // The status says so.
     let status = c.psql("app", "SELECT active, key_version, provider, previous_key_versions, reencryption, reencrypted_values FROM data_encryption_status");
     let (head, count) = status.trim().rsplit_once('|').unwrap();
@@ -242,7 +245,7 @@ fn set_needs_a_secure_connection_and_the_admin_role_and_everything_is_audited() 
     let expect = [
         "postgres|local|create|committed|1|",
         "postgres|127.0.0.1|set_data_encryption_key()|refused||TCP connection without SSL",
-        "clerk|local|set_data_encryption_key()|refused||EXECUTE privilege denied",
+        "clerk|local|set_data_encryption_key()|refused||not a member of data_encryption_admin",
         "keeper|127.0.0.1|set_data_encryption_key()|refused||weak or malformed key",
         "keeper|127.0.0.1|change|committed|2|",
         "postgres||reencryption|completed|2|20 values re-encrypted; retired key versions: 1",

@@ -134,6 +134,18 @@ fn no_encrypted_value_is_stored_in_the_catalog_or_nested_in_other_types() {
     reads_back_after_restart(&c, &digest);
 }
 
+/// `data_encryption_status.reencryption` once it satisfies `done` (or after a minute).
+fn status_once(c: &Cluster, done: impl Fn(&str) -> bool) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let s = c.psql("app", "SELECT reencryption FROM data_encryption_status").trim().to_owned();
+        if done(&s) || started.elapsed() > std::time::Duration::from_secs(60) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn retirement_reaches_new_tables_and_waits_for_what_it_cannot_read() {
     let c = cluster("retire", &["max_prepared_transactions = 2", "pg_cellcrypt.reencrypt_pause = '200ms'", "pg_cellcrypt.reencrypt_batch_size = 50"]);
@@ -150,26 +162,12 @@ fn retirement_reaches_new_tables_and_waits_for_what_it_cannot_read() {
     old.batch_execute("CREATE TABLE made_during AS SELECT id, s FROM t WHERE id <= 10").unwrap();
 
     // Retirement waits, and says why.
-    let started = std::time::Instant::now();
-    let status = loop {
-        let s = c.psql("app", "SELECT reencryption FROM data_encryption_status").trim().to_owned();
-        if s.starts_with("waiting") || started.elapsed() > std::time::Duration::from_secs(60) {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let status = status_once(&c, |s| s.starts_with("waiting"));
     assert!(status.contains("prepared transaction") || status.contains("temporary table"), "{status}");
     p.batch_execute("COMMIT PREPARED 'p1'").unwrap();
     drop(temp);
     // Then the materialized view holds it back until it is refreshed.
-    let started = std::time::Instant::now();
-    let status = loop {
-        let s = c.psql("app", "SELECT reencryption FROM data_encryption_status").trim().to_owned();
-        if s.contains("REFRESH MATERIALIZED VIEW") || started.elapsed() > std::time::Duration::from_secs(60) {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let status = status_once(&c, |s| s.contains("REFRESH MATERIALIZED VIEW"));
     assert!(status.contains("REFRESH MATERIALIZED VIEW public.mv"), "{status}");
     c.psql("app", "REFRESH MATERIALIZED VIEW mv");
     c.wait_reencrypted("app");
