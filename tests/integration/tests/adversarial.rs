@@ -660,6 +660,12 @@ fn a_standby_serves_roles_that_are_not_superusers() {
          INSERT INTO t SELECT g, 'secret ' || g FROM generate_series(1, 100) g; \
          SELECT register_blind_index('t', 's'); CREATE INDEX t_bidx ON t (blind_index(s)); GRANT SELECT ON t TO rita, nora",
     );
+    // mallory's look-alikes, replicated to the standby like everything else.
+    primary.psql("app", &format!("{LOG_TABLE} CREATE ROLE mallory LOGIN; GRANT CREATE ON SCHEMA public TO mallory"));
+    {
+        let mut m = primary.connect_as(Transport::Unix, "app", "mallory");
+        ok(m.batch_execute(&hostile_objects("public", "mallory")), "mallory's look-alikes");
+    }
     let digest_sql = "SELECT count(*) || ':' || md5(string_agg(decrypt(s), ',' ORDER BY id)) FROM t";
     let expected = primary.psql("app", digest_sql).trim().to_owned();
 
@@ -711,6 +717,20 @@ fn a_standby_serves_roles_that_are_not_superusers() {
     // And again, in a later transaction of the reader's session.
     let again: String = ok_clean(rita.query_one("SELECT decrypt(s) FROM t WHERE id = 4", &[]), "rita: decrypt, fourth transaction").get(0);
     assert_eq!(again, "secret 4");
+
+    // With mallory's look-alikes first on the search_path, on the standby: what the extension
+    // runs on its own behalf (the keyring and registration reads, as the extension's owner)
+    // never runs them; only the callers' own queries may.
+    for who in ["nora", "rita", "mallory"] {
+        let mut s = session(&standby, "app", who, "public, pg_catalog");
+        assert_shadowed(&mut s, "public", who);
+        let active: bool = ok_clean(s.query_one("SELECT public.is_data_encryption_active()", &[]), &format!("{who}: is_data_encryption_active() with look-alikes")).get(0);
+        assert!(active);
+        let _: Vec<u8> = ok_clean(s.query_one("SELECT public.blind_index('secret 5', 'public.t', 's')", &[]), &format!("{who}: lookup with look-alikes")).get(0);
+    }
+    for who in probes(&standby) {
+        assert!(["nora", "rita", "mallory"].contains(&who.as_str()), "hostile code ran on the standby as {who}");
+    }
 }
 
 /// 5. Locks an ordinary role can take from SQL do not stop key changes, index key rotations or

@@ -214,3 +214,31 @@ fn drop_and_create_extension_keep_the_key_as_pg_restore_clean_does() {
     assert_eq!(c.psql("app", "SELECT retrieve_data_encryption_key()").trim(), key);
     reads_back_after_restart(&c, &digest);
 }
+
+#[test]
+fn the_none_provider_never_commits_a_key_the_shared_cache_cannot_hold() {
+    // With provider "none" a key lives only in the shared cache (64 slots). The 65th database
+    // is refused before anything commits; a dropped database's slot is then reused.
+    let mut conf = KDF.to_vec();
+    conf.push("pg_cellcrypt.key_provider = none");
+    let c = Cluster::start("cache", &conf);
+    c.createdb("tmpl");
+    for i in 1..=64 {
+        c.psql("postgres", &format!("CREATE DATABASE d{i} TEMPLATE tmpl"));
+        let out = c.psql_raw(&format!("d{i}"), "CREATE EXTENSION pg_cellcrypt");
+        assert!(out.status.success(), "d{i}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    c.psql("postgres", "CREATE DATABASE d65 TEMPLATE tmpl");
+    let mut s = c.connect(Transport::Unix, "d65");
+    let e = db_error(s.batch_execute("CREATE EXTENSION pg_cellcrypt"));
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_RESOURCES, "{}", e.message());
+    drop(s);
+    // Every database that has a key still has it, readable from a fresh session.
+    c.psql("d1", "CREATE TABLE t (id int, s encrypted_text); INSERT INTO t VALUES (1, 'kept')");
+    assert_eq!(c.psql("d1", "SELECT decrypt(s) FROM t").trim(), "kept");
+    // A dropped database's slot goes to the next database that needs one.
+    c.psql("postgres", "DROP DATABASE d64");
+    c.psql("d65", "CREATE EXTENSION pg_cellcrypt; CREATE TABLE t (id int, s encrypted_text); INSERT INTO t VALUES (1, 'new')");
+    assert_eq!(c.psql("d65", "SELECT decrypt(s) FROM t").trim(), "new");
+    assert_eq!(c.psql("d1", "SELECT decrypt(s) FROM t").trim(), "kept");
+}
