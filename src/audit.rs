@@ -12,7 +12,9 @@
 //! built by this extension. Administrators read it through the `data_encryption_audit` view;
 //! PUBLIC cannot. Lines are tab-separated, with `\t`, `\n` and `\\` escaped.
 
+use crate::backend_local::BackendLocal;
 use pgrx::prelude::*;
+use std::cell::RefCell;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -54,11 +56,32 @@ fn unescape(s: &str) -> String {
     out
 }
 
+/// A role's name. Looked up only inside a transaction (an event is also recorded from the
+/// commit and abort callbacks, where catalogs must not be read): names found are remembered, so
+/// those records still name the roles the transaction's own records named.
 fn role_name(oid: pg_sys::Oid) -> String {
-    // SAFETY: GetUserNameFromId with noerr returns NULL for a dropped role.
+    static NAMES: BackendLocal<RefCell<Vec<(pg_sys::Oid, String)>>> = BackendLocal::new(RefCell::new(Vec::new()));
+    // SAFETY: a backend state check; GetUserNameFromId with noerr returns NULL for a dropped role.
     unsafe {
+        if !pg_sys::IsTransactionState() {
+            return NAMES
+                .with(|n| n.borrow().iter().find(|(o, _)| *o == oid).map(|(_, n)| n.clone()))
+                .unwrap_or_else(|| format!("role {}", oid.to_u32()));
+        }
         let p = pg_sys::GetUserNameFromId(oid, true);
-        if p.is_null() { format!("role {}", oid.to_u32()) } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
+        if p.is_null() {
+            return format!("role {}", oid.to_u32());
+        }
+        let name = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        NAMES.with(|n| {
+            let mut n = n.borrow_mut();
+            n.retain(|(o, _)| *o != oid);
+            if n.len() >= 16 {
+                n.remove(0);
+            }
+            n.push((oid, name.clone()));
+        });
+        name
     }
 }
 

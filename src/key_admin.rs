@@ -123,7 +123,9 @@ fn write_key_file(entries: &KeyFile) -> Result<(), String> {
 
 /// The transaction committed: announce the new key. Must not raise (the commit is done).
 fn commit_effects(p: Stage) {
-    if p.forget {
+    // Publishing overwrites this database's slot in place: forgetting first would free it for
+    // another database between the two steps, and the key would then have no slot.
+    if p.forget && p.publish.is_none() {
         key_cache::forget();
     }
     if let Some((version, master, text)) = &p.publish {
@@ -239,36 +241,35 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         return pg_sys::Datum::from(false);
     }
     let provider = providers::current();
-    // With the `file` provider, a key file this database already has is kept, never
-    // overwritten: it is what a DROP and CREATE EXTENSION (as `pg_restore --clean` runs them)
-    // finds, and the keyring restored next names that key. Its newest version becomes current.
-    let kept = match provider {
-        KeyProvider::File => providers::file::read_all()
-            .unwrap_or_default()
-            .into_iter()
-            .max_by_key(|(v, _)| *v)
-            .and_then(|(v, text)| AdminKey::parse(&text).ok().map(|k| (v, k))),
-        _ => None,
+    // With the `file` provider, a key file this database already has keeps every line: it is
+    // what a DROP and CREATE EXTENSION (as `pg_restore --clean` runs them) finds, and the keyring
+    // restored next names one of its versions. The new key is a fresh one, with a version above
+    // all of them, never one found in the file (a database that reuses a dropped database's OID
+    // must not adopt its key).
+    let existing = match provider {
+        KeyProvider::File => providers::file::read_all().unwrap_or_else(|e| key_io_error(e)),
+        _ => Vec::new(),
     };
-    let kept_existing = kept.is_some();
-    let (version, key) = match (provider, kept) {
-        (_, Some((v, k))) => (v, k),
-        (KeyProvider::Command, None) => {
+    let version = existing.iter().map(|(v, _)| *v).max().map_or(1, |v| v + 1);
+    let key = match provider {
+        KeyProvider::Command => {
             let text = providers::command::run().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
-            (1, AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}"))))
+            AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}")))
         }
-        _ => (1, AdminKey::generate()),
+        _ => AdminKey::generate(),
     };
     let (salt, params, master) = derive_new(&key);
     match provider {
-        KeyProvider::File if kept_existing => {
-            pgrx::notice!("pg_cellcrypt: this database's key file already holds key version {version}; it is kept and is the current key");
-        }
         KeyProvider::File => {
-            let previous = providers::file::read_all().unwrap_or_default();
-            write_key_file(&vec![(1, Zeroizing::new(key.as_str().to_owned()))]).unwrap_or_else(|e| key_io_error(e));
+            write_key_file(&with_key(existing.clone(), version, key.as_str())).unwrap_or_else(|e| key_io_error(e));
+            if !existing.is_empty() {
+                pgrx::warning!(
+                    "pg_cellcrypt: this database's key file already held key versions up to {}; they are kept, and the new key is version {version}",
+                    version - 1
+                );
+            }
             with_pending(|p| {
-                p.file_after_abort.get_or_insert(previous);
+                p.file_after_abort.get_or_insert(existing);
             });
         }
         KeyProvider::None => {
@@ -376,6 +377,11 @@ fn set_data_encryption_key(key: &str) -> String {
             weak_key(&e.to_string())
         }
     };
+    // A key is kept as one line of text (the key file, a KMS entry): no control characters.
+    if new_key.as_str().chars().any(char::is_control) {
+        policy::refuse(F, "key with a control character");
+        weak_key("it contains a control character (a line break, a tab)");
+    }
     policy::refuse_while_reencrypting(F);
     policy::lock_or_refuse(policy::Lock::KeyChange, F);
     let rows = keys::read_key_rows();
@@ -413,7 +419,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     let mut message = format!("restored: key version {} (fingerprint {fp}) is loaded", current.version);
     match providers::current() {
         KeyProvider::File => {
-            let previous = providers::file::read_all().unwrap_or_default();
+            let previous = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
             write_key_file(&with_key(previous.clone(), current.version, key.as_str())).unwrap_or_else(|e| key_io_error(e));
             with_pending(|p| {
                 p.file_after_abort.get_or_insert(previous);
@@ -609,13 +615,19 @@ DECLARE
     cmd record;
     found text;
 BEGIN
+    -- The extension's types, found through pg_depend's index on the referenced object.
     SELECT array_agg(d.objid) INTO ours
-      FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
-     WHERE e.extname = 'pg_cellcrypt' AND d.classid = 'pg_type'::regclass AND d.deptype = 'e';
+      FROM pg_depend d
+     WHERE d.refclassid = 'pg_extension'::regclass
+       AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_cellcrypt')
+       AND d.classid = 'pg_type'::regclass AND d.deptype = 'e';
     IF ours IS NULL THEN
         RETURN;
     END IF;
-    pattern := ':consttype (' || array_to_string(ours, '|') || ') [^{}]*:constisnull false';
+    -- Constants of the types themselves, or of their arrays.
+    SELECT '(' || string_agg(o::text, '|') || ')' INTO pattern
+      FROM (SELECT unnest(ours) AS o UNION SELECT typarray FROM pg_type WHERE oid = ANY (ours)) t;
+    pattern := ':consttype ' || pattern || ' [^{}]*:constisnull false';
     FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         SELECT string_agg(what, ', ') INTO found FROM (
             SELECT format('the default of column %I of %s', a.attname, c.adrelid::regclass) AS what
@@ -657,6 +669,22 @@ BEGIN
             UNION ALL
             SELECT format('type %s', t.oid::regtype) FROM pg_type t
              WHERE t.oid = cmd.objid AND NOT t.oid = ANY (ours) AND cellcrypt._holds_encrypted(t.oid, ours)
+            UNION ALL
+            -- A composite type (ALTER TYPE ... ADD ATTRIBUTE) is a pg_class entry.
+            SELECT format('type %s', c.reltype::regtype) FROM pg_class c
+             WHERE c.oid = cmd.objid AND c.relkind = 'c' AND cellcrypt._holds_encrypted(c.reltype, ours)
+            UNION ALL
+            -- A table given encrypted columns while its row type (or an array of it) is a column
+            -- of another table, a domain's base or a composite's attribute: those values would
+            -- nest encrypted ones.
+            SELECT format('table %s, whose row type is used by %s', c.oid::regclass, pg_describe_object(d.classid, d.objid, d.objsubid))
+              FROM pg_class c
+              JOIN pg_type r ON r.oid = c.reltype
+              JOIN pg_depend d ON d.refclassid = 'pg_type'::regclass AND d.refobjid IN (r.oid, r.typarray) AND d.deptype = 'n'
+                              AND ((d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.objid <> c.oid) OR d.classid = 'pg_type'::regclass)
+             WHERE c.oid = cmd.objid AND c.relkind <> 'c'
+               AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                                       AND cellcrypt._holds_encrypted(a.atttypid, ours))
         ) s;
         IF found IS NOT NULL THEN
             RAISE EXCEPTION 'pg_cellcrypt: % would hold encrypted values inside an array, a domain, a range or a composite type', found

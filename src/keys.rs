@@ -28,7 +28,7 @@ use std::rc::Rc;
 /// The keys this backend holds for its database.
 pub struct LoadedKeys {
     keyring_relid: pg_sys::Oid,
-    generation: u64,
+    pub(crate) generation: u64,
     pub ring: Keyring,
     pub current_version: u32,
     /// The current master key (to wrap older data keys during a change).
@@ -157,7 +157,9 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
     }
     let generation = key_cache::generation();
     if let Some(k) = LOADED.with(|l| l.borrow().clone()) {
-        if k.generation == generation {
+        // Keys this transaction staged stay in use until it ends, whatever other databases'
+        // changes do to the shared generation (`keystate.rs` drops them at the end).
+        if k.generation == generation || k.generation == STAGED {
             return Ok(k);
         }
     }
@@ -170,6 +172,9 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
 pub fn is_active() -> bool {
     try_loaded().map(|k| k.ring.current().is_some()).unwrap_or(false)
 }
+
+/// The generation of keys a transaction staged for itself: never stale until it ends.
+pub const STAGED: u64 = u64::MAX;
 
 /// Sets this backend's keys (`keystate.rs` installs the keys a transaction staged, and puts
 /// back the enclosing ones when a subtransaction rolls back).

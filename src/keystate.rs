@@ -102,7 +102,8 @@ pub fn stage<R>(f: impl FnOnce(&mut Stage) -> R) -> R {
 }
 
 /// Makes `k` the keys of this session from now on, as staged by the current (sub)transaction.
-pub fn install_keys(k: LoadedKeys) {
+pub fn install_keys(mut k: LoadedKeys) {
+    k.generation = keys::STAGED;
     let k = Rc::new(k);
     keys::set_loaded(Some(k.clone()));
     stage(|s| s.keys = Some(k));
@@ -114,9 +115,10 @@ pub fn install_keys(k: LoadedKeys) {
 /// such a value is encrypted again under the current key.
 pub fn announce_at_commit() {
     stage(|s| s.announce = true);
-    // SAFETY: queues a shared invalidation of every relcache entry (and so of every cached
-    // plan), sent only if this transaction commits.
-    unsafe { pg_sys::CacheInvalidateRelcacheAll() };
+    // SAFETY: queues a flush of the pg_namespace catalog caches, sent only if this transaction
+    // commits; every backend's plan cache resets on it (PlanCacheSysCallback), including plans
+    // that reference no table, which a relcache invalidation would not reach.
+    unsafe { pg_sys::CacheInvalidateCatalog(pg_sys::NamespaceRelationId) };
 }
 
 /// True when the open transaction staged anything.
@@ -170,6 +172,10 @@ fn restore_enclosing_keys() {
 /// The transaction committed: every stage merged into one, whose commit effects the caller runs.
 pub fn transaction_committed() -> Option<Stage> {
     let stages = STACK.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    // The staged keys served this transaction only: the next one loads the committed state.
+    if stages.iter().any(|t| t.keys.is_some()) {
+        keys::invalidate();
+    }
     let mut it = stages.into_iter();
     let mut merged = it.next()?;
     for child in it {

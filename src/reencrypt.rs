@@ -71,13 +71,10 @@ pub fn create_jobs(version: u32) -> i64 {
     store::create_jobs(version)
 }
 
-/// `<schema>.encryption_key_version(c) <> v OR ...`, every function and operator qualified.
-fn filter(schema: &str, columns: &[String], version: i32) -> String {
-    columns
-        .iter()
-        .map(|c| format!("{schema}.encryption_key_version({c}) OPERATOR(pg_catalog.<>) {version}"))
-        .collect::<Vec<_>>()
-        .join(" OR ")
+/// `cellcrypt.key_version(c) <> v OR ...`: every function and operator in a schema only the
+/// extension's owner controls.
+fn filter(columns: &[String], version: i32) -> String {
+    columns.iter().map(|c| format!("cellcrypt.key_version({c}) OPERATOR(pg_catalog.<>) {version}")).collect::<Vec<_>>().join(" OR ")
 }
 
 /// True while this backend runs a re-encryption batch: `cellcrypt.reencrypt()` works only then.
@@ -182,7 +179,7 @@ fn process(job: store::Job) -> Result<String, String> {
     let set = job.columns.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
     // Only rows with a value under an older key: without this test, rows whose new versions
     // this pass wrote into free space further on in the table would be rewritten again.
-    let condition = filter(&store::extension_schema(), &job.columns, job.version);
+    let condition = filter(&job.columns, job.version);
     let update = format!(
         "UPDATE ONLY {name} SET {set} WHERE ctid OPERATOR(pg_catalog.>=) '({},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid AND ({condition})",
         job.next_block
@@ -305,30 +302,27 @@ fn finish() -> Result<String, String> {
     if !store::lock_all_jobs()? {
         return Ok("busy".into());
     }
-    // Sessions whose transaction began before the work started may still seal with the old
-    // key; wait for them before the last verification.
-    if store::transactions_older_than_jobs()? > 0 {
-        return Ok("waiting".into());
-    }
     // Tables created, or given encrypted columns, while the work ran get a pass too.
     let current = keys::loaded().current_version;
     if store::create_jobs(current) > 0 {
         return Ok("verify".into());
     }
-    // What this runner cannot read (other sessions' temporary tables) or what may still commit
-    // old-key values (prepared transactions) keeps the older keys alive until it is gone.
+    // What may still hold or write values under an older key keeps the older keys alive until
+    // it is gone: other sessions' temporary tables (no one else can read them), prepared
+    // transactions, and transactions that began before the last table's pass ended (their
+    // snapshots may still see old-key values and copy them anywhere). Then every table is
+    // counted once more.
     if let Some(reason) = store::retirement_waits_for()? {
         store::jobs_note(format!("waiting: {reason} may hold values under an older key"))?;
         return Ok("waiting".into());
     }
-    let schema = store::extension_schema();
     let mut again = false;
     for (relid, version, columns) in store::live_jobs()? {
         // Counted as the table's owner, with row_security off: every row is seen or the count
         // fails (and the work says so), never a filtered view of the table.
         let Some(table) = store::lock_user_table(relid, pg_sys::AccessShareLock) else { continue };
         // ONLY: an inheritance child is a job of its own, done as its own owner.
-        let count = format!("SELECT pg_catalog.count(*) FROM ONLY {} WHERE {}", table.name, filter(&schema, &columns, version));
+        let count = format!("SELECT pg_catalog.count(*) FROM ONLY {} WHERE {}", table.name, filter(&columns, version));
         let left = match catching_errors(|| store::as_table_owner(&table, || Spi::get_one::<i64>(&count))) {
             Ok(r) => r.map_err(spi_err("could not verify a table"))?.unwrap_or(0),
             Err(message) => {
@@ -348,7 +342,7 @@ fn finish() -> Result<String, String> {
     // refreshed (from its re-encrypted tables) before the older keys go.
     for (relid, columns) in store::materialized_views()? {
         let Some(view) = store::lock_user_relation(relid, pg_sys::AccessShareLock, b'm') else { continue };
-        let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", view.name, filter(&schema, &columns, current as i32));
+        let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", view.name, filter(&columns, current as i32));
         let left = match catching_errors(|| store::as_table_owner(&view, || Spi::get_one::<i64>(&count))) {
             Ok(r) => r.map_err(spi_err("could not verify a materialized view"))?.unwrap_or(0),
             Err(message) => {
@@ -411,6 +405,8 @@ CREATE TABLE cellcrypt.reencryption_job (
     created_by   name NOT NULL DEFAULT session_user,
     started_at   timestamptz,
     updated_at   timestamptz,
+    -- when the table's last pass ended: transactions older than every table's are waited for
+    verified_at  timestamptz,
     last_error   text
 );
 COMMENT ON TABLE cellcrypt.reencryption_job IS 'Re-encryption work left after a key change; see the view data_encryption_progress';
@@ -449,15 +445,21 @@ COMMENT ON VIEW @extschema@.data_encryption_progress IS 'Per table: re-encryptio
 -- The procedure commits between batches, so it cannot pin its search_path with a SET clause:
 -- it runs with the caller's, and names nothing through it (every function and operator is
 -- qualified, with argument types that match exactly). The reports come from functions that
--- pin theirs.
+-- pin theirs and read only the extension's own schema, which only its owner can rename.
 CREATE FUNCTION cellcrypt._reencryption_totals(OUT done pg_catalog.int8, OUT remaining pg_catalog.int8) LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(sum(cells_done), 0)::int8, coalesce(sum(cells_remaining), 0)::int8 FROM @extschema@.data_encryption_progress
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(sum(j.cells_done), 0)::int8,
+           coalesce(sum(CASE WHEN j.state = 'verified' THEN 0
+                             ELSE round(greatest(c.reltuples, 0) * array_length(j.columns, 1)
+                                        * (1 - least(1, j.next_block::float8 / greatest(j.total_blocks, 1)))) END), 0)::int8
+    FROM cellcrypt.reencryption_job j JOIN pg_class c ON c.oid = j.relid
 $$;
 CREATE FUNCTION cellcrypt._reencryption_blocked_by() RETURNS text LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp AS $$
-    SELECT string_agg(DISTINCT blocked_by, '; ') FROM @extschema@.data_encryption_progress WHERE blocked_by IS NOT NULL
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT string_agg(DISTINCT last_error, '; ') FROM cellcrypt.reencryption_job WHERE last_error IS NOT NULL
 $$;
+REVOKE ALL ON FUNCTION cellcrypt._reencryption_totals(), cellcrypt._reencryption_blocked_by() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cellcrypt._reencryption_totals(), cellcrypt._reencryption_blocked_by() TO data_encryption_admin;
 CREATE FUNCTION cellcrypt._reencryption_report(step text) RETURNS text LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp AS $$
     SELECT format('pg_cellcrypt re-encryption: %s (%s values re-encrypted, about %s remaining)',

@@ -28,7 +28,7 @@ use crate::errors;
 use cellcrypt_core::kdf::KdfParams;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::CStr;
 
 /// The search_path every borrowed identity runs with.
@@ -170,6 +170,12 @@ pub fn lock_user_relation(relid: pg_sys::Oid, lockmode: u32, relkind: u8) -> Opt
     // SAFETY: try_relation_open takes the lock and returns NULL for a dropped relation; the
     // relation is closed with NoLock, keeping the lock.
     unsafe {
+        // The table is named by its schema-qualified name in the statements that follow, and
+        // ALTER SCHEMA ... RENAME takes no lock on the schema: it updates pg_namespace under
+        // RowExclusiveLock, which this blocks until the end of the transaction. So the name
+        // means this table until then (a rename or a move of the table itself waits for the
+        // table's lock).
+        pg_sys::LockRelationOid(pg_sys::NamespaceRelationId, pg_sys::ShareLock as pg_sys::LOCKMODE);
         let rel = pg_sys::try_relation_open(relid, lockmode as pg_sys::LOCKMODE);
         if rel.is_null() {
             return None;
@@ -503,8 +509,7 @@ pub fn create_jobs(version: u32) -> i64 {
 
 /// What keeps older key versions from being retired although every job is done, if anything:
 /// temporary tables with encrypted columns (other sessions' data, which no one else can read),
-/// prepared transactions that began before the work, and materialized views holding values
-/// under an older key.
+/// prepared transactions, and transactions that began before the last table's pass ended.
 pub fn retirement_waits_for() -> Result<Option<String>, String> {
     let temp = format!(
         "SELECT pg_catalog.string_agg(pg_catalog.format('temporary table %s', t.oid::pg_catalog.regclass), ', ') FROM ({}) t(oid, columns) \
@@ -515,13 +520,21 @@ pub fn retirement_waits_for() -> Result<Option<String>, String> {
         let temp = Spi::get_one_with_args::<String>(&temp, &[0.into(), extension_oid().into()])?;
         let prepared = Spi::get_one::<String>(
             "SELECT pg_catalog.string_agg(pg_catalog.format('prepared transaction %L', gid), ', ') FROM pg_catalog.pg_prepared_xacts \
-             WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database() \
-               AND prepared OPERATOR(pg_catalog.<) (SELECT pg_catalog.max(started_at) FROM cellcrypt.reencryption_job)",
+             WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
         )?;
-        Ok::<_, pgrx::spi::Error>(match (temp, prepared) {
-            (Some(t), Some(p)) => Some(format!("{t}, {p}")),
-            (t, p) => t.or(p),
-        })
+        let older = Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.format('transactions of processes %s, which began before the last table''s pass ended,', \
+                    pg_catalog.string_agg(pid::pg_catalog.text, ', ' ORDER BY pid)) \
+             FROM pg_catalog.pg_stat_activity \
+             WHERE datid OPERATOR(pg_catalog.=) $1 AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL \
+               AND backend_type OPERATOR(pg_catalog.<>) 'autovacuum worker' \
+               AND xact_start OPERATOR(pg_catalog.<) (SELECT pg_catalog.max(verified_at) FROM cellcrypt.reencryption_job) \
+             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0",
+            // SAFETY: a backend global.
+            &[unsafe { pg_sys::MyDatabaseId }.into()],
+        )?;
+        let reasons: Vec<String> = [temp, prepared, older].into_iter().flatten().collect();
+        Ok::<_, pgrx::spi::Error>((!reasons.is_empty()).then(|| reasons.join(", ")))
     })
     .map_err(job_error("could not check what retirement waits for"))
 }
@@ -660,7 +673,8 @@ pub fn drop_job(relid: pg_sys::Oid) -> Result<(), String> {
 pub fn job_verified(relid: pg_sys::Oid) -> Result<(), String> {
     as_extension_owner(|| {
         Spi::run_with_args(
-            "UPDATE cellcrypt.reencryption_job SET state = 'verified', updated_at = pg_catalog.clock_timestamp() WHERE relid OPERATOR(pg_catalog.=) $1",
+            "UPDATE cellcrypt.reencryption_job SET state = 'verified', updated_at = pg_catalog.clock_timestamp(), verified_at = pg_catalog.clock_timestamp() \
+             WHERE relid OPERATOR(pg_catalog.=) $1",
             &[relid.into()],
         )
     })
@@ -722,23 +736,6 @@ pub fn lock_all_jobs() -> Result<bool, String> {
     .map_err(job_error("could not lock the re-encryption jobs"))
 }
 
-/// How many other sessions of this database run a transaction that began before the work
-/// started (they may still seal with the old key).
-pub fn transactions_older_than_jobs() -> Result<i64, String> {
-    as_extension_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
-             WHERE datid OPERATOR(pg_catalog.=) $1 AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL \
-               AND backend_type OPERATOR(pg_catalog.<>) 'autovacuum worker' \
-               AND xact_start OPERATOR(pg_catalog.<) (SELECT pg_catalog.min(started_at) FROM cellcrypt.reencryption_job)",
-            // SAFETY: a backend global.
-            &[unsafe { pg_sys::MyDatabaseId }.into()],
-        )
-    })
-    .map(|n| n.unwrap_or(0))
-    .map_err(job_error("could not check running transactions"))
-}
-
 /// The jobs of tables that still exist: (relid, version, columns).
 pub fn live_jobs() -> Result<Vec<(pg_sys::Oid, i32, Vec<String>)>, String> {
     as_extension_owner(|| {
@@ -788,28 +785,16 @@ pub fn retire_previous_keys() -> Result<(Option<String>, Option<i64>, Option<i32
     r.map_err(job_error("could not retire old keys"))
 }
 
-/// The extension's schema, quoted. Read once per backend and extension: the extension is not
-/// relocatable, so only a DROP and CREATE EXTENSION moves it, and that gives it a new OID.
+/// The extension's schema, quoted, as it is named now (call it with the pg_namespace lock of
+/// [`lock_user_relation`] held, so that the name stays this schema's until the end of the
+/// transaction).
 pub fn extension_schema() -> String {
-    static CACHE: BackendLocal<RefCell<Option<(pg_sys::Oid, String)>>> = BackendLocal::new(RefCell::new(None));
-    let ext = extension_oid();
-    CACHE.with(|c| {
-        if let Some((oid, schema)) = c.borrow().as_ref() {
-            if *oid == ext {
-                return schema.clone();
-            }
+    // SAFETY: a syscache lookup of the extension's namespace; NULL for none.
+    unsafe {
+        let name = pg_sys::get_namespace_name(extension_namespace());
+        if name.is_null() {
+            errors::raise(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, "pg_cellcrypt's schema does not exist", None, None)
         }
-        let schema: String = as_extension_owner(|| {
-            Spi::get_one_with_args::<String>(
-                "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
-                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace WHERE e.oid OPERATOR(pg_catalog.=) $1",
-                &[ext.into()],
-            )
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| "public".into());
-        *c.borrow_mut() = Some((ext, schema.clone()));
-        schema
-    })
+        CStr::from_ptr(pg_sys::quote_identifier(name)).to_string_lossy().into_owned()
+    }
 }

@@ -667,6 +667,19 @@ macro_rules! kind_functions {
     };
 }
 
+// The assignment casts from integers: the value converted as the plain cast would, then sealed.
+v1_function!(pg_finfo_cellcrypt_int4_to_encrypted_int8, cellcrypt_int4_to_encrypted_int8, |fcinfo| {
+    seal(Kind::Int8, &i64::from(arg(fcinfo, 0).value() as i32).to_be_bytes())
+});
+v1_function!(pg_finfo_cellcrypt_int8_to_encrypted_numeric, cellcrypt_int8_to_encrypted_numeric, |fcinfo| {
+    let n = pg_sys::OidFunctionCall1Coll(Oid::from(pg_sys::F_NUMERIC_INT8), pg_sys::InvalidOid, arg(fcinfo, 0));
+    encrypt_plain_datum(Kind::Numeric, n)
+});
+v1_function!(pg_finfo_cellcrypt_int4_to_encrypted_numeric, cellcrypt_int4_to_encrypted_numeric, |fcinfo| {
+    let n = pg_sys::OidFunctionCall1Coll(Oid::from(pg_sys::F_NUMERIC_INT4), pg_sys::InvalidOid, arg(fcinfo, 0));
+    encrypt_plain_datum(Kind::Numeric, n)
+});
+
 kind_functions!(Kind::Text, pg_finfo_cellcrypt_encrypt_text, cellcrypt_encrypt_text, pg_finfo_cellcrypt_decrypt_text, cellcrypt_decrypt_text);
 kind_functions!(Kind::Bytea, pg_finfo_cellcrypt_encrypt_bytea, cellcrypt_encrypt_bytea, pg_finfo_cellcrypt_decrypt_bytea, cellcrypt_decrypt_bytea);
 kind_functions!(Kind::Jsonb, pg_finfo_cellcrypt_encrypt_jsonb, cellcrypt_encrypt_jsonb, pg_finfo_cellcrypt_decrypt_jsonb, cellcrypt_decrypt_jsonb);
@@ -717,6 +730,10 @@ BEGIN
         -- Key changes: which key version a value is under (public), and re-sealing (internal).
         EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.encryption_key_version(@extschema@.%1$I) RETURNS integer
                           AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
+        -- The same, under a name only the extension's owner controls: what re-encryption's
+        -- statements call (a schema other roles may create in, or rename, is never named there).
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.key_version(@extschema@.%1$I) RETURNS integer
+                          AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
                           AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE$f$, t);
         -- cellcrypt.reencrypt() refuses to run outside a re-encryption batch (reencrypt.rs); the
@@ -741,13 +758,14 @@ CREATE CAST (@extschema@.encrypted_text AS @extschema@.encrypted_text)
 -- JDBC's setString sends varchar.
 CREATE CAST (varchar AS @extschema@.encrypted_text) WITH FUNCTION @extschema@.encrypt(text) AS ASSIGNMENT;
 
--- Integer literals and parameters go where their plain types would take them.
+-- Integer literals and parameters go where their plain types would take them. C functions:
+-- a SQL body would be parsed at each call with the caller's search_path.
 CREATE FUNCTION cellcrypt.int4_to_encrypted_int8(integer) RETURNS @extschema@.encrypted_int8
-    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE AS $$ SELECT @extschema@.encrypt($1::int8) $$;
+    AS 'MODULE_PATHNAME', 'cellcrypt_int4_to_encrypted_int8' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
 CREATE FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) RETURNS @extschema@.encrypted_numeric
-    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE AS $$ SELECT @extschema@.encrypt($1::numeric) $$;
+    AS 'MODULE_PATHNAME', 'cellcrypt_int8_to_encrypted_numeric' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
 CREATE FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) RETURNS @extschema@.encrypted_numeric
-    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE AS $$ SELECT @extschema@.encrypt($1::numeric) $$;
+    AS 'MODULE_PATHNAME', 'cellcrypt_int4_to_encrypted_numeric' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
 CREATE CAST (integer AS @extschema@.encrypted_int8) WITH FUNCTION cellcrypt.int4_to_encrypted_int8(integer) AS ASSIGNMENT;
 CREATE CAST (bigint AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) AS ASSIGNMENT;
 CREATE CAST (integer AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) AS ASSIGNMENT;
