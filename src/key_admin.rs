@@ -251,12 +251,16 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         _ => Vec::new(),
     };
     let version = existing.iter().map(|(v, _)| *v).max().map_or(1, |v| v + 1);
-    let key = match provider {
+    let (version, key) = match provider {
+        // Bring your own key: the first key is the one the command prints (its newest version,
+        // when it prints the key file format).
         KeyProvider::Command => {
-            let text = providers::command::run().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
-            AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}")))
+            let printed = providers::command::keys().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
+            let (v, text) = printed.into_iter().max_by_key(|(v, _)| *v).unwrap_or((None, Zeroizing::new(String::new())));
+            let key = AdminKey::parse(&text).unwrap_or_else(|e| weak_key(&format!("the key printed by pg_cellcrypt.key_command is not usable: {e}")));
+            (v.unwrap_or(version), key)
         }
-        _ => AdminKey::generate(),
+        _ => (version, AdminKey::generate()),
     };
     let (salt, params, master) = derive_new(&key);
     match provider {
@@ -450,6 +454,26 @@ fn command_update_warning(version: u32, fp: &str) -> String {
     )
 }
 
+/// Refuses a change (55000) unless `pg_cellcrypt.key_command` already prints the new key, as
+/// version `new_version` in the key file format (next to the current one) or as its one key.
+fn require_command_prints(new_key: &AdminKey, current_version: u32, new_version: u32) {
+    let printed = providers::command::keys().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
+    let has_new = printed
+        .iter()
+        .any(|(v, text)| v.is_none_or(|v| v == new_version) && AdminKey::parse(text).is_ok_and(|k| k.same_as(new_key)));
+    if !has_new {
+        policy::refuse("set_data_encryption_key()", "pg_cellcrypt.key_command does not print the new key yet");
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_cellcrypt.key_command does not print the new key yet; nothing was changed",
+            Some("With the command provider the new key must be in the key source before the change commits: a restart right after the change would otherwise find no key for what was written under it."),
+            Some(&format!(
+                "Add the new key to the key source first, so that the command prints the key file format: a first line starting with \"# pg_cellcrypt\", then \"{current_version} <the current key>\" and \"{new_version} <the new key>\". Then call set_data_encryption_key again."
+            )),
+        )
+    }
+}
+
 fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, new_key: AdminKey) -> String {
     let current = &rows[0];
     // Setting the key that is already current changes nothing. The current key's text is at
@@ -473,6 +497,11 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             Some("A value's envelope has 16 bits for its key version."),
             Some("Move the data into a new database (CREATE EXTENSION gives it key version 1)."),
         )
+    }
+    // With the command provider the key must be in the key source before the change commits:
+    // a restart right after it would otherwise find no key for the data written since.
+    if providers::current() == KeyProvider::Command {
+        require_command_prints(&new_key, current.version, new_version);
     }
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();
@@ -499,10 +528,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
                 p.file_after_abort.get_or_insert(before);
             });
         }
-        KeyProvider::Command => {
-            pgrx::warning!("{}", command_update_warning(new_version, &fp));
-            notes.push("pg_cellcrypt.key_command must print the new key before the next restart".to_owned());
-        }
+        KeyProvider::Command => {}
         KeyProvider::None => {
             reserve_cache_slot();
             notes.push("provider \"none\": back up the new key with retrieve_data_encryption_key()".to_owned());

@@ -5,7 +5,7 @@
 //! | provider | where the key is | after a restart | on a key change |
 //! |---|---|---|---|
 //! | `file` (default) | `<key_directory>/<system identifier>_<database oid>.key`, mode 0600 in a 0700 directory, written atomically and fsynced | read from the file, no manual step | the extension writes the new key |
-//! | `command` | printed by `pg_cellcrypt.key_command` (a KMS, Vault or HSM client) | the command is run, no manual step | the extension never writes through it: the administrator updates the key source, as the change's warning says |
+//! | `command` | printed by `pg_cellcrypt.key_command` (a KMS, Vault or HSM client): one bare key, or the key file's format | the command is run, no manual step | the extension never writes through it: the administrator adds the new key to the key source first, and the change is refused until the command prints it |
 //! | `none` | only in shared memory | must be restored with `set_data_encryption_key` | held in shared memory |
 //!
 //! Whatever the provider, a key is accepted only when it matches the fingerprint stored in the
@@ -41,7 +41,7 @@ pub fn name(p: KeyProvider) -> &'static str {
 pub fn read() -> Result<Vec<(Option<u32>, Zeroizing<String>)>, String> {
     match current() {
         KeyProvider::File => Ok(file::read_all()?.into_iter().map(|(v, k)| (Some(v), k)).collect()),
-        KeyProvider::Command => command::run().map(|k| vec![(None, k)]),
+        KeyProvider::Command => command::keys(),
         KeyProvider::None => Ok(Vec::new()),
     }
 }
@@ -65,18 +65,27 @@ pub mod file {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(format!("could not read key file \"{}\": {e}", p.display())),
         };
+        parse(&text).map_err(|()| format!("key file \"{}\" is malformed", p.display()))
+    }
+
+    /// The key file format: `<version> <key>` per line; blank lines and `#` comments skipped.
+    pub fn parse(text: &str) -> Result<Vec<(u32, Zeroizing<String>)>, ()> {
         let mut out = Vec::new();
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (v, k) = line.split_once(' ').ok_or_else(|| format!("key file \"{}\" is malformed", p.display()))?;
-            let v: u32 = v.parse().map_err(|_| format!("key file \"{}\" is malformed", p.display()))?;
+            let (v, k) = line.split_once(' ').ok_or(())?;
+            let v: u32 = v.parse().map_err(|_| ())?;
             out.push((v, Zeroizing::new(k.trim().to_owned())));
         }
         Ok(out)
     }
+
+    /// The first line the extension writes; a command's output that starts with it is read in
+    /// this format.
+    pub const HEADER: &str = "# pg_cellcrypt";
 
     /// Replaces the file's contents atomically and durably: temporary file, fsync, rename,
     /// fsync of the directory. A crash leaves either the old or the new file, never a mix.
@@ -89,7 +98,7 @@ pub mod file {
             .create(&dir)
             .map_err(|e| format!("could not create key directory \"{}\": {e}", dir.display()))?;
         let mut body = Zeroizing::new(String::from(
-            "# pg_cellcrypt data encryption key. Keep this file secret and back it up:\n# without it the encrypted data of this database cannot be read.\n",
+            "# pg_cellcrypt data encryption keys, one '<version> <key>' per line. Keep this file secret and back it up:\n# without it the encrypted data of this database cannot be read.\n",
         ));
         for (v, k) in entries {
             body.push_str(&format!("{v} {k}\n"));
@@ -116,6 +125,19 @@ pub mod command {
 
     /// How long the command may take.
     const TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// The keys the command prints: either one bare key (the current one), or, when its output
+    /// starts with a line beginning `# pg_cellcrypt`, the key file format (`<version> <key>` per
+    /// line), which can hold the current key and the next one while a change is made.
+    pub fn keys() -> Result<Vec<(Option<u32>, Zeroizing<String>)>, String> {
+        let out = run()?;
+        if out.starts_with(super::file::HEADER) {
+            let entries = super::file::parse(&out).map_err(|()| "pg_cellcrypt.key_command printed a malformed key list".to_owned())?;
+            Ok(entries.into_iter().map(|(v, k)| (Some(v), k)).collect())
+        } else {
+            Ok(vec![(None, out)])
+        }
+    }
 
     /// Runs `pg_cellcrypt.key_command` with `sh -c` and returns what it printed, trimmed. The
     /// command learns which key is wanted from its environment:

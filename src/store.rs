@@ -523,13 +523,13 @@ pub fn retirement_waits_for() -> Result<Option<String>, String> {
              WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
         )?;
         let older = Spi::get_one_with_args::<String>(
-            "SELECT pg_catalog.format('transactions of processes %s, which began before the last table''s pass ended,', \
-                    pg_catalog.string_agg(pid::pg_catalog.text, ', ' ORDER BY pid)) \
+            "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 THEN \
+                    pg_catalog.format('transactions of processes %s, which began before the last table''s pass ended,', \
+                    pg_catalog.string_agg(pid::pg_catalog.text, ', ' ORDER BY pid)) END \
              FROM pg_catalog.pg_stat_activity \
              WHERE datid OPERATOR(pg_catalog.=) $1 AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL \
                AND backend_type OPERATOR(pg_catalog.<>) 'autovacuum worker' \
-               AND xact_start OPERATOR(pg_catalog.<) (SELECT pg_catalog.max(verified_at) FROM cellcrypt.reencryption_job) \
-             HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 0",
+               AND xact_start OPERATOR(pg_catalog.<) (SELECT pg_catalog.max(verified_at) FROM cellcrypt.reencryption_job)",
             // SAFETY: a backend global.
             &[unsafe { pg_sys::MyDatabaseId }.into()],
         )?;

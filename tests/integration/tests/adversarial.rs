@@ -1553,3 +1553,130 @@ fn blind_index_column_ids_are_never_reused_after_a_rollback() {
     assert_eq!(here, there, "blind_index('ABC', 't3', 'c') in the session that rolled back t2's registration (id {t2_id}, 'lower') and in a new one (t3: id {t3_id}, 'exact')");
     assert_ne!(t3_id, t2_id, "t3 took the id of t2's rolled-back registration");
 }
+
+/// The schema the extension's objects are in now (the database owner may have renamed it).
+fn extension_schema(client: &mut Client) -> String {
+    one(
+        client,
+        "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n \
+         ON n.oid OPERATOR(pg_catalog.=) e.extnamespace WHERE e.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt'",
+    )
+}
+
+/// Mal's look-alike of a function the worker's SQL may name, `evil.<name>(public.encrypted_text)`:
+/// tries to make mal a superuser, reports who runs it, and answers 0 (no key version).
+fn escalating_lookalike(name: &str) -> String {
+    format!(
+        "CREATE FUNCTION evil.{name}(public.encrypted_text) RETURNS int LANGUAGE plpgsql AS $f$ \
+         BEGIN BEGIN EXECUTE 'ALTER ROLE mal SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END; \
+         RAISE WARNING 'cellcrypt-escalation-probe who=%', current_user; RETURN 0; END $f$;"
+    )
+}
+
+/// 17. The owner of a database (an ordinary role) swaps the extension's schema for one of her
+/// own while the worker re-encrypts a superuser's table: `public` becomes `real_public`, her
+/// schema of look-alikes becomes `public`. The worker's statements name only `cellcrypt.*` and
+/// `pg_catalog.*` (and it keeps schemas from being renamed while it names and runs a statement,
+/// so her rename may have to wait, or time out): none of her code runs as anyone but her, and
+/// the change completes with every value under the new key.
+#[test]
+fn a_database_owner_renaming_schemas_under_the_worker_gains_nothing() {
+    let c = start("adv-rename", &["pg_cellcrypt.reencrypt_batch_size = 100", "pg_cellcrypt.reencrypt_pause = '200ms'"]);
+    c.psql("postgres", &format!("CREATE ROLE mal LOGIN; {LOG_TABLE}"));
+    c.psql("postgres", "CREATE DATABASE esc OWNER mal");
+    c.psql(
+        "esc",
+        "CREATE EXTENSION pg_cellcrypt; CREATE TABLE public.secrets (id int PRIMARY KEY, c encrypted_text); \
+         INSERT INTO public.secrets SELECT g, 'secret ' || g FROM generate_series(1, 20000) g; ANALYZE public.secrets",
+    );
+    {
+        let mut m = c.connect_as(Transport::Unix, "esc", "mal");
+        ok(m.batch_execute("CREATE SCHEMA evil"), "mal: CREATE SCHEMA evil");
+        for name in ["encryption_key_version", "key_version"] {
+            ok(m.batch_execute(&escalating_lookalike(name)), &format!("mal: evil.{name}"));
+        }
+        ok(m.batch_execute(&hostile_objects("evil", "mal")), "mal: her other look-alikes in evil");
+    }
+    // The escalation log and the role checks live in the postgres database: esc's public schema
+    // is about to change hands.
+    let mut su = superuser(&c, "postgres");
+    let base = Baseline::take(&mut su);
+    let mut s = c.connect(Transport::Unix, "esc");
+    s.batch_execute("SET search_path = pg_catalog").unwrap();
+    let digest_sql = |schema: &str| format!("SELECT count(*) || ':' || md5(string_agg(id || '=' || {schema}.decrypt(c), ',' ORDER BY id)) FROM {schema}.secrets");
+    let digest = one(&mut s, &digest_sql("public"));
+    assert!(digest.starts_with("20000:"), "{digest}");
+
+    let msg = one(&mut s, "SELECT public.set_data_encryption_key(public.generate_data_encryption_key())");
+    assert!(msg.starts_with("changed"), "{msg}");
+    let started = Instant::now();
+    while one(&mut s, "SELECT coalesce(sum(cells_done), 0) FROM public.data_encryption_progress") == "0" {
+        assert!(started.elapsed() < Duration::from_secs(15), "the worker did not start re-encrypting");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The swap, while the worker runs. It may wait for the worker, or time out: either is fine.
+    let mut m = c.connect_as(Transport::Unix, "esc", "mal");
+    ok(m.batch_execute("SET statement_timeout = '10s'"), "mal: statement_timeout");
+    let swap = m.batch_execute("BEGIN; ALTER SCHEMA public RENAME TO real_public; ALTER SCHEMA evil RENAME TO public; COMMIT");
+    match &swap {
+        Ok(()) => eprintln!("mal's schema swap committed"),
+        Err(e) => {
+            eprintln!("mal's schema swap failed: {}", describe(e));
+            let _ = m.batch_execute("ROLLBACK");
+        }
+    }
+    drop(m);
+    // Several of the worker's batches after the swap.
+    std::thread::sleep(Duration::from_millis(2500));
+    base.check(&c, &mut su, &["mal"], "while the worker re-encrypted after mal's schema swap");
+    assert_eq!(one(&mut su, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = 'mal'"), "f", "mal became a superuser");
+
+    // Then let the worker finish quickly.
+    for setting in ["ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = 0", "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 1000000", "SELECT pg_reload_conf()"] {
+        su.batch_execute(setting).unwrap();
+    }
+    let ext = extension_schema(&mut s);
+    assert_eq!(ext, if swap.is_ok() { "real_public" } else { "public" });
+    let started = Instant::now();
+    loop {
+        let status = one(&mut s, &format!("SELECT reencryption FROM {ext}.data_encryption_status"));
+        if status == "complete" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "re-encryption did not finish: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    base.check(&c, &mut su, &["mal"], "after the change completed");
+    assert_eq!(one(&mut su, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = 'mal'"), "f", "mal became a superuser");
+    assert_eq!(one(&mut s, &format!("SELECT key_version FROM {ext}.data_encryption_status")), "2");
+    assert_eq!(
+        one(&mut s, &format!("SELECT count(*) FROM {ext}.secrets WHERE {ext}.encryption_key_version(c) <> 2")),
+        "0",
+        "values left under the old key"
+    );
+    assert_eq!(one(&mut s, &digest_sql(&ext)), digest, "every value reads back as before");
+}
+
+/// 18. A database made with the OID of a dropped one (CREATE DATABASE ... OID n, as pg_upgrade
+/// does) by an ordinary role gets a key of its own at CREATE EXTENSION, never the key the
+/// dropped database left behind under that OID.
+#[test]
+fn a_database_reusing_a_dropped_databases_oid_does_not_get_its_key() {
+    let c = start("adv-oid-reuse", &[]);
+    c.psql("postgres", "CREATE ROLE mallory LOGIN");
+    c.database_with_extension("victim");
+    c.psql("victim", "CREATE TABLE s (id int, c encrypted_text); INSERT INTO s VALUES (1, 'victim secret')");
+    let k1 = c.psql("victim", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    assert!(k1.starts_with("CCK1-"), "a generated key: {}", k1.len());
+    let oid = c.psql("postgres", "SELECT oid FROM pg_database WHERE datname = 'victim'").trim().to_owned();
+    c.psql("postgres", "DROP DATABASE victim");
+    c.psql("postgres", &format!("CREATE DATABASE mall OID {oid} OWNER mallory"));
+    assert_eq!(c.psql("postgres", "SELECT oid FROM pg_database WHERE datname = 'mall'").trim(), oid);
+    let out = c.psql_raw("mall", "CREATE EXTENSION pg_cellcrypt");
+    assert!(out.status.success(), "CREATE EXTENSION in mall: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("CREATE EXTENSION in mall: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let key = c.psql("mall", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    assert!(key.starts_with("CCK1-"), "a generated key: {}", key.len());
+    assert_ne!(key, k1, "mall (OID {oid}) got the key of the dropped database victim");
+}

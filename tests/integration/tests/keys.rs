@@ -406,19 +406,28 @@ fn the_command_provider_reads_the_key_from_a_kms_and_never_writes_to_it() {
     c.restart();
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest, "no manual step after a restart");
 
-    // A change does not write to the KMS; it says what to update.
+    // The extension never writes to the KMS, and a change is refused until the KMS already
+    // holds the new key: a restart right after it must find the key.
     let second = generate(&c, "app");
-    let out = c.psql_raw("app", &format!("SELECT set_data_encryption_key('{second}')"));
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("WARNING") && stderr.contains("pg_cellcrypt.key_command prints the new key"), "{stderr}");
+    let mut admin = c.connect(Transport::Unix, "app");
+    let e = db_error(admin.query_one("SELECT set_data_encryption_key($1)", &[&second]));
+    assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    assert!(e.hint().unwrap_or("").contains("# pg_cellcrypt") && e.hint().unwrap_or("").contains("2 <the new key>"), "{:?}", e.hint());
+    assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "1", "nothing changed");
     assert_eq!(std::fs::read_to_string(kms.join("app.key")).unwrap(), first);
-    // Until the restart, the server holds the new key: new sessions read and write.
-    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
-    // The administrator updates the KMS; the next restart needs no manual step either.
-    std::fs::write(kms.join("app.key"), &second).unwrap();
+    // The administrator adds the new key to the KMS (the key file format: both versions), then
+    // changes the key; the next restart needs no manual step.
+    std::fs::write(kms.join("app.key"), format!("# pg_cellcrypt keys of app\n1 {first}\n2 {second}\n")).unwrap();
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest, "the current key is still found in the new format");
+    let msg: String = admin.query_one("SELECT set_data_encryption_key($1)", &[&second]).unwrap().get(0);
+    assert!(msg.contains("key version 2"), "{msg}");
     c.restart();
     assert_eq!(c.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "2");
+    assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
+    c.wait_reencrypted("app");
+    // Once the old key is retired, the KMS may print the new key alone.
+    std::fs::write(kms.join("app.key"), &second).unwrap();
+    c.restart();
     assert_eq!(c.psql("app", PLAINTEXT_DIGEST), digest);
     let _ = std::fs::remove_dir_all(&kms);
 }

@@ -242,3 +242,273 @@ fn the_none_provider_never_commits_a_key_the_shared_cache_cannot_hold() {
     assert_eq!(c.psql("d65", "SELECT decrypt(s) FROM t").trim(), "new");
     assert_eq!(c.psql("d1", "SELECT decrypt(s) FROM t").trim(), "kept");
 }
+
+#[test]
+fn a_database_made_from_an_encrypted_template_waits_for_the_key_then_can_get_its_own() {
+    let c = cluster("template", &[]);
+    let key = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    let digest = c.psql("app", DIGEST);
+    c.psql("postgres", "CREATE DATABASE copy TEMPLATE app");
+    // The copy has the template's keyring and data, but no key of its own: unreadable.
+    assert_eq!(c.psql("copy", "SELECT is_data_encryption_active()").trim(), "f");
+    let mut s = c.connect(Transport::Unix, "copy");
+    let e = db_error(s.query_one("SELECT decrypt(s) FROM t LIMIT 1", &[]));
+    assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    drop(s);
+    // Restoring the template's key makes it readable: the two now share that key.
+    let msg = c.psql("copy", &format!("SELECT set_data_encryption_key('{key}')"));
+    assert!(msg.contains("restored"), "{msg}");
+    assert_eq!(c.psql("copy", DIGEST), digest);
+    // A key change gives the copy its own key; the template keeps its own.
+    c.psql("copy", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    c.wait_reencrypted("copy");
+    assert_ne!(c.psql("copy", "SELECT retrieve_data_encryption_key()").trim(), key);
+    assert_eq!(c.psql("app", "SELECT retrieve_data_encryption_key()").trim(), key);
+    c.restart();
+    assert_eq!(c.psql("copy", DIGEST), digest);
+    assert_eq!(c.psql("app", DIGEST), digest);
+}
+
+/// The output of `sql` in `app` through psql, or its error.
+fn try_psql(c: &Cluster, sql: &str) -> Result<String, String> {
+    let out = c.psql_raw("app", sql);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// [`DIGEST`] of another table with columns `id` and `s`, or the error reading it.
+fn digest_of(c: &Cluster, table: &str) -> Result<String, String> {
+    try_psql(c, &format!("{} FROM {table}", DIGEST.strip_suffix(" FROM t").unwrap()))
+}
+
+/// How many values of `table` (column `s`) are not under the current key.
+fn not_current(c: &Cluster, table: &str) -> String {
+    c.psql("app", &format!("SELECT count(*) FROM {table} WHERE encryption_key_version(s) <> (SELECT key_version FROM data_encryption_status)")).trim().to_owned()
+}
+
+/// `data_encryption_status.reencryption` once it satisfies `done`, or after `seconds`.
+fn status_within(c: &Cluster, seconds: u64, done: impl Fn(&str) -> bool) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let s = c.psql("app", "SELECT reencryption FROM data_encryption_status").trim().to_owned();
+        if done(&s) || started.elapsed() > std::time::Duration::from_secs(seconds) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Waits (at most `seconds`) until the boolean query `sql` answers true.
+fn wait_until(c: &Cluster, sql: &str, seconds: u64) -> bool {
+    let started = std::time::Instant::now();
+    while c.psql("app", sql).trim() != "t" {
+        if started.elapsed() > std::time::Duration::from_secs(seconds) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    true
+}
+
+#[test]
+fn retirement_waits_for_a_snapshot_taken_after_the_work_started() {
+    let c = cluster("snapshot", &[]);
+    c.psql("app", "CREATE TABLE t2 (id int, s encrypted_text)");
+    let digest = c.psql("app", DIGEST);
+    // L, a transaction from before the change, holds every row of t: the worker's batch on t
+    // waits for it.
+    let mut l = c.connect(Transport::Unix, "app");
+    l.batch_execute("BEGIN; SELECT * FROM t FOR UPDATE").unwrap();
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    assert!(
+        wait_until(&c, "SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'pg_cellcrypt re-encryption' AND wait_event_type = 'Lock'", 15),
+        "the worker did not wait for L's row locks"
+    );
+    // B: a snapshot taken after the work started, while t's rows are all still under the old key.
+    let mut b = c.connect(Transport::Unix, "app");
+    b.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t").unwrap();
+    l.batch_execute("COMMIT").unwrap();
+    // Time for the worker to finish what it can; the old key must outlive B's snapshot.
+    let status = status_within(&c, 6, |s| s == "complete");
+    b.batch_execute("INSERT INTO t2 SELECT id, s FROM t; COMMIT")
+        .unwrap_or_else(|e| panic!("B copying t into t2 (status before: {status}): {e}"));
+    c.wait_reencrypted("app");
+    reads_back_after_restart(&c, &digest);
+    assert_eq!(
+        digest_of(&c, "t2"),
+        Ok(digest.clone()),
+        "every value B copied from its snapshot reads back after a restart (status while B's snapshot was open: {status})"
+    );
+    assert_eq!(not_current(&c, "t2"), "0", "values of t2 left under the old key");
+}
+
+#[test]
+fn a_transaction_prepared_after_the_work_started_holds_retirement() {
+    let c = cluster("prepared-late", &["max_prepared_transactions = 2"]);
+    c.psql("app", "CREATE TABLE t2 (id int, s encrypted_text)");
+    let digest = c.psql("app", DIGEST);
+    // Old-key values written before the change, in a transaction prepared after the work started.
+    let mut p = c.connect(Transport::Unix, "app");
+    p.batch_execute("BEGIN; INSERT INTO t2 SELECT id, s FROM t").unwrap();
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    assert!(
+        wait_until(&c, "SELECT count(*) > 0 FROM cellcrypt.reencryption_job WHERE started_at IS NOT NULL", 15),
+        "the re-encryption did not start"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.batch_execute("PREPARE TRANSACTION 'late'").unwrap();
+    let status = status_within(&c, 6, |s| s == "complete");
+    assert_ne!(status, "complete", "the old key was retired while prepared transaction 'late' (old-key values of t2) was still to commit");
+    p.batch_execute("COMMIT PREPARED 'late'").unwrap();
+    c.wait_reencrypted("app");
+    assert_eq!(not_current(&c, "t2"), "0", "values of t2 left under the old key");
+    reads_back_after_restart(&c, &digest);
+    assert_eq!(digest_of(&c, "t2"), Ok(digest.clone()), "every value the prepared transaction wrote reads back after a restart");
+}
+
+#[test]
+fn ddl_nesting_encrypted_values_in_row_types_in_use_or_array_constants_is_refused() {
+    let c = cluster("nested", &[]);
+    let mut s = c.connect(Transport::Unix, "app");
+    s.batch_execute("CREATE TABLE inner_t (a int); CREATE TABLE outer_t (r inner_t); CREATE TYPE comp AS (a int); CREATE TABLE uses_comp (x comp); CREATE TABLE lonely (a int)")
+        .unwrap();
+    let mut failures = Vec::new();
+    for ddl in [
+        "ALTER TABLE inner_t ADD COLUMN s encrypted_text",
+        "ALTER TYPE comp ADD ATTRIBUTE s encrypted_text",
+        "CREATE TABLE d2 (id int, note encrypted_text DEFAULT ('{s}'::encrypted_text[])[1])",
+        "CREATE VIEW v2 AS SELECT ('{x}'::encrypted_text[])[1] AS c",
+    ] {
+        match s.batch_execute(ddl) {
+            Ok(()) => failures.push(format!("{ddl}: accepted")),
+            Err(e) => match e.as_db_error() {
+                Some(db) if db.code() == &SqlState::FEATURE_NOT_SUPPORTED && db.hint().is_some_and(|h| !h.is_empty()) => {}
+                Some(db) => failures.push(format!("{ddl}: {} {} (hint: {:?})", db.code().code(), db.message(), db.hint())),
+                None => failures.push(format!("{ddl}: {e}")),
+            },
+        }
+    }
+    // A table whose row type no other column uses may get an encrypted column.
+    if let Err(e) = s.batch_execute("ALTER TABLE lonely ADD COLUMN s encrypted_text") {
+        failures.push(format!("ALTER TABLE lonely ADD COLUMN s encrypted_text (row type not in use): {e}"));
+    }
+    let left = c.psql(
+        "app",
+        "SELECT string_agg(attrelid::regclass || '.' || attname, ',' ORDER BY attrelid::regclass::text, attnum) FROM pg_attribute \
+         WHERE attrelid IN ('inner_t'::regclass, (SELECT typrelid FROM pg_type WHERE oid = 'comp'::regtype)) AND attnum > 0 AND NOT attisdropped \
+         UNION ALL SELECT coalesce(string_agg(c, ','), 'none') FROM (VALUES (to_regclass('d2')::text), (to_regclass('v2')::text)) v(c)",
+    );
+    if left != "comp.a,inner_t.a\nnone\n" {
+        failures.push(format!("the refused DDL left something behind:\n{left}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let digest = c.psql("app", DIGEST);
+    reads_back_after_restart(&c, &digest);
+}
+
+#[test]
+fn plans_cached_without_a_table_seal_under_the_current_key_after_retirement() {
+    let c = cluster("plans", &[]);
+    let mut s = c.connect(Transport::Unix, "app");
+    s.batch_execute(
+        "CREATE TABLE t3 (id int, s encrypted_text); \
+         CREATE FUNCTION fpc() RETURNS encrypted_text LANGUAGE plpgsql AS $$ BEGIN RETURN 'plan-secret'::encrypted_text; END $$; \
+         PREPARE p AS SELECT 'x'::encrypted_text AS s; \
+         PREPARE p2 AS INSERT INTO t3 VALUES (3, 'prepared insert'::encrypted_text); \
+         SELECT fpc(); EXECUTE p",
+    )
+    .unwrap();
+    // Another session changes the key, and the old one is retired.
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    c.wait_reencrypted("app");
+    s.batch_execute("INSERT INTO t3 SELECT 1, fpc(); CREATE TABLE t4 AS EXECUTE p; EXECUTE p2").unwrap();
+    drop(s);
+    let mut failures = Vec::new();
+    let versions = c.psql("app", "SELECT string_agg(id || ':' || encryption_key_version(s), ',' ORDER BY id) FROM t3").trim().to_owned();
+    if versions != "1:2,3:2" {
+        failures.push(format!("t3 (1: plpgsql fpc(), 3: EXECUTE p2), id:key version: {versions}"));
+    }
+    let version = c.psql("app", "SELECT encryption_key_version(s) FROM t4").trim().to_owned();
+    if version != "2" {
+        failures.push(format!("t4 (CREATE TABLE AS EXECUTE p) is under key version {version}"));
+    }
+    let digest = c.psql("app", DIGEST);
+    reads_back_after_restart(&c, &digest);
+    for (sql, expected) in [("SELECT string_agg(decrypt(s), ',' ORDER BY id) FROM t3", "plan-secret,prepared insert\n"), ("SELECT decrypt(s) FROM t4", "x\n")] {
+        let got = try_psql(&c, sql);
+        if got.as_deref() != Ok(expected) {
+            failures.push(format!("after a restart, {sql}: {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `(version, key)` of every line of this database's key file.
+fn key_file_entries(c: &Cluster) -> (std::path::PathBuf, Vec<(String, String)>) {
+    let oid = c.psql("postgres", "SELECT oid FROM pg_database WHERE datname = 'app'").trim().to_owned();
+    let file = std::fs::read_dir(c.key_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&format!("_{oid}.key"))))
+        .unwrap_or_else(|| panic!("no key file for database {oid} in {}", c.key_dir().display()));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let entries = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (v, k) = l.split_once(' ').unwrap_or_else(|| panic!("malformed key file line in {}", file.display()));
+            (v.to_owned(), k.trim().to_owned())
+        })
+        .collect();
+    (file, entries)
+}
+
+#[test]
+fn keys_with_control_characters_are_refused_and_create_extension_keeps_the_key_files_versions() {
+    let c = cluster("hygiene", &[]);
+    let digest = c.psql("app", DIGEST);
+    let key = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    let (file, _) = key_file_entries(&c);
+    let file_before = std::fs::read(&file).unwrap();
+
+    // A passphrase with a line break: a key is kept as one line of text.
+    let mut s = c.connect(Transport::Unix, "app");
+    match s.query_one("SELECT set_data_encryption_key($1)", &[&"Zebra quantum 7 fjord\nVex blimp 93 Kowz!"]) {
+        Ok(r) => panic!("a passphrase with a line break was accepted: {}", r.get::<_, String>(0)),
+        Err(e) => {
+            let e = e.as_db_error().cloned().unwrap_or_else(|| panic!("not a server error: {e}"));
+            assert_eq!(e.code(), &SqlState::INVALID_PARAMETER_VALUE, "{}", e.message());
+        }
+    }
+    drop(s);
+    assert_eq!(current_version(&c), 1, "nothing changed");
+    assert_eq!(c.psql("app", "SELECT retrieve_data_encryption_key()").trim(), key);
+    assert!(std::fs::read(&file).unwrap() == file_before, "the key file changed");
+    reads_back_after_restart(&c, &digest);
+
+    // DROP and CREATE EXTENSION (pg_restore --clean without the keyring): the key file keeps
+    // every version it held, and the new current key is a fresh one.
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    c.wait_reencrypted("app");
+    let (_, before) = key_file_entries(&c);
+    let versions: Vec<&str> = before.iter().map(|(v, _)| v.as_str()).collect();
+    assert_eq!(versions, ["1", "2"], "the key file keeps every version");
+    let previous = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    let out = c.psql_raw_many("app", &["DROP TABLE t", "DROP EXTENSION pg_cellcrypt", "CREATE EXTENSION pg_cellcrypt"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, after) = key_file_entries(&c);
+    for (v, k) in &before {
+        assert!(after.iter().any(|(v2, k2)| v2 == v && k2 == k), "key version {v} was lost or changed by CREATE EXTENSION (versions now: {:?})", after.iter().map(|(v, _)| v).collect::<Vec<_>>());
+    }
+    let fresh = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    assert_ne!(fresh, previous, "CREATE EXTENSION adopted the key file's current key instead of a fresh one");
+    assert!(before.iter().all(|(_, k)| *k != fresh), "CREATE EXTENSION adopted a key the key file held");
+    c.psql("app", "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text); INSERT INTO t SELECT g, 'fresh ' || g FROM generate_series(1, 200) g");
+    let digest = c.psql("app", DIGEST);
+    reads_back_after_restart(&c, &digest);
+}
