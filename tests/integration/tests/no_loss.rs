@@ -136,14 +136,7 @@ fn no_encrypted_value_is_stored_in_the_catalog_or_nested_in_other_types() {
 
 /// `data_encryption_status.reencryption` once it satisfies `done` (or after a minute).
 fn status_once(c: &Cluster, done: impl Fn(&str) -> bool) -> String {
-    let started = std::time::Instant::now();
-    loop {
-        let s = c.psql("app", "SELECT reencryption FROM data_encryption_status").trim().to_owned();
-        if done(&s) || started.elapsed() > std::time::Duration::from_secs(60) {
-            return s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    status_within(c, 60, done)
 }
 
 #[test]
