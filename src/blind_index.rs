@@ -187,7 +187,7 @@ v1_function!(pg_finfo_cellcrypt_register_blind_index, cellcrypt_register_blind_i
     let relid = pg_sys::Oid::from(arg(fcinfo, 0).value() as u32);
     let column = CStr::from_ptr(arg(fcinfo, 1).cast_mut_ptr::<std::ffi::c_char>()).to_owned();
     let norm = parse_normalization(&String::from_utf8_lossy(types::varlena_bytes(arg(fcinfo, 2))));
-    let Some(table) = store::lock_user_table(relid, pg_sys::AccessExclusiveLock) else {
+    let Some(mut table) = store::lock_user_table(relid, pg_sys::AccessExclusiveLock) else {
         errors::raise(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
             format!("{} is not a table", relation_name(relid)),
@@ -228,10 +228,14 @@ v1_function!(pg_finfo_cellcrypt_register_blind_index, cellcrypt_register_blind_i
     // bound), then the column's type becomes encrypted_text(<id>), as the owner. That rewrite
     // keeps only the live, bound row versions, so no index ever meets an unbound one, and from
     // then on every value stored in the column is bound on its way in (types.rs).
-    let bound = bind_existing(&table, &quoted, id, typid);
-    let alter = format!("ALTER TABLE {} ALTER COLUMN {quoted} TYPE {}.encrypted_text({id})", table.name, store::extension_schema());
-    store::as_table_owner(&table, || Spi::run(&alter))
-        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not register the column: {e}"), None, None));
+    let bound = store::with_stable_names(&mut table, true, |table| {
+        let bound = bind_existing(table, &quoted, id, typid);
+        let alter = format!("ALTER TABLE {} ALTER COLUMN {quoted} TYPE {}.encrypted_text({id})", table.name, store::extension_schema());
+        store::as_table_owner(table, || Spi::run(&alter))
+            .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not register the column: {e}"), None, None));
+        bound
+    })
+    .expect("waits for the lock");
     crate::audit::record(&crate::audit::Event {
         action: "register blind index",
         outcome: "started",

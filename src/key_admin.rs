@@ -250,7 +250,10 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         KeyProvider::File => providers::file::read_all().unwrap_or_else(|e| key_io_error(e)),
         _ => Vec::new(),
     };
-    let version = existing.iter().map(|(v, _)| *v).max().map_or(1, |v| v + 1);
+    let version = existing.iter().map(|(v, _)| *v).max().map_or(1, |v| v.saturating_add(1));
+    if version > cellcrypt_core::envelope::MAX_KEY_VERSION {
+        key_io_error(format!("the key file of this database names key version {}, above the largest a value can carry (65535)", version - 1));
+    }
     let (version, key) = match provider {
         // Bring your own key: the first key is the one the command prints (its newest version,
         // when it prints the key file format).
@@ -381,11 +384,7 @@ fn set_data_encryption_key(key: &str) -> String {
             weak_key(&e.to_string())
         }
     };
-    // A key is kept as one line of text (the key file, a KMS entry): no control characters.
-    if new_key.as_str().chars().any(char::is_control) {
-        policy::refuse(F, "key with a control character");
-        weak_key("it contains a control character (a line break, a tab)");
-    }
+
     policy::refuse_while_reencrypting(F);
     policy::lock_or_refuse(policy::Lock::KeyChange, F);
     let rows = keys::read_key_rows();
@@ -454,14 +453,13 @@ fn command_update_warning(version: u32, fp: &str) -> String {
     )
 }
 
-/// Refuses a change (55000) unless `pg_cellcrypt.key_command` already prints the new key, as
-/// version `new_version` in the key file format (next to the current one) or as its one key.
-fn require_command_prints(new_key: &AdminKey, current_version: u32, new_version: u32) {
+/// Refuses a change (55000) unless `pg_cellcrypt.key_command` already prints, in the key file
+/// format, both the current key (as `current_version`) and the new one (as `new_version`).
+fn require_command_prints(new_key: &AdminKey, current_key: &AdminKey, current_version: u32, new_version: u32) {
     let printed = providers::command::keys().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
-    let has_new = printed
-        .iter()
-        .any(|(v, text)| v.is_none_or(|v| v == new_version) && AdminKey::parse(text).is_ok_and(|k| k.same_as(new_key)));
-    if !has_new {
+    let prints = |version: u32, key: &AdminKey| printed.iter().any(|(v, text)| *v == Some(version) && AdminKey::parse(text).is_ok_and(|k| k.same_as(key)));
+    // Both: until the change commits (or if it rolls back) the current key is still the one in use.
+    if !(prints(new_version, new_key) && prints(current_version, current_key)) {
         policy::refuse("set_data_encryption_key()", "pg_cellcrypt.key_command does not print the new key yet");
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -476,6 +474,12 @@ fn require_command_prints(new_key: &AdminKey, current_version: u32, new_version:
 
 fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, new_key: AdminKey) -> String {
     let current = &rows[0];
+    // A new key is kept as one line of text (the key file, a KMS entry): no control characters.
+    // (A restore takes the key as it was, whatever it holds.)
+    if new_key.as_str().chars().any(char::is_control) {
+        policy::refuse("set_data_encryption_key()", "key with a control character");
+        weak_key("it contains a control character (a line break, a tab)");
+    }
     // Setting the key that is already current changes nothing. The current key's text is at
     // hand (shared cache or provider), so this costs no Argon2id run.
     if AdminKey::parse(&old_text).is_ok_and(|old| old.same_as(&new_key)) {
@@ -501,7 +505,8 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     // With the command provider the key must be in the key source before the change commits:
     // a restart right after it would otherwise find no key for the data written since.
     if providers::current() == KeyProvider::Command {
-        require_command_prints(&new_key, current.version, new_version);
+        let old = AdminKey::parse(&old_text).unwrap_or_else(|e| weak_key(&e.to_string()));
+        require_command_prints(&new_key, &old, current.version, new_version);
     }
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();

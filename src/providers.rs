@@ -134,6 +134,11 @@ pub mod command {
         if out.starts_with(super::file::HEADER) {
             let entries = super::file::parse(&out).map_err(|()| "pg_cellcrypt.key_command printed a malformed key list".to_owned())?;
             Ok(entries.into_iter().map(|(v, k)| (Some(v), k)).collect())
+        } else if out.chars().any(char::is_control) {
+            Err(format!(
+                "pg_cellcrypt.key_command printed several lines (or control characters) without a first line starting with \"{}\": print one key, or the key file format",
+                super::file::HEADER
+            ))
         } else {
             Ok(vec![(None, out)])
         }

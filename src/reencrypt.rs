@@ -154,7 +154,7 @@ fn table_size(relid: pg_sys::Oid) -> Result<(i64, f64), String> {
 
 fn process(job: store::Job) -> Result<String, String> {
     // The table, locked as an UPDATE locks it; gone (or no longer a plain table): the job goes.
-    let Some(table) = store::lock_user_table(job.relid, pg_sys::RowExclusiveLock) else {
+    let Some(mut table) = store::lock_user_table(job.relid, pg_sys::RowExclusiveLock) else {
         store::drop_job(job.relid)?;
         return Ok("batch".into());
     };
@@ -175,32 +175,38 @@ fn process(job: store::Job) -> Result<String, String> {
         reclaim(job.relid, (job.next_block - 2 * blocks).max(0), job.next_block - blocks);
     }
     let end = (job.next_block + blocks).min(nblocks);
-    let name = &table.name;
     let set = job.columns.iter().map(|c| format!("{c} = cellcrypt.reencrypt({c})")).collect::<Vec<_>>().join(", ");
     // Only rows with a value under an older key: without this test, rows whose new versions
     // this pass wrote into free space further on in the table would be rewritten again.
     let condition = filter(&job.columns, job.version);
-    let update = format!(
-        "UPDATE ONLY {name} SET {set} WHERE ctid OPERATOR(pg_catalog.>=) '({},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid AND ({condition})",
-        job.next_block
-    );
-    // ONLY: an inheritance child is a job of its own, done as its own owner.
-    // Values, not rows, are counted: those reencrypt() moved to the current key.
-    let batch = || -> Result<i64, String> {
-        let before = crate::types::resealed_count();
-        store::as_table_owner(&table, || in_batch(|| Spi::run(update.as_str()))).map_err(spi_err(&format!("could not re-encrypt table {name}")))?;
-        Ok((crate::types::resealed_count() - before) as i64)
-    };
-    let n = match catching_errors(batch) {
-        Ok(n) => n?,
-        Err(message) => {
+    // The table is named, and the statement run, while no schema can be renamed.
+    let outcome = store::with_stable_names(&mut table, false, |table| {
+        let name = &table.name;
+        // ONLY: an inheritance child is a job of its own, done as its own owner.
+        let update = format!(
+            "UPDATE ONLY {name} SET {set} WHERE ctid OPERATOR(pg_catalog.>=) '({},0)'::pg_catalog.tid AND ctid OPERATOR(pg_catalog.<) '({end},0)'::pg_catalog.tid AND ({condition})",
+            job.next_block
+        );
+        // Values, not rows, are counted: those reencrypt() moved to the current key.
+        let batch = || -> Result<i64, String> {
+            let before = crate::types::resealed_count();
+            store::as_table_owner(table, || in_batch(|| Spi::run(update.as_str()))).map_err(spi_err(&format!("could not re-encrypt table {name}")))?;
+            Ok((crate::types::resealed_count() - before) as i64)
+        };
+        catching_errors(batch).map_err(|message| {
             // A value that cannot be decrypted cannot be re-encrypted either, and the owner's
             // own code on the table (a trigger, a constraint) may refuse the update. The work
             // stops at this batch, says where, and is retried until the cause is fixed.
-            let blocked = format!(
+            format!(
                 "{message} (a row in blocks {}..{end} of {name}: SELECT ctid FROM {name} WHERE ctid >= '({},0)' AND ctid < '({end},0)'; restore that row from a backup or delete it, or fix what refused the update)",
                 job.next_block, job.next_block
-            );
+            )
+        })
+    });
+    let n = match outcome {
+        None => return Ok("busy".into()),
+        Some(Ok(n)) => n?,
+        Some(Err(blocked)) => {
             store::job_blocked(job.relid, blocked)?;
             return Ok("blocked".into());
         }
@@ -302,31 +308,35 @@ fn finish() -> Result<String, String> {
     if !store::lock_all_jobs()? {
         return Ok("busy".into());
     }
-    // Tables created, or given encrypted columns, while the work ran get a pass too.
-    let current = keys::loaded().current_version;
-    if store::create_jobs(current) > 0 {
-        return Ok("verify".into());
-    }
     // What may still hold or write values under an older key keeps the older keys alive until
     // it is gone: other sessions' temporary tables (no one else can read them), prepared
     // transactions, and transactions that began before the last table's pass ended (their
-    // snapshots may still see old-key values and copy them anywhere). Then every table is
-    // counted once more.
+    // snapshots may still see old-key values and copy them anywhere). Only then are tables
+    // made, or given encrypted columns, by such transactions planned, and every table counted
+    // once more.
     if let Some(reason) = store::retirement_waits_for()? {
         store::jobs_note(format!("waiting: {reason} may hold values under an older key"))?;
         return Ok("waiting".into());
+    }
+    let current = keys::loaded().current_version;
+    if store::create_jobs(current) > 0 {
+        return Ok("verify".into());
     }
     let mut again = false;
     for (relid, version, columns) in store::live_jobs()? {
         // Counted as the table's owner, with row_security off: every row is seen or the count
         // fails (and the work says so), never a filtered view of the table.
-        let Some(table) = store::lock_user_table(relid, pg_sys::AccessShareLock) else { continue };
-        // ONLY: an inheritance child is a job of its own, done as its own owner.
-        let count = format!("SELECT pg_catalog.count(*) FROM ONLY {} WHERE {}", table.name, filter(&columns, version));
-        let left = match catching_errors(|| store::as_table_owner(&table, || Spi::get_one::<i64>(&count))) {
-            Ok(r) => r.map_err(spi_err("could not verify a table"))?.unwrap_or(0),
-            Err(message) => {
-                store::job_blocked(relid, format!("{message} (while verifying {})", table.name))?;
+        let Some(mut table) = store::lock_user_table(relid, pg_sys::AccessShareLock) else { continue };
+        let counted = store::with_stable_names(&mut table, false, |table| {
+            // ONLY: an inheritance child is a job of its own, done as its own owner.
+            let count = format!("SELECT pg_catalog.count(*) FROM ONLY {} WHERE {}", table.name, filter(&columns, version));
+            catching_errors(|| store::as_table_owner(table, || Spi::get_one::<i64>(&count))).map_err(|m| format!("{m} (while verifying {})", table.name))
+        });
+        let left = match counted {
+            None => return Ok("busy".into()),
+            Some(Ok(r)) => r.map_err(spi_err("could not verify a table"))?.unwrap_or(0),
+            Some(Err(message)) => {
+                store::job_blocked(relid, message)?;
                 return Ok("blocked".into());
             }
         };
@@ -341,12 +351,16 @@ fn finish() -> Result<String, String> {
     // Materialized views are not rewritten; one that still holds old-key values must be
     // refreshed (from its re-encrypted tables) before the older keys go.
     for (relid, columns) in store::materialized_views()? {
-        let Some(view) = store::lock_user_relation(relid, pg_sys::AccessShareLock, b'm') else { continue };
-        let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", view.name, filter(&columns, current as i32));
-        let left = match catching_errors(|| store::as_table_owner(&view, || Spi::get_one::<i64>(&count))) {
-            Ok(r) => r.map_err(spi_err("could not verify a materialized view"))?.unwrap_or(0),
-            Err(message) => {
-                store::jobs_note(format!("{message} (while verifying materialized view {})", view.name))?;
+        let Some(mut view) = store::lock_user_relation(relid, pg_sys::AccessShareLock, b'm') else { continue };
+        let counted = store::with_stable_names(&mut view, false, |view| {
+            let count = format!("SELECT pg_catalog.count(*) FROM {} WHERE {}", view.name, filter(&columns, current as i32));
+            catching_errors(|| store::as_table_owner(view, || Spi::get_one::<i64>(&count))).map_err(|m| format!("{m} (while verifying materialized view {})", view.name))
+        });
+        let left = match counted {
+            None => return Ok("busy".into()),
+            Some(Ok(r)) => r.map_err(spi_err("could not verify a materialized view"))?.unwrap_or(0),
+            Some(Err(message)) => {
+                store::jobs_note(message)?;
                 return Ok("blocked".into());
             }
         };

@@ -153,7 +153,8 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// What a table looks like to re-encryption, read under the lock it keeps to the end of the
 /// transaction.
 pub struct UserTable {
-    /// Schema-qualified and quoted.
+    pub relid: pg_sys::Oid,
+    /// Schema-qualified and quoted; to use in a statement, take it inside [`with_stable_names`].
     pub name: String,
     pub owner: pg_sys::Oid,
 }
@@ -170,12 +171,6 @@ pub fn lock_user_relation(relid: pg_sys::Oid, lockmode: u32, relkind: u8) -> Opt
     // SAFETY: try_relation_open takes the lock and returns NULL for a dropped relation; the
     // relation is closed with NoLock, keeping the lock.
     unsafe {
-        // The table is named by its schema-qualified name in the statements that follow, and
-        // ALTER SCHEMA ... RENAME takes no lock on the schema: it updates pg_namespace under
-        // RowExclusiveLock, which this blocks until the end of the transaction. So the name
-        // means this table until then (a rename or a move of the table itself waits for the
-        // table's lock).
-        pg_sys::LockRelationOid(pg_sys::NamespaceRelationId, pg_sys::ShareLock as pg_sys::LOCKMODE);
         let rel = pg_sys::try_relation_open(relid, lockmode as pg_sys::LOCKMODE);
         if rel.is_null() {
             return None;
@@ -187,11 +182,44 @@ pub fn lock_user_relation(relid: pg_sys::Oid, lockmode: u32, relkind: u8) -> Opt
         if !plain {
             return None;
         }
-        let name = as_extension_owner(|| {
-            Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[relid.into()]).ok().flatten()
-        })?;
-        Some(UserTable { name, owner })
+        let name = relation_name(relid)?;
+        Some(UserTable { relid, name, owner })
     }
+}
+
+/// A relation's schema-qualified, quoted name as it is now.
+fn relation_name(relid: pg_sys::Oid) -> Option<String> {
+    as_extension_owner(|| Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[relid.into()]).ok().flatten())
+}
+
+/// Runs `f`, which names `table` (by `table.name`, taken again here) in statements it runs,
+/// while no schema can be renamed: ALTER SCHEMA ... RENAME takes no lock on the schema, only
+/// RowExclusiveLock on pg_namespace, which the share lock taken here holds off (a rename or a
+/// move of the table itself waits for the table's own lock). The lock is released as soon as
+/// `f` returns, so schema DDL elsewhere waits at most for one statement. Without `wait`, gives
+/// None at once when schema DDL holds pg_namespace (the caller tries again later).
+pub fn with_stable_names<R>(table: &mut UserTable, wait: bool, f: impl FnOnce(&UserTable) -> R) -> Option<R> {
+    let ns = pg_sys::NamespaceRelationId;
+    let mode = pg_sys::ShareLock as pg_sys::LOCKMODE;
+    // SAFETY: a relation lock on a catalog, released below (and by PostgreSQL on abort).
+    unsafe {
+        if wait {
+            pg_sys::LockRelationOid(ns, mode);
+        } else if !pg_sys::ConditionalLockRelationOid(ns, mode) {
+            return None;
+        }
+    }
+    let f = Cell::new(Some(f));
+    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        if let Some(name) = relation_name(table.relid) {
+            table.name = name;
+        }
+        (f.take().expect("runs once"))(table)
+    }))
+    // SAFETY: releases the lock taken above.
+    .finally(|| unsafe { pg_sys::UnlockRelationOid(ns, mode) })
+    .execute();
+    Some(r)
 }
 
 /// Runs `f` as the owner of `table`, the safe way (see the module documentation), with user
@@ -492,13 +520,16 @@ fn encrypted_columns_sql(relkinds: &str) -> String {
 }
 
 /// Records one job per table with encrypted columns (every schema, partitions included,
-/// temporary tables excepted) that has none yet. Returns how many were added.
+/// temporary tables excepted) that has none yet, and sends a table whose encrypted columns
+/// changed since its job was made back for a pass over all of them. Returns how many.
 pub fn create_jobs(version: u32) -> i64 {
     let sql = format!(
         "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns) \
          SELECT t.oid, $1, t.columns FROM ({}) t(oid, columns) \
          WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.<>) 't' \
-         ON CONFLICT (relid) DO NOTHING",
+         ON CONFLICT (relid) DO UPDATE SET columns = EXCLUDED.columns, state = 'pending', next_block = 0, total_blocks = 0, \
+                pass = cellcrypt.reencryption_job.pass OPERATOR(pg_catalog.+) 1 \
+         WHERE cellcrypt.reencryption_job.columns OPERATOR(pg_catalog.<>) EXCLUDED.columns",
         encrypted_columns_sql("r")
     );
     as_extension_owner(|| {
@@ -529,7 +560,7 @@ pub fn retirement_waits_for() -> Result<Option<String>, String> {
              FROM pg_catalog.pg_stat_activity \
              WHERE datid OPERATOR(pg_catalog.=) $1 AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() AND xact_start IS NOT NULL \
                AND backend_type OPERATOR(pg_catalog.<>) 'autovacuum worker' \
-               AND xact_start OPERATOR(pg_catalog.<) (SELECT pg_catalog.max(verified_at) FROM cellcrypt.reencryption_job)",
+               AND xact_start OPERATOR(pg_catalog.<) (SELECT COALESCE(pg_catalog.max(verified_at), pg_catalog.clock_timestamp()) FROM cellcrypt.reencryption_job)",
             // SAFETY: a backend global.
             &[unsafe { pg_sys::MyDatabaseId }.into()],
         )?;
@@ -656,8 +687,8 @@ pub fn has_previous_keys() -> Result<bool, String> {
 pub fn plan_nothing_left() -> Result<(), String> {
     as_extension_owner(|| {
         Spi::run(
-            "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns, state) \
-             SELECT 0, 0, '{}', 'verified' WHERE NOT EXISTS (SELECT FROM cellcrypt.reencryption_job)",
+            "INSERT INTO cellcrypt.reencryption_job (relid, key_version, columns, state, verified_at) \
+             SELECT 0, 0, '{}', 'verified', pg_catalog.clock_timestamp() WHERE NOT EXISTS (SELECT FROM cellcrypt.reencryption_job)",
         )
     })
     .map_err(job_error("could not plan the re-encryption"))
