@@ -505,3 +505,58 @@ fn keys_with_control_characters_are_refused_and_create_extension_keeps_the_key_f
     let digest = c.psql("app", DIGEST);
     reads_back_after_restart(&c, &digest);
 }
+
+#[test]
+fn retirement_waits_for_a_transaction_older_than_the_change_even_with_no_table_to_do() {
+    // No table holds encrypted values when the key changes; a transaction that began before
+    // creates one and fills it under the old key. The old key outlives that transaction.
+    let mut conf = KDF.to_vec();
+    conf.push("max_worker_processes = 1");
+    let c = Cluster::start("placeholder", &conf);
+    c.database_with_extension("app");
+    let mut a = c.connect(Transport::Unix, "app");
+    a.batch_execute("BEGIN; CREATE TABLE m (id int, c encrypted_text); INSERT INTO m VALUES (1, 'made by an old transaction')").unwrap();
+    let mut admin = c.connect(Transport::Unix, "app");
+    admin.batch_execute("SELECT set_data_encryption_key(generate_data_encryption_key())").unwrap();
+    // Steps in the foreground, in their own transactions: none may retire the old key while A runs.
+    for _ in 0..20 {
+        let s: String = admin.query_one("SELECT cellcrypt._reencrypt_step()", &[]).unwrap().get(0);
+        assert_ne!(s, "done", "the old key was retired while a transaction from before the change was open");
+    }
+    a.batch_execute("COMMIT").unwrap();
+    // No worker slot here: the administrator finishes in the foreground.
+    c.psql("app", "CALL finish_data_encryption_reencryption()");
+    c.wait_reencrypted("app");
+    c.restart();
+    assert_eq!(c.psql("app", "SELECT decrypt(c) FROM m").trim(), "made by an old transaction");
+    assert_eq!(c.psql("app", "SELECT encryption_key_version(c) FROM m").trim(), "2");
+}
+
+#[test]
+fn a_column_added_by_an_older_transaction_is_reencrypted_before_the_old_key_goes() {
+    let c = cluster("added-column", &["pg_cellcrypt.reencrypt_pause = '100ms'"]);
+    let mut a = c.connect(Transport::Unix, "app");
+    a.batch_execute("BEGIN; ALTER TABLE t ADD COLUMN b encrypted_text; UPDATE t SET b = 'b of ' || id").unwrap();
+    let mut admin = c.connect(Transport::Unix, "app");
+    // The change waits for A's lock on t only in its batches; start it, then let A commit.
+    admin.batch_execute("SELECT set_data_encryption_key(generate_data_encryption_key())").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    a.batch_execute("COMMIT").unwrap();
+    c.wait_reencrypted("app");
+    assert_eq!(c.psql("app", "SELECT count(*) FROM t WHERE encryption_key_version(b) <> 2 OR encryption_key_version(s) <> 2").trim(), "0");
+    c.restart();
+    assert_eq!(c.psql("app", "SELECT count(*) FROM t WHERE decrypt(b) = 'b of ' || id").trim(), "200");
+}
+
+#[test]
+fn schema_ddl_in_a_users_transaction_never_deadlocks_with_the_worker() {
+    let c = cluster("ns-deadlock", &["pg_cellcrypt.reencrypt_pause = '20ms'", "pg_cellcrypt.reencrypt_batch_size = 20"]);
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    // The user's transaction locks t (the worker then waits for it), then creates a schema.
+    let mut b = c.connect(Transport::Unix, "app");
+    b.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    b.batch_execute("CREATE SCHEMA s_made_meanwhile; COMMIT").unwrap_or_else(|e| panic!("the user's schema DDL failed: {e}"));
+    c.wait_reencrypted("app");
+    reads_back_after_restart(&c, &c.psql("app", DIGEST));
+}
