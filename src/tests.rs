@@ -303,7 +303,7 @@ fn a_key_change_reencrypts_every_value_in_batches_and_old_envelopes_stay_readabl
 }
 
 #[pg_test]
-fn reencryption_fires_no_user_trigger_and_restores_the_replication_role() {
+fn reencryption_fires_no_ordinary_trigger_and_restores_the_replication_role() {
     allow_plain_tcp();
     Spi::run("CREATE TABLE trg (id int, s encrypted_text); CREATE TABLE trg_log (id int)").unwrap();
     Spi::run("CREATE FUNCTION trg_note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO trg_log VALUES (NEW.id); RETURN NEW; END $$").unwrap();
