@@ -39,10 +39,6 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use zeroize::Zeroizing;
 
-fn with_pending(f: impl FnOnce(&mut Stage)) {
-    keystate::stage(f)
-}
-
 /// Registers the transaction callbacks that carry out what a transaction staged
 /// (`keystate.rs`) when it, or one of its subtransactions, ends.
 pub fn init() {
@@ -175,7 +171,7 @@ pub unsafe extern "C-unwind" fn cellcrypt_keyring_write_is_internal(_fcinfo: pg_
     let internal = crate::store::internal_write_in_progress();
     if !internal {
         keys::invalidate();
-        with_pending(|p| {
+        keystate::stage(|p| {
             p.forget = true;
             p.publish = None;
         });
@@ -275,7 +271,7 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
                     version - 1
                 );
             }
-            with_pending(|p| {
+            keystate::stage(|p| {
                 p.file_after_abort.get_or_insert(existing);
             });
         }
@@ -300,12 +296,12 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
         Vec::new(),
         Some((1, index_key)),
     ));
-    with_pending(|p| {
+    keystate::stage(|p| {
         p.forget = true;
         p.publish = Some((version, master, Zeroizing::new(key.as_str().to_owned())));
     });
     audit::record(&Event { action: "create", outcome: "started", key_version: Some(version), fingerprint: Some(&fp), detail: "first key, at CREATE EXTENSION" });
-    with_pending(|p| p.audit.push(("create", Some(version), fp)));
+    keystate::stage(|p| p.audit.push(("create", Some(version), fp)));
     pg_sys::Datum::from(true)
 }
 
@@ -424,7 +420,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
         KeyProvider::File => {
             let previous = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
             write_key_file(&with_key(previous.clone(), current.version, key.as_str())).unwrap_or_else(|e| key_io_error(e));
-            with_pending(|p| {
+            keystate::stage(|p| {
                 p.file_after_abort.get_or_insert(previous);
             });
         }
@@ -439,7 +435,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     }
     keystate::install_keys(keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, MasterKey::from_bytes(*master.expose())));
     audit::record(&Event { action: "restore", outcome: "started", key_version: Some(current.version), fingerprint: Some(&fp), detail: "" });
-    with_pending(|p| {
+    keystate::stage(|p| {
         p.publish = Some((current.version, master, Zeroizing::new(key.as_str().to_owned())));
         p.audit.push(("restore", Some(current.version), fp));
         p.launch_worker = rows.len() > 1;
@@ -511,7 +507,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();
     audit::record(&Event { action: "change", outcome: "started", key_version: Some(new_version), fingerprint: Some(&fp), detail: &format!("replaces key version {}", current.version) });
-    with_pending(|p| p.audit.push(("change", Some(new_version), fp.clone())));
+    keystate::stage(|p| p.audit.push(("change", Some(new_version), fp.clone())));
 
     // The keyring: older versions keep their data key, wrapped under the new key.
     let wrap = master.wrap_key();
@@ -529,7 +525,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
             let after = with_key(with_key(before.clone(), current.version, &old_text), new_version, new_key.as_str());
             write_key_file(&after).unwrap_or_else(|e| key_io_error(e));
-            with_pending(|p| {
+            keystate::stage(|p| {
                 p.file_after_abort.get_or_insert(before);
             });
         }
@@ -554,11 +550,11 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         data_keys,
         index_key,
     ));
-    with_pending(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
+    keystate::stage(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
     keystate::announce_at_commit();
 
     let tables = crate::reencrypt::create_jobs(new_version);
-    with_pending(|p| p.launch_worker = tables > 0);
+    keystate::stage(|p| p.launch_worker = tables > 0);
     let mut msg = format!(
         "changed: key version {new_version} (fingerprint {fp}) is current; {tables} tables will be re-encrypted in the background (see data_encryption_progress)"
     );

@@ -255,9 +255,13 @@ pub fn internal_write_in_progress() -> bool {
 
 /// Runs a write to the key tables as the extension owner, marked as the extension's own.
 fn write<R>(what: &str, f: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> R {
+    internally(f).unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not {what}: {e}"), None, None))
+}
+
+/// Runs `f` as the extension owner, with its writes to the key tables marked as its own.
+fn internally<R>(f: impl FnOnce() -> R) -> R {
     INTERNAL_WRITE.with(|w| w.set(true));
-    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| as_extension_owner(f))).finally(|| INTERNAL_WRITE.with(|w| w.set(false))).execute();
-    r.unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not {what}: {e}"), None, None))
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| as_extension_owner(f))).finally(|| INTERNAL_WRITE.with(|w| w.set(false))).execute()
 }
 
 /// Runs a read of the extension's tables as the extension owner with the latest snapshot, as
@@ -791,29 +795,24 @@ pub fn live_jobs() -> Result<Vec<(pg_sys::Oid, i32, Vec<String>)>, String> {
 /// wrapped keys are deleted) and clears the jobs. Returns (retired versions, values moved,
 /// current version, its fingerprint).
 pub fn retire_previous_keys() -> Result<(Option<String>, Option<i64>, Option<i32>, Option<String>), String> {
-    INTERNAL_WRITE.with(|w| w.set(true));
-    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-        as_extension_owner(|| {
-            let (retired, cells) = Spi::get_two::<String, i64>(
-                "SELECT (SELECT pg_catalog.string_agg(key_version::pg_catalog.text, ', ' ORDER BY key_version) FROM cellcrypt.keyring \
-                         WHERE state OPERATOR(pg_catalog.=) 'previous'), \
-                        (SELECT pg_catalog.sum(cells_done)::pg_catalog.int8 FROM cellcrypt.reencryption_job)",
-            )?;
-            let (version, fingerprint) =
-                Spi::get_two::<i32, String>("SELECT key_version, fingerprint FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'current'")?;
-            Spi::run_with_args(
-                "UPDATE cellcrypt.keyring SET reencrypted_values = COALESCE(reencrypted_values, 0) OPERATOR(pg_catalog.+) $1 \
-                 WHERE state OPERATOR(pg_catalog.=) 'current'",
-                &[cells.unwrap_or(0).into()],
-            )?;
-            Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state OPERATOR(pg_catalog.=) 'previous'")?;
-            Spi::run("DELETE FROM cellcrypt.reencryption_job")?;
-            Ok::<_, pgrx::spi::Error>((retired, cells, version, fingerprint))
-        })
-    }))
-    .finally(|| INTERNAL_WRITE.with(|w| w.set(false)))
-    .execute();
-    r.map_err(job_error("could not retire old keys"))
+    internally(|| {
+        let (retired, cells) = Spi::get_two::<String, i64>(
+            "SELECT (SELECT pg_catalog.string_agg(key_version::pg_catalog.text, ', ' ORDER BY key_version) FROM cellcrypt.keyring \
+                     WHERE state OPERATOR(pg_catalog.=) 'previous'), \
+                    (SELECT pg_catalog.sum(cells_done)::pg_catalog.int8 FROM cellcrypt.reencryption_job)",
+        )?;
+        let (version, fingerprint) =
+            Spi::get_two::<i32, String>("SELECT key_version, fingerprint FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'current'")?;
+        Spi::run_with_args(
+            "UPDATE cellcrypt.keyring SET reencrypted_values = COALESCE(reencrypted_values, 0) OPERATOR(pg_catalog.+) $1 \
+             WHERE state OPERATOR(pg_catalog.=) 'current'",
+            &[cells.unwrap_or(0).into()],
+        )?;
+        Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state OPERATOR(pg_catalog.=) 'previous'")?;
+        Spi::run("DELETE FROM cellcrypt.reencryption_job")?;
+        Ok::<_, pgrx::spi::Error>((retired, cells, version, fingerprint))
+    })
+    .map_err(job_error("could not retire old keys"))
 }
 
 /// The extension's schema, quoted, as it is named now (call it with the pg_namespace lock of

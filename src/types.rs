@@ -257,15 +257,26 @@ static FRESH: BackendLocal<RefCell<Fresh>> =
 pub unsafe fn rebind(d: Datum, binding: u32) -> Datum {
     let keys = keys::loaded();
     let env = envelope_of(Kind::Text, d);
-    let old = cipher_of(&keys, Kind::Text, env.key_id(), "bind", "The value comes from another database or was encrypted under a retired key.");
-    let new = current_cipher(&keys);
+    reseal(Kind::Text, &keys, &env, binding, "bind", "The value comes from another database or was encrypted under a retired key.")
+}
+
+/// `env` re-sealed under the current key and bound to blind-index column `binding` (0: none), in
+/// a new datum: opened and sealed again inside that datum's own buffer, so the plaintext has no
+/// second copy. Raises 42704 (with `doing` and `hint`) when this database lacks the key `env`
+/// is under, and XX001 when it does not open.
+///
+/// # Safety
+/// `env` must be the envelope of a datum of `kind`'s encrypted type.
+unsafe fn reseal(kind: Kind, keys: &keys::LoadedKeys, env: &Envelope, binding: u32, doing: &str, hint: &str) -> Datum {
+    let old = cipher_of(keys, kind, env.key_id(), doing, hint);
+    let new = current_cipher(keys);
     let mut ok = false;
     let out = new_varlena(env.as_bytes().len(), |out| {
-        ok = with_context(Kind::Text, |ctx| keys::with_nonces(|n| new.reseal_bound_into(old, &env, ctx, binding, n, out))).is_ok();
+        ok = with_context(kind, |ctx| keys::with_nonces(|n| new.reseal_bound_into(old, env, ctx, binding, n, out))).is_ok();
     });
     if !ok {
         pg_sys::pfree(out.cast_mut_ptr());
-        errors::decryption_failed(Kind::Text.type_name());
+        errors::decryption_failed(kind.type_name());
     }
     out
 }
@@ -498,23 +509,15 @@ pub unsafe fn reencrypt_datum(kind: Kind, d: Datum) -> Datum {
     if env.key_id() == keys.current_version {
         return d;
     }
-    let old = cipher_of(
-        &keys,
+    // A value keeps its blind-index binding.
+    let out = reseal(
         kind,
-        env.key_id(),
+        &keys,
+        &env,
+        env.binding(),
         "re-encrypt",
         "Find the row with WHERE encryption_key_version(column) = <version> and restore it from a backup, or delete it; then change the key again.",
     );
-    let new = current_cipher(&keys);
-    // Opened and sealed again inside the new datum's own buffer: no second copy of the plaintext.
-    let mut resealed = false;
-    let out = new_varlena(env.as_bytes().len(), |out| {
-        resealed = with_context(kind, |ctx| keys::with_nonces(|n| new.reseal_into(old, &env, ctx, n, out))).is_ok();
-    });
-    if !resealed {
-        pg_sys::pfree(out.cast_mut_ptr());
-        errors::decryption_failed(kind.type_name());
-    }
     RESEALED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     out
 }
