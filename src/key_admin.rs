@@ -112,13 +112,36 @@ fn with_key(mut entries: KeyFile, version: u32, text: &str) -> KeyFile {
     entries
 }
 
+/// After `pg_upgrade`: once the key has been loaded (and the old cluster's key file copied under
+/// this cluster's name), records this cluster's key file location, so that the next upgrade
+/// finds it. Called by the re-encryption worker at server start; does nothing otherwise.
+pub fn note_key_location() {
+    if providers::current() != KeyProvider::File || !providers::file::path().exists() {
+        return;
+    }
+    let here = crate::store::this_key_location();
+    let recorded = crate::store::key_location();
+    if recorded.is_some_and(|r| r.system_identifier != here.system_identifier && r.database_oid == here.database_oid) {
+        crate::store::record_key_location();
+    }
+}
+
+/// Writes the key file. Also what an abort uses to put the file back, so it runs no SQL.
 fn write_key_file(entries: &KeyFile) -> Result<(), String> {
     let refs: Vec<(u32, &str)> = entries.iter().map(|(v, k)| (*v, k.as_str())).collect();
     providers::file::write_all(&refs)
 }
 
+/// A key call's write of the key file: the file, then, in this transaction, where it is
+/// (`cellcrypt.key_location`), which lets the cluster made by `pg_upgrade` find it.
+fn store_key_file(entries: &KeyFile) {
+    write_key_file(entries).unwrap_or_else(|e| key_io_error(e));
+    crate::store::record_key_location();
+}
+
 /// The transaction committed: announce the new key. Must not raise (the commit is done).
 fn commit_effects(p: Stage) {
+    crate::fault::point("commit:before_effects");
     // Publishing overwrites this database's slot in place: forgetting first would free it for
     // another database between the two steps, and the key would then have no slot.
     if p.forget && p.publish.is_none() {
@@ -177,6 +200,46 @@ pub unsafe extern "C-unwind" fn cellcrypt_keyring_write_is_internal(_fcinfo: pg_
         });
     }
     pg_sys::Datum::from(internal)
+}
+
+/// `cellcrypt._refuse_restore_over_live_data()`, called by the key tables' BEFORE INSERT
+/// trigger before rows from a dump replace the ones in place: refuses (55000) while any table
+/// holds a value that opens under the keys in place, since replacing them would make that value
+/// unreadable for good. A database whose extension was just created (a restore's usual target)
+/// has no such value, and the restore goes on.
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cellcrypt_refuse_restore_over_live_data() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let versions = crate::store::live_key_versions();
+    if versions.is_empty() {
+        return pg_sys::Datum::from(0);
+    }
+    if let Some(table) = crate::store::relation_with_live_values(&versions) {
+        audit::record(&Event {
+            action: "restore from dump",
+            outcome: "refused",
+            key_version: versions.iter().max().map(|v| *v as u32),
+            fingerprint: None,
+            detail: &format!("{table} holds values under the keys in place"),
+        });
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "rows from a dump would replace this database's keyring while its data needs it; nothing was replaced",
+            Some(&format!(
+                "{table} holds values encrypted under this database's key (version {}), which the dumped keyring cannot open.",
+                versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+            )),
+            Some("Restore the dump into a new database (CREATE DATABASE, CREATE EXTENSION pg_cellcrypt, then restore), or empty the encrypted tables of this one before a data-only restore."),
+        )
+    }
+    pg_sys::Datum::from(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,7 +327,8 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
     let (salt, params, master) = derive_new(&key);
     match provider {
         KeyProvider::File => {
-            write_key_file(&with_key(existing.clone(), version, key.as_str())).unwrap_or_else(|e| key_io_error(e));
+            store_key_file(&with_key(existing.clone(), version, key.as_str()));
+            crate::fault::point("create:key_file_written");
             if !existing.is_empty() {
                 pgrx::warning!(
                     "pg_cellcrypt: this database's key file already held key versions up to {}; they are kept, and the new key is version {version}",
@@ -419,7 +483,8 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     match providers::current() {
         KeyProvider::File => {
             let previous = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
-            write_key_file(&with_key(previous.clone(), current.version, key.as_str())).unwrap_or_else(|e| key_io_error(e));
+            store_key_file(&with_key(previous.clone(), current.version, key.as_str()));
+            crate::fault::point("restore:key_file_written");
             keystate::stage(|p| {
                 p.file_after_abort.get_or_insert(previous);
             });
@@ -524,7 +589,8 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             // or point-in-time recovery from before the change finds the key it needs.
             let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
             let after = with_key(with_key(before.clone(), current.version, &old_text), new_version, new_key.as_str());
-            write_key_file(&after).unwrap_or_else(|e| key_io_error(e));
+            store_key_file(&after);
+            crate::fault::point("change:key_file_written");
             keystate::stage(|p| {
                 p.file_after_abort.get_or_insert(before);
             });

@@ -344,14 +344,49 @@ CREATE UNIQUE INDEX index_key_one_current ON cellcrypt.index_key ((true)) WHERE 
 COMMENT ON TABLE cellcrypt.index_key IS 'Blind-index key versions, each only wrapped under the current data key';
 SELECT pg_catalog.pg_extension_config_dump('cellcrypt.index_key', '');
 
+-- Where this database's key file was last written: the cluster's system identifier, the
+-- database's OID and the key directory. Not carried by pg_dump (a database restored elsewhere
+-- must not find its key by itself); carried by pg_upgrade, which copies the tables but gives
+-- the new cluster a new system identifier: the first use after the upgrade copies the key file
+-- named here to the new cluster's name (providers.rs).
+CREATE TABLE cellcrypt.key_location (
+    one_row           boolean PRIMARY KEY DEFAULT true CHECK (one_row),
+    system_identifier text NOT NULL,
+    database_oid      oid NOT NULL,
+    key_directory     text NOT NULL,
+    recorded_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+REVOKE ALL ON cellcrypt.key_location FROM PUBLIC;
+COMMENT ON TABLE cellcrypt.key_location IS 'Where the file provider last wrote this database''s key file (survives pg_upgrade, not pg_dump)';
+
 -- Rows that arrive from a dump replace the key CREATE EXTENSION generated for this database;
--- the database then waits for its original key (set_data_encryption_key restores it).
+-- the database then waits for its original key (set_data_encryption_key restores it). A row
+-- this database already has (a dump of this very database) is kept as it is, and rows in use
+-- are never replaced: while a table holds values that open under the live keys, the restore
+-- is refused (cellcrypt._refuse_restore_over_live_data, key_admin.rs).
 CREATE FUNCTION cellcrypt._keyring_write_is_internal() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_keyring_write_is_internal' LANGUAGE c VOLATILE;
+CREATE FUNCTION cellcrypt._refuse_restore_over_live_data() RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_refuse_restore_over_live_data' LANGUAGE c VOLATILE;
 CREATE FUNCTION cellcrypt._before_insert_from_dump() RETURNS trigger LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT cellcrypt._keyring_write_is_internal() THEN
+        IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keyring' THEN
+            IF EXISTS (SELECT FROM cellcrypt.keyring k
+                        WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
+                          AND k.fingerprint OPERATOR(pg_catalog.=) NEW.fingerprint
+                          AND k.kdf_salt OPERATOR(pg_catalog.=) NEW.kdf_salt) THEN
+                RETURN NULL;
+            END IF;
+        ELSIF EXISTS (SELECT FROM cellcrypt.index_key k
+                       WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
+                         AND k.wrapped_under OPERATOR(pg_catalog.=) NEW.wrapped_under
+                         AND (k.wrapped_key OPERATOR(pg_catalog.=) NEW.wrapped_key
+                              OR (k.wrapped_key IS NULL AND NEW.wrapped_key IS NULL))) THEN
+            RETURN NULL;
+        END IF;
+        PERFORM cellcrypt._refuse_restore_over_live_data();
         EXECUTE pg_catalog.format('DELETE FROM %I.%I WHERE NOT restored', TG_TABLE_SCHEMA, TG_TABLE_NAME);
         NEW.restored := true;
     END IF;
@@ -360,6 +395,7 @@ END
 $$;
 REVOKE ALL ON FUNCTION cellcrypt._before_insert_from_dump() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cellcrypt._keyring_write_is_internal() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cellcrypt._refuse_restore_over_live_data() FROM PUBLIC;
 CREATE TRIGGER keyring_before_insert BEFORE INSERT ON cellcrypt.keyring
     FOR EACH ROW EXECUTE FUNCTION cellcrypt._before_insert_from_dump();
 CREATE TRIGGER index_key_before_insert BEFORE INSERT ON cellcrypt.index_key

@@ -14,6 +14,7 @@
 //! | [`key_admin`] | the administrator's SQL functions: set/change/restore/retrieve/status |
 //! | [`reencrypt`] | moving every value under the current key, in batches; retiring old keys |
 //! | [`worker`] | the launcher and the per-database re-encryption workers |
+//! | [`fault`] | crash points for the no-loss tests (feature `fault_injection` only) |
 //! | [`audit`] | the audit record of key operations |
 //! | [`types`] | the encrypted column types: I/O, casts, `decrypt` |
 //! | [`blind_index`] | blind indexes: `blind_index()`, index key rotation |
@@ -24,6 +25,7 @@
 use pgrx::prelude::*;
 
 pub mod errors;
+pub mod fault;
 pub mod gucs;
 pub mod hooks;
 pub mod audit;

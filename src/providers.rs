@@ -13,7 +13,10 @@
 //! and Argon2id once one backend has the key.
 //!
 //! Naming the key file after the cluster's system identifier means a database restored into
-//! another cluster never picks up a key it was not given.
+//! another cluster never picks up a key it was not given. `pg_upgrade` is the one copy that
+//! should: it copies `cellcrypt.key_location` with the tables, and the first use of the key in
+//! the upgraded cluster copies the old cluster's key file under the new name
+//! ([`file::read_all`]).
 
 use crate::gucs::{self, KeyProvider};
 use pgrx::pg_sys;
@@ -57,15 +60,56 @@ pub mod file {
         gucs::key_directory().join(format!("{sysid}_{}.key", dboid.to_u32()))
     }
 
-    /// Every `(version, key)` the file holds. A missing file holds nothing.
+    /// Every `(version, key)` the file holds. A missing file holds nothing, unless this cluster
+    /// was made from another by `pg_upgrade` (see [`after_upgrade`]).
     pub fn read_all() -> Result<Vec<(u32, Zeroizing<String>)>, String> {
-        let p = path();
-        let text = match std::fs::read_to_string(&p) {
+        match read_file(&path())? {
+            Some(entries) => Ok(entries),
+            None => after_upgrade(),
+        }
+    }
+
+    fn read_file(p: &std::path::Path) -> Result<Option<Vec<(u32, Zeroizing<String>)>>, String> {
+        let text = match std::fs::read_to_string(p) {
             Ok(t) => Zeroizing::new(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("could not read key file \"{}\": {e}", p.display())),
         };
-        parse(&text).map_err(|()| format!("key file \"{}\" is malformed", p.display()))
+        parse(&text).map(Some).map_err(|()| format!("key file \"{}\" is malformed", p.display()))
+    }
+
+    /// The keys of a database whose tables `pg_upgrade` copied from another cluster. The
+    /// upgrade gives the cluster a new system identifier, so this cluster's key file name is
+    /// not the one the key was written under; `cellcrypt.key_location` (copied with the tables,
+    /// never by pg_dump) names the old cluster's system identifier and key directory. When it
+    /// names another system identifier and this very database OID (pg_upgrade keeps database
+    /// OIDs), the old file, in the old key directory or in this one, is read and copied under
+    /// this cluster's name. Only `pg_upgrade` copies that table into a cluster with another
+    /// system identifier: a dump restored elsewhere, a template copy or a base backup never
+    /// gets a key this way. The keys read are verified against the keyring like any others.
+    fn after_upgrade() -> Result<Vec<(u32, Zeroizing<String>)>, String> {
+        let Some(old) = crate::store::key_location() else { return Ok(Vec::new()) };
+        let here = crate::store::this_key_location();
+        if old.system_identifier == here.system_identifier || old.database_oid != here.database_oid {
+            return Ok(Vec::new());
+        }
+        let name = format!("{}_{}.key", old.system_identifier, old.database_oid.to_u32());
+        for dir in [PathBuf::from(&old.key_directory), gucs::key_directory()] {
+            let from = dir.join(&name);
+            let Some(entries) = read_file(&from)? else { continue };
+            let refs: Vec<(u32, &str)> = entries.iter().map(|(v, k)| (*v, k.as_str())).collect();
+            match write_all(&refs) {
+                Ok(()) => pgrx::log!(
+                    "pg_cellcrypt: this cluster was upgraded from system identifier {}: key file \"{}\" copied to \"{}\"",
+                    old.system_identifier,
+                    from.display(),
+                    path().display()
+                ),
+                Err(e) => pgrx::warning!("pg_cellcrypt: read the key file \"{}\" of the cluster this one was upgraded from, but {e}", from.display()),
+            }
+            return Ok(entries);
+        }
+        Ok(Vec::new())
     }
 
     /// The key file format: `<version> <key>` per line; blank lines and `#` comments skipped.

@@ -191,6 +191,7 @@ fn process(job: store::Job) -> Result<String, String> {
         let batch = || -> Result<i64, String> {
             let before = crate::types::resealed_count();
             store::as_table_owner(table, || in_batch(|| Spi::run(update.as_str()))).map_err(spi_err(&format!("could not re-encrypt table {name}")))?;
+            crate::fault::point("reencrypt:batch_done");
             Ok((crate::types::resealed_count() - before) as i64)
         };
         catching_errors(batch).map_err(|message| {
@@ -374,6 +375,7 @@ fn finish() -> Result<String, String> {
     }
     // Every value is under the current key: retire the older versions.
     let (retired, cells, version, fingerprint) = store::retire_previous_keys()?;
+    crate::fault::point("reencrypt:retired");
     let detail = format!("{} values re-encrypted; retired key versions: {}", cells.unwrap_or(0), retired.as_deref().unwrap_or("none"));
     audit::record(&Event {
         action: "reencryption",

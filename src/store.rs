@@ -312,6 +312,55 @@ pub fn key_rows() -> Vec<KeyRow> {
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not read the pg_cellcrypt keyring: {e}"), None, None))
 }
 
+/// Where the `file` provider last wrote this database's key file, as `cellcrypt.key_location`
+/// records it: (system identifier, database OID, key directory).
+pub struct KeyLocation {
+    pub system_identifier: String,
+    pub database_oid: pg_sys::Oid,
+    pub key_directory: String,
+}
+
+pub fn key_location() -> Option<KeyLocation> {
+    read_latest(|| {
+        Spi::connect(|c| {
+            let t = c.select("SELECT system_identifier, database_oid, key_directory FROM cellcrypt.key_location", None, &[])?;
+            let Some(r) = t.into_iter().next() else { return Ok(None) };
+            Ok::<_, pgrx::spi::Error>(Some(KeyLocation {
+                system_identifier: r.get::<String>(1)?.unwrap_or_default(),
+                database_oid: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                key_directory: r.get::<String>(3)?.unwrap_or_default(),
+            }))
+        })
+    })
+    .ok()
+    .flatten()
+}
+
+/// The location of this cluster's key file for this database.
+pub fn this_key_location() -> KeyLocation {
+    // SAFETY: plain reads of backend globals.
+    let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::MyDatabaseId) };
+    KeyLocation {
+        system_identifier: sysid.to_string(),
+        database_oid: dboid,
+        key_directory: crate::gucs::key_directory().to_string_lossy().into_owned(),
+    }
+}
+
+/// Records this cluster's key file location in `cellcrypt.key_location`, in the caller's
+/// transaction.
+pub fn record_key_location() {
+    let here = this_key_location();
+    write("record where the key file is", || {
+        Spi::run_with_args(
+            "INSERT INTO cellcrypt.key_location (system_identifier, database_oid, key_directory) VALUES ($1, $2, $3) \
+             ON CONFLICT (one_row) DO UPDATE SET system_identifier = EXCLUDED.system_identifier, \
+                 database_oid = EXCLUDED.database_oid, key_directory = EXCLUDED.key_directory, recorded_at = pg_catalog.now()",
+            &[here.system_identifier.into(), here.database_oid.into(), here.key_directory.into()],
+        )
+    })
+}
+
 /// The current data key version and blind-index key version, read-only (for standbys).
 pub fn current_versions() -> (Option<u32>, Option<u32>) {
     read_latest(|| {
@@ -540,6 +589,78 @@ pub fn create_jobs(version: u32) -> i64 {
         Spi::connect_mut(|c| c.update(&sql, None, &[(version as i32).into(), extension_oid().into()]).map(|t| t.len() as i64))
     })
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not plan the re-encryption: {e}"), None, None))
+}
+
+thread_local! {
+    static RESTORE_CHECK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while [`relation_with_live_values`] reads a table: `cellcrypt.opens()` works only then.
+pub fn in_restore_check() -> bool {
+    RESTORE_CHECK.with(|c| c.get())
+}
+
+fn in_restore_check_scope<R>(f: impl FnOnce() -> R) -> R {
+    RESTORE_CHECK.with(|c| c.set(true));
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(f)).finally(|| RESTORE_CHECK.with(|c| c.set(false))).execute()
+}
+
+/// The first table or materialized view (by name) holding a value under one of `versions` that
+/// opens under the keys in use: data that the keyring rows in place are needed for. Each
+/// relation is read as its owner, `ONLY`, without row security (a read fires no trigger);
+/// temporary tables are not looked at.
+pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
+    let sql = encrypted_columns_sql("r,m");
+    let relations: Vec<(pg_sys::Oid, Vec<String>)> = as_extension_owner(|| {
+        Spi::connect(|c| {
+            let mut out = Vec::new();
+            for r in c.select(&sql, None, &[0.into(), extension_oid().into()])? {
+                out.push((r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid), r.get::<Vec<String>>(2)?.unwrap_or_default()));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not list encrypted columns: {e}"), None, None));
+    for (relid, columns) in relations {
+        let lock = pg_sys::AccessShareLock;
+        let Some(mut rel) = lock_user_relation(relid, lock, b'r').or_else(|| lock_user_relation(relid, lock, b'm')) else {
+            continue;
+        };
+        let condition = columns
+            .iter()
+            .map(|c| format!("(cellcrypt.key_version({c}) OPERATOR(pg_catalog.=) ANY ($1) AND cellcrypt.opens({c}))"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let found = with_stable_names(&mut rel, true, |t| {
+            as_table_owner(t, || {
+                in_restore_check_scope(|| {
+                    Spi::get_one_with_args::<bool>(
+                        &format!("SELECT EXISTS (SELECT FROM ONLY {} WHERE {condition})", t.name),
+                        &[versions.to_vec().into()],
+                    )
+                })
+            })
+        })
+        .expect("waits for the lock")
+        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not read {}: {e}", rel.name), None, None));
+        if found == Some(true) {
+            return Some(rel.name);
+        }
+    }
+    None
+}
+
+/// The live (not restored) keyring versions still in use: current and previous.
+pub fn live_key_versions() -> Vec<i32> {
+    as_extension_owner(|| {
+        Spi::get_one::<Vec<i32>>(
+            "SELECT pg_catalog.array_agg(key_version) FROM cellcrypt.keyring \
+             WHERE NOT restored AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 /// What keeps older key versions from being retired although every job is done, if anything:

@@ -660,6 +660,39 @@ v1_function!(pg_finfo_cellcrypt_key_version, cellcrypt_key_version, |fcinfo| {
     }
 });
 
+// cellcrypt.opens(encrypted) → boolean: whether the value opens under this database's live
+// keys. What a data-only restore checks before it replaces the keyring (key_admin.rs): such a
+// value is data the keyring rows in place are needed for. Says yes or no, nothing else, and
+// only inside that check (42501 otherwise: it would be an oracle). When the keys cannot be
+// loaded, every value counts as opening (the caller then refuses).
+v1_function!(pg_finfo_cellcrypt_opens, cellcrypt_opens, |fcinfo| {
+    if !crate::store::in_restore_check() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "cellcrypt.opens() is internal to pg_cellcrypt's restore check",
+            None,
+            Some("Use encryption_key_version(column) to see which key version a value is under."),
+        )
+    }
+    let flinfo = (*fcinfo).flinfo;
+    let kind = fn_extra::<Kind>(flinfo).unwrap_or_else(|| {
+        let kind = kind_of_type(pg_sys::get_fn_expr_argtype(flinfo, 0));
+        set_fn_extra(flinfo, kind);
+        kind
+    });
+    let Ok(env) = Envelope::parse(varlena_bytes(arg(fcinfo, 0))) else {
+        return Datum::from(false);
+    };
+    let Ok(keys) = keys::try_loaded() else {
+        return Datum::from(true);
+    };
+    let Some(cipher) = keys.ring.get(env.key_id()) else {
+        return Datum::from(false);
+    };
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
+    Datum::from(with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut buf).is_ok()))
+});
+
 macro_rules! kind_functions {
     ($kind:expr, $fi_enc:ident, $enc:ident, $fi_dec:ident, $dec:ident) => {
         v1_function!($fi_enc, $enc, |fcinfo| { encrypt_plain_datum($kind, arg(fcinfo, 0)) });
@@ -737,6 +770,8 @@ BEGIN
         -- statements call (a schema other roles may create in, or rename, is never named there).
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.key_version(@extschema@.%1$I) RETURNS integer
                           AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.opens(@extschema@.%1$I) RETURNS boolean
+                          AS 'MODULE_PATHNAME', 'cellcrypt_opens' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t);
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
                           AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE$f$, t);
         -- cellcrypt.reencrypt() refuses to run outside a re-encryption batch (reencrypt.rs); the

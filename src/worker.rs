@@ -4,8 +4,13 @@
 //! * The **launcher** (a static background worker, started once recovery has finished) lists
 //!   the databases that accept connections (templates excepted) and starts a re-encryption
 //!   worker for each; a worker in a database without the extension or without pending work
-//!   exits at once. So after a restart or a crash, unfinished re-encryption resumes with no
-//!   administrator action.
+//!   exits at once. It then stays, idle, so that PostgreSQL starts it again after a crash
+//!   (it forgets a static worker that has exited). So after a restart or a crash, unfinished
+//!   re-encryption resumes with no administrator action, including the work of a change that
+//!   committed just before the crash, before it could start its worker.
+//! * The worker first records where this cluster keeps the database's key file, when
+//!   `cellcrypt.key_location` names another cluster's (after `pg_upgrade`, see `providers.rs`):
+//!   the next upgrade then finds the key file under this cluster's name.
 //! * A key change starts its database's **worker** when it commits.
 //! * A worker runs [`crate::reencrypt::step`] in its own short transactions, each holding the
 //!   key-change lock (`policy.rs`); `set_data_encryption_key` is refused with 55P03 while jobs are
@@ -32,7 +37,9 @@ pub fn init() {
         .set_function("cellcrypt_launcher_main")
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(None)
+        // Restarted after a crash too: a key change that committed just before a crash may not
+        // have started its worker, and PostgreSQL forgets workers that are never restarted.
+        .set_restart_time(Some(Duration::from_secs(10)))
         .load();
 }
 
@@ -93,6 +100,11 @@ fn databases() -> Vec<pg_sys::Oid> {
 #[pg_guard]
 pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // pg_upgrade runs both clusters in binary-upgrade mode: nothing may be written then.
+    // SAFETY: a backend global, set at postmaster start.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return;
+    }
     BackgroundWorker::connect_worker_to_spi(None, None);
     pin_search_path();
     let dbs = BackgroundWorker::transaction(databases);
@@ -104,6 +116,10 @@ pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
             }
         }
     }
+    // Then stay, idle, until shutdown: a launcher that exited would be unregistered, and
+    // after a crash (when the postmaster restarts every registered worker) nothing would
+    // resume the work of a change that committed just before it.
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(3600))) {}
 }
 
 #[unsafe(no_mangle)]
@@ -118,7 +134,10 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
         // restart) there is nothing this worker can do; the key restore starts it again.
         crate::store::extension_oid() != pg_sys::InvalidOid
             && crate::keys::try_loaded().is_ok()
-            && crate::store::has_reencryption_work()
+            && {
+                crate::key_admin::note_key_location();
+                crate::store::has_reencryption_work()
+            }
     });
     if !has_work {
         return;

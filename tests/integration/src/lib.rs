@@ -35,6 +35,8 @@ pub const ALL_TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::TcpSsl, T
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// The server's `bin/` (Debian's PostgreSQL 15 unless made with [`Cluster::start_on`]).
+    pub bin: PathBuf,
 }
 
 fn check(out: Output, what: &str) -> String {
@@ -64,9 +66,16 @@ impl Cluster {
 
     /// Starts a fresh cluster; `extra` lines are appended to postgresql.conf.
     pub fn start(name: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_on(Path::new(PGBIN), name, extra)
+    }
+
+    /// As [`Cluster::start`], with the server in `bin` (another PostgreSQL build, see
+    /// `scripts/pg-major.sh`).
+    pub fn start_on(bin: &Path, name: &str, extra: &[&str]) -> Cluster {
         let (dir, port) = Cluster::place(name);
         std::fs::create_dir_all("/tmp/pg_cellcrypt-it").unwrap();
         let out = Command::new(repo().join("scripts/cluster.sh"))
+            .env("PGBIN", bin)
             .arg("start")
             .arg(&dir)
             .arg(port.to_string())
@@ -74,7 +83,7 @@ impl Cluster {
             .output()
             .unwrap();
         check(out, "starting the cluster");
-        Cluster { dir, port }
+        Cluster { dir, port, bin: bin.to_path_buf() }
     }
 
     /// A streaming standby of this cluster, made with pg_basebackup, with its own (empty) key
@@ -82,6 +91,7 @@ impl Cluster {
     pub fn standby(&self, name: &str, extra: &[&str]) -> Cluster {
         let (dir, port) = Cluster::place(name);
         let out = Command::new(repo().join("scripts/cluster.sh"))
+            .env("PGBIN", &self.bin)
             .arg("standby")
             .arg(&self.dir)
             .arg(&dir)
@@ -90,7 +100,7 @@ impl Cluster {
             .output()
             .unwrap();
         check(out, "starting the standby");
-        Cluster { dir, port }
+        Cluster { dir, port, bin: self.bin.clone() }
     }
 
     /// Waits until `standby` has replayed everything this cluster has written so far.
@@ -162,7 +172,7 @@ impl Cluster {
 
     /// psql over the Unix socket, unaligned and tuples-only, stopping at the first error.
     fn psql_command(&self, db: &str) -> Command {
-        let mut cmd = Command::new("psql");
+        let mut cmd = Command::new(self.bin.join("psql"));
         cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
             .arg("-h")
             .arg(&self.dir)
@@ -185,7 +195,7 @@ impl Cluster {
 
     /// pg_dump in plain format, extra arguments appended.
     pub fn pg_dump(&self, db: &str, args: &[&str]) -> String {
-        let out = Command::new(format!("{PGBIN}/pg_dump"))
+        let out = Command::new(self.bin.join("pg_dump"))
             .args(["-U", "postgres", "-h"])
             .arg(&self.dir)
             .arg("-p")
@@ -199,7 +209,7 @@ impl Cluster {
 
     /// pg_restore of a custom-format dump file into `db`.
     pub fn pg_restore(&self, db: &str, file: &Path) {
-        let out = Command::new(format!("{PGBIN}/pg_restore"))
+        let out = Command::new(self.bin.join("pg_restore"))
             .args(["-U", "postgres", "--exit-on-error", "-h"])
             .arg(&self.dir)
             .arg("-p")
@@ -234,7 +244,7 @@ impl Cluster {
     fn pg_ctl(&self, args: &[&str]) {
         let out = Command::new("runuser")
             .args(["-u", "postgres", "--"])
-            .arg(format!("{PGBIN}/pg_ctl"))
+            .arg(self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.dir.join("data"))
             .arg("-l")
@@ -247,6 +257,11 @@ impl Cluster {
 
     pub fn restart(&self) {
         self.pg_ctl(&["-w", "-t", "60", "restart"]);
+    }
+
+    /// A clean shutdown (`-m fast`).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
     }
 
     pub fn stop_immediate(&self) {
@@ -271,7 +286,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/cluster.sh")).arg("stop").arg(&self.dir).output();
+        let _ = Command::new(repo().join("scripts/cluster.sh")).env("PGBIN", &self.bin).arg("stop").arg(&self.dir).output();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

@@ -560,3 +560,91 @@ fn schema_ddl_in_a_users_transaction_never_deadlocks_with_the_worker() {
     c.wait_reencrypted("app");
     reads_back_after_restart(&c, &c.psql("app", DIGEST));
 }
+
+/// `pg_restore` of `file` into `db` with `args`; the caller checks the outcome.
+fn restore(c: &Cluster, db: &str, args: &[&str], file: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(c.bin.join("pg_restore"))
+        .args(["-U", "postgres", "--exit-on-error", "-h"])
+        .arg(&c.dir)
+        .arg("-p")
+        .arg(c.port.to_string())
+        .args(["-d", db])
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+fn keyring(c: &Cluster, db: &str) -> String {
+    c.psql(
+        db,
+        "SELECT string_agg(key_version || ':' || fingerprint || ':' || encode(kdf_salt, 'hex') || ':' || state || ':' || restored, ',' ORDER BY key_version) FROM cellcrypt.keyring",
+    )
+}
+
+#[test]
+fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
+    let c = cluster("dataonly", &[]);
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    c.wait_reencrypted("app");
+    let digest = c.psql("app", DIGEST);
+    let ring = keyring(&c, "app");
+    assert_eq!(ring.split(',').count(), 2, "{ring}");
+
+    // A data-only dump of this very database, restored into it after the data was emptied:
+    // its keyring rows are the ones in place and are kept as they are.
+    let own = c.dir.join("own.dump");
+    c.pg_dump("app", &["-Fc", "--data-only", "-f", own.to_str().unwrap()]);
+    c.psql("app", "TRUNCATE t");
+    let out = restore(&c, "app", &["--data-only"], &own);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(keyring(&c, "app"), ring);
+    assert_eq!(c.psql("app", DIGEST), digest);
+
+    // Another database, with its own key, and a table in a schema that sorts before the
+    // extension's, so that a restore brings its values before its keyring.
+    c.database_with_extension("other");
+    c.psql(
+        "other",
+        "CREATE SCHEMA a; CREATE TABLE a.early (id int PRIMARY KEY, s encrypted_text); \
+         INSERT INTO a.early SELECT g, 'early ' || g FROM generate_series(1, 50) g",
+    );
+    let other_key = c.psql("other", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    let early = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(s), ',' ORDER BY id)) FROM a.early";
+    let other_digest = c.psql("other", early);
+    let other_dump = c.dir.join("other.dump");
+    c.pg_dump("other", &["-Fc", "-f", other_dump.to_str().unwrap()]);
+
+    // Its data restored data-only into the populated database: refused before anything of the
+    // keyring in place is replaced (55000, saying what to do).
+    c.psql("app", "CREATE SCHEMA a; CREATE TABLE a.early (id int PRIMARY KEY, s encrypted_text)");
+    let out = restore(&c, "app", &["--data-only"], &other_dump);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("would replace this database's keyring while its data needs it"), "{err}");
+    assert!(err.contains("public.t holds values encrypted under this database's key"), "{err}");
+    assert_eq!(keyring(&c, "app"), ring, "nothing of the keyring was replaced");
+    assert_eq!(c.psql("app", "SELECT count(*) FROM data_encryption_audit WHERE action = 'restore from dump' AND outcome = 'refused'").trim(), "1");
+    c.psql("app", "DROP SCHEMA a CASCADE");
+
+    // The usual target: a new database, schema restored (its extension gets a fresh key),
+    // then the data. The dumped keyring replaces the fresh key although the table restored
+    // before it already holds values under the same key version (they do not open under the
+    // fresh key), and the database waits for its key.
+    c.createdb("fresh");
+    let out = restore(&c, "fresh", &["--schema-only"], &other_dump);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = restore(&c, "fresh", &["--data-only"], &other_dump);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(keyring(&c, "fresh"), keyring(&c, "other").replace(":false", ":true"));
+    assert_eq!(c.psql("fresh", "SELECT is_data_encryption_active()").trim(), "f");
+    let msg = c.psql("fresh", &format!("SELECT set_data_encryption_key('{other_key}')"));
+    assert!(msg.contains("restored"), "{msg}");
+    assert_eq!(c.psql("fresh", early), other_digest);
+
+    // Nothing lost anywhere, from fresh sessions after a restart.
+    c.restart();
+    assert_eq!(c.psql("app", DIGEST), digest);
+    assert_eq!(c.psql("other", early), other_digest);
+    assert_eq!(c.psql("fresh", early), other_digest);
+}
