@@ -3,6 +3,7 @@
 #
 #   scripts/cluster.sh start DIR PORT [extra postgresql.conf lines...]
 #   scripts/cluster.sh standby PRIMARY_DIR DIR PORT [extra postgresql.conf lines...]
+#   scripts/cluster.sh recover BACKUP_DATA KEYS_FROM DIR PORT [extra postgresql.conf lines...]
 #   scripts/cluster.sh stop DIR
 #
 # The cluster lives in DIR/data, owned by the `postgres` OS user (initdb refuses root). It listens
@@ -77,13 +78,40 @@ CONF
     for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
     as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
     ;;
+recover)
+    # A cluster recovered from a base backup (a plain-format pg_basebackup in BACKUP_DATA),
+    # with recovery.signal: the extra lines give restore_command and the recovery target. Its
+    # key directory DIR/keys starts as a copy of KEYS_FROM (the key files backed up).
+    backup=$dir
+    keys_from=${3:?key files to copy}
+    dir=${4:?cluster directory}
+    port=${5:?port}
+    shift 5
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cp -a "$backup" "$dir/data"
+    cp -a "$keys_from" "$dir/keys"
+    chown -R postgres:postgres "$dir"
+    chmod 700 "$dir" "$dir/data" "$dir/keys"
+    rm -f "$dir/data/postmaster.pid"
+    touch "$dir/data/recovery.signal"
+    cat >>"$dir/data/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$dir'
+pg_cellcrypt.key_directory = '$dir/keys'
+archive_mode = off
+CONF
+    for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
+    chown postgres:postgres "$dir/data/postgresql.conf" "$dir/data/recovery.signal"
+    as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 120 start >/dev/null
+    ;;
 stop)
     if [ -f "$dir/data/postmaster.pid" ]; then
         as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
     fi
     ;;
 *)
-    echo "usage: cluster.sh start DIR PORT | standby PRIMARY_DIR DIR PORT | stop DIR" >&2
+    echo "usage: cluster.sh start DIR PORT | standby PRIMARY_DIR DIR PORT | recover BACKUP_DATA KEYS_FROM DIR PORT | stop DIR" >&2
     exit 2
     ;;
 esac

@@ -103,6 +103,25 @@ impl Cluster {
         Cluster { dir, port, bin: self.bin.clone() }
     }
 
+    /// A cluster recovered from `backup` (a plain-format base backup of this cluster), whose
+    /// key directory starts as a copy of `keys_from`; `extra` lines (restore_command, the
+    /// recovery target) are appended to its postgresql.conf. Started, it has reached its target.
+    pub fn recover(&self, name: &str, backup: &Path, keys_from: &Path, extra: &[&str]) -> Cluster {
+        let (dir, port) = Cluster::place(name);
+        let out = Command::new(repo().join("scripts/cluster.sh"))
+            .env("PGBIN", &self.bin)
+            .arg("recover")
+            .arg(backup)
+            .arg(keys_from)
+            .arg(&dir)
+            .arg(port.to_string())
+            .args(extra)
+            .output()
+            .unwrap();
+        check(out, "recovering from the base backup");
+        Cluster { dir, port, bin: self.bin.clone() }
+    }
+
     /// Waits until `standby` has replayed everything this cluster has written so far.
     pub fn wait_replayed_by(&self, standby: &Cluster) {
         let lsn = self.psql("postgres", "SELECT pg_current_wal_lsn()").trim().to_owned();

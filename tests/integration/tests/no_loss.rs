@@ -648,3 +648,72 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     assert_eq!(c.psql("other", early), other_digest);
     assert_eq!(c.psql("fresh", early), other_digest);
 }
+
+/// Waits until a recovered cluster has reached its target and been promoted.
+fn promoted(c: &Cluster) {
+    assert!(wait_until_in(c, "postgres", "SELECT NOT pg_is_in_recovery()", 120), "{} did not finish its recovery", c.dir.display());
+}
+
+fn wait_until_in(c: &Cluster, db: &str, sql: &str, seconds: u64) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(seconds) {
+        if c.psql(db, sql).trim() == "t" {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn point_in_time_recovery_to_before_a_completed_change_finds_its_key() {
+    // WAL archiving, a base backup, then a key change that completes (version 1 retired).
+    let archive = std::path::PathBuf::from(format!("/tmp/pg_cellcrypt-it/archive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&archive);
+    std::fs::create_dir_all(&archive).unwrap();
+    std::process::Command::new("chown").arg("postgres:postgres").arg(&archive).status().unwrap();
+    let archive_command = format!("archive_command = 'cp %p {}/%f'", archive.display());
+    let c = cluster("pitr", &["archive_mode = on", &archive_command]);
+    let base = c.dir.join("base");
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(c.bin.join("pg_basebackup"))
+        .arg("-h")
+        .arg(&c.dir)
+        .args(["-p", &c.port.to_string(), "-U", "postgres", "-X", "stream", "-c", "fast", "-D"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.psql("app", "INSERT INTO t SELECT g, 'value ' || g FROM generate_series(201, 300) g");
+    let before = c.psql("app", DIGEST);
+    c.psql("app", "SELECT pg_create_restore_point('before_change')");
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    c.wait_reencrypted("app");
+    assert_eq!(c.psql("app", "SELECT state FROM cellcrypt.keyring WHERE key_version = 1").trim(), "retired");
+    c.psql("app", "INSERT INTO t SELECT g, 'value ' || g FROM generate_series(301, 400) g");
+    let after = c.psql("app", DIGEST);
+    let last = c.psql("app", "SELECT pg_walfile_name(pg_switch_wal())").trim().to_owned();
+    assert!(wait_until_in(&c, "app", &format!("SELECT coalesce(last_archived_wal >= '{last}', false) FROM pg_stat_archiver"), 60), "WAL archived");
+
+    // Recovered to the restore point, with today's key files (which keep every version): the
+    // database is back on version 1, and every value of that moment reads back.
+    let restore_command = format!("restore_command = 'cp {}/%f %p'", archive.display());
+    let r = c.recover("pitr-before", &base, &c.key_dir(), &[&restore_command, "recovery_target_name = 'before_change'", "recovery_target_action = 'promote'"]);
+    promoted(&r);
+    assert_eq!(r.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "1");
+    assert_eq!(r.psql("app", DIGEST), before);
+    // It goes on from there: a change of its own, then a restart.
+    r.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    r.wait_reencrypted("app");
+    reads_back_after_restart(&r, &before);
+
+    // Recovered to the end of the WAL: the change and everything after it.
+    let r2 = c.recover("pitr-end", &base, &c.key_dir(), &[&restore_command, "recovery_target_timeline = 'latest'"]);
+    promoted(&r2);
+    assert_eq!(r2.psql("app", "SELECT key_version FROM data_encryption_status").trim(), "2");
+    assert_eq!(r2.psql("app", DIGEST), after);
+    drop(r2);
+    drop(r);
+    let _ = std::fs::remove_dir_all(&archive);
+}
