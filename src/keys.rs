@@ -202,6 +202,17 @@ pub fn read_key_rows() -> Vec<KeyRow> {
     crate::store::key_rows()
 }
 
+/// True when `entries` (a key file's) hold the key of the keyring's current version: verified
+/// with Argon2id against its fingerprint.
+pub fn file_holds_current_key(entries: &[(u32, zeroize::Zeroizing<String>)]) -> bool {
+    let rows = read_key_rows();
+    let Some(current) = rows.first().filter(|r| r.state == "current") else { return false };
+    entries
+        .iter()
+        .filter(|(v, _)| *v == current.version)
+        .any(|(_, text)| AdminKey::parse(text).is_ok_and(|k| verify(current, &k).is_ok()))
+}
+
 /// Derives `key`'s master key with the row's salt and parameters and checks it against the
 /// row's fingerprint. On a mismatch, returns the fingerprint the key has.
 pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, String> {
@@ -350,44 +361,79 @@ SELECT pg_catalog.pg_extension_config_dump('cellcrypt.index_key', '');
 -- the new cluster a new system identifier: the first use after the upgrade copies the key file
 -- named here to the new cluster's name (providers.rs).
 CREATE TABLE cellcrypt.key_location (
-    one_row           boolean PRIMARY KEY DEFAULT true CHECK (one_row),
-    system_identifier text NOT NULL,
-    database_oid      oid NOT NULL,
-    key_directory     text NOT NULL,
-    recorded_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
+    one_row                    boolean PRIMARY KEY DEFAULT true CHECK (one_row),
+    system_identifier          text NOT NULL,
+    database_oid               oid NOT NULL,
+    key_directory              text NOT NULL,
+    -- this table's own OID (pg_upgrade keeps it; a copy made any other way has its own)
+    table_oid                  oid NOT NULL,
+    -- where it was before the system identifier last changed
+    previous_system_identifier text,
+    previous_key_directory     text,
+    recorded_at                timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 REVOKE ALL ON cellcrypt.key_location FROM PUBLIC;
 COMMENT ON TABLE cellcrypt.key_location IS 'Where the file provider last wrote this database''s key file (survives pg_upgrade, not pg_dump)';
 
 -- Rows that arrive from a dump replace the key CREATE EXTENSION generated for this database;
--- the database then waits for its original key (set_data_encryption_key restores it). A row
--- this database already has (a dump of this very database) is kept as it is, and rows in use
--- are never replaced: while a table holds values that open under the live keys, the restore
--- is refused (cellcrypt._refuse_restore_over_live_data, key_admin.rs).
+-- the database then waits for its original key (set_data_encryption_key restores it).
+-- * A row identical to one in place (a dump of this very database) keeps the one in place,
+--   and the rest of the same dump, in the same transaction, does not replace it.
+-- * Any other row replaces the rows in place, only while no table holds a value that opens
+--   under them: otherwise the restore is refused (cellcrypt._refuse_restore_over_live_data,
+--   key_admin.rs). The rows replaced are kept in cellcrypt.replaced_key_row.
+CREATE TABLE cellcrypt.replaced_key_row (
+    table_name  text NOT NULL,
+    key_row     jsonb NOT NULL,
+    replaced_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+REVOKE ALL ON cellcrypt.replaced_key_row FROM PUBLIC;
+COMMENT ON TABLE cellcrypt.replaced_key_row IS 'Key table rows that a restore from a dump replaced (kept, never used)';
 CREATE FUNCTION cellcrypt._keyring_write_is_internal() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_keyring_write_is_internal' LANGUAGE c VOLATILE;
 CREATE FUNCTION cellcrypt._refuse_restore_over_live_data() RETURNS void
     AS 'MODULE_PATHNAME', 'cellcrypt_refuse_restore_over_live_data' LANGUAGE c VOLATILE;
 CREATE FUNCTION cellcrypt._before_insert_from_dump() RETURNS trigger LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    kept_setting text := 'cellcrypt_restore.kept_' OPERATOR(pg_catalog.||) TG_TABLE_NAME;
+    kept text := pg_catalog.current_setting(kept_setting, true);
+    same boolean;
 BEGIN
     IF NOT cellcrypt._keyring_write_is_internal() THEN
         IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keyring' THEN
-            IF EXISTS (SELECT FROM cellcrypt.keyring k
-                        WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
-                          AND k.fingerprint OPERATOR(pg_catalog.=) NEW.fingerprint
-                          AND k.kdf_salt OPERATOR(pg_catalog.=) NEW.kdf_salt) THEN
-                RETURN NULL;
-            END IF;
-        ELSIF EXISTS (SELECT FROM cellcrypt.index_key k
-                       WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
-                         AND k.wrapped_under OPERATOR(pg_catalog.=) NEW.wrapped_under
-                         AND (k.wrapped_key OPERATOR(pg_catalog.=) NEW.wrapped_key
-                              OR (k.wrapped_key IS NULL AND NEW.wrapped_key IS NULL))) THEN
+            SELECT EXISTS (SELECT FROM cellcrypt.keyring k
+             WHERE NOT k.restored
+               AND k.key_version OPERATOR(pg_catalog.=) NEW.key_version
+               AND k.fingerprint OPERATOR(pg_catalog.=) NEW.fingerprint
+               AND k.kdf_salt OPERATOR(pg_catalog.=) NEW.kdf_salt
+               AND k.kdf_memory_kib OPERATOR(pg_catalog.=) NEW.kdf_memory_kib
+               AND k.kdf_iterations OPERATOR(pg_catalog.=) NEW.kdf_iterations
+               AND k.kdf_parallelism OPERATOR(pg_catalog.=) NEW.kdf_parallelism
+               AND k.state OPERATOR(pg_catalog.=) NEW.state
+               AND (k.wrapped_data_key OPERATOR(pg_catalog.=) NEW.wrapped_data_key
+                    OR (k.wrapped_data_key IS NULL AND NEW.wrapped_data_key IS NULL))) INTO same;
+        ELSE
+            SELECT EXISTS (SELECT FROM cellcrypt.index_key k
+             WHERE NOT k.restored
+               AND k.key_version OPERATOR(pg_catalog.=) NEW.key_version
+               AND k.wrapped_under OPERATOR(pg_catalog.=) NEW.wrapped_under
+               AND k.state OPERATOR(pg_catalog.=) NEW.state
+               AND (k.wrapped_key OPERATOR(pg_catalog.=) NEW.wrapped_key
+                    OR (k.wrapped_key IS NULL AND NEW.wrapped_key IS NULL))) INTO same;
+        END IF;
+        IF same THEN
+            -- Kept; remembered (to the end of this transaction) so that the rest of the
+            -- same dump does not replace it.
+            PERFORM pg_catalog.set_config(kept_setting,
+                pg_catalog.concat_ws(',', NULLIF(kept, ''), NEW.key_version::pg_catalog.text), true);
             RETURN NULL;
         END IF;
         PERFORM cellcrypt._refuse_restore_over_live_data();
-        EXECUTE pg_catalog.format('DELETE FROM %I.%I WHERE NOT restored', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+        EXECUTE pg_catalog.format(
+            'WITH gone AS (DELETE FROM %I.%I k WHERE NOT k.restored AND k.key_version OPERATOR(pg_catalog.<>) ALL (%L::pg_catalog.int4[]) RETURNING k.*) '
+            'INSERT INTO cellcrypt.replaced_key_row (table_name, key_row) SELECT %L, pg_catalog.to_jsonb(gone) FROM gone',
+            TG_TABLE_SCHEMA, TG_TABLE_NAME, '{' OPERATOR(pg_catalog.||) COALESCE(kept, '') OPERATOR(pg_catalog.||) '}', TG_TABLE_NAME);
         NEW.restored := true;
     END IF;
     RETURN NEW;

@@ -57,6 +57,15 @@ pub fn require_secure_transport(action: &str, function: &str) {
 /// Raises 25006 on a standby: keys change on the primary, and a standby follows the primary's
 /// keyring as it replays it (see `keys::try_loaded`).
 pub fn require_primary(function: &str) {
+    // SAFETY: a backend global.
+    if !keys::on_standby() && unsafe { pg_sys::XactReadOnly } {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("{function} cannot run in a read-only transaction"),
+            Some("It records the key in the database and in the key provider."),
+            Some("Run it in a read-write transaction (SET TRANSACTION READ WRITE, or default_transaction_read_only = off)."),
+        );
+    }
     if keys::on_standby() {
         errors::raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,

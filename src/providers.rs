@@ -81,35 +81,90 @@ pub mod file {
     /// The keys of a database whose tables `pg_upgrade` copied from another cluster. The
     /// upgrade gives the cluster a new system identifier, so this cluster's key file name is
     /// not the one the key was written under; `cellcrypt.key_location` (copied with the tables,
-    /// never by pg_dump) names the old cluster's system identifier and key directory. When it
-    /// names another system identifier and this very database OID (pg_upgrade keeps database
-    /// OIDs), the old file, in the old key directory or in this one, is read and copied under
-    /// this cluster's name. Only `pg_upgrade` copies that table into a cluster with another
-    /// system identifier: a dump restored elsewhere, a template copy or a base backup never
-    /// gets a key this way. The keys read are verified against the keyring like any others.
+    /// never by pg_dump) names the system identifiers and key directories the file was last
+    /// written under. When it names another system identifier for this very database OID and
+    /// this very table (pg_upgrade keeps database and table OIDs), the old file, in the old key
+    /// directory or in this one, is read; its key is verified against the keyring; then it is
+    /// copied under this cluster's name, never over a file already there. The same step copies
+    /// the old cluster's key files of every other database of this cluster (templates
+    /// included, whose keys nobody loads), so the old key directory is needed once only. A dump
+    /// restored elsewhere, a template copy or a base backup never gets a key this way.
     fn after_upgrade() -> Result<Vec<(u32, Zeroizing<String>)>, String> {
-        let Some(old) = crate::store::key_location() else { return Ok(Vec::new()) };
+        let Some(recorded) = crate::store::key_location() else { return Ok(Vec::new()) };
         let here = crate::store::this_key_location();
-        if old.system_identifier == here.system_identifier || old.database_oid != here.database_oid {
+        if recorded.database_oid != here.database_oid || recorded.table_oid != here.table_oid {
             return Ok(Vec::new());
         }
-        let name = format!("{}_{}.key", old.system_identifier, old.database_oid.to_u32());
-        for dir in [PathBuf::from(&old.key_directory), gucs::key_directory()] {
-            let from = dir.join(&name);
-            let Some(entries) = read_file(&from)? else { continue };
-            let refs: Vec<(u32, &str)> = entries.iter().map(|(v, k)| (*v, k.as_str())).collect();
-            match write_all(&refs) {
-                Ok(()) => pgrx::log!(
-                    "pg_cellcrypt: this cluster was upgraded from system identifier {}: key file \"{}\" copied to \"{}\"",
-                    old.system_identifier,
-                    from.display(),
-                    path().display()
-                ),
-                Err(e) => pgrx::warning!("pg_cellcrypt: read the key file \"{}\" of the cluster this one was upgraded from, but {e}", from.display()),
+        let mut error = None;
+        for (sysid, dir) in recorded.origins() {
+            // A system identifier is a number: anything else is not a name to build a path from.
+            if sysid == here.system_identifier || sysid.parse::<u64>().is_err() {
+                continue;
             }
-            return Ok(entries);
+            let name = format!("{sysid}_{}.key", here.database_oid.to_u32());
+            for dir in [PathBuf::from(dir), gucs::key_directory()] {
+                let from = dir.join(&name);
+                let entries = match read_file(&from) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        error.get_or_insert(e);
+                        continue;
+                    }
+                };
+                if !crate::keys::file_holds_current_key(&entries) {
+                    continue;
+                }
+                let kept = match write_new(&entries) {
+                    Ok(true) => {
+                        pgrx::log!(
+                            "pg_cellcrypt: this cluster was upgraded from system identifier {sysid}: key file \"{}\" copied to \"{}\"",
+                            from.display(),
+                            path().display()
+                        );
+                        copy_siblings(&dir, &sysid);
+                        entries
+                    }
+                    // A key call wrote this cluster's file meanwhile: it is the one to use.
+                    Ok(false) => return read_file(&path()).map(Option::unwrap_or_default),
+                    Err(e) => {
+                        pgrx::warning!("pg_cellcrypt: read the key file \"{}\" of the cluster this one was upgraded from, but {e}", from.display());
+                        entries
+                    }
+                };
+                return Ok(kept);
+            }
         }
-        Ok(Vec::new())
+        match error {
+            Some(e) => Err(e),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// After an upgrade: copies the old cluster's key files (`<sysid>_<oid>.key` in `dir`) of
+    /// every other database of this cluster under this cluster's names, where none exists.
+    fn copy_siblings(dir: &std::path::Path, sysid: &str) {
+        let Ok(list) = std::fs::read_dir(dir) else { return };
+        // SAFETY: plain reads of backend globals.
+        let (here, me) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::MyDatabaseId) };
+        let prefix = format!("{sysid}_");
+        for entry in list.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(oid) = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".key")).and_then(|o| o.parse::<u32>().ok()) else {
+                continue;
+            };
+            let oid = pg_sys::Oid::from(oid);
+            // SAFETY: a syscache lookup inside a transaction; NULL for no such database.
+            if oid == me || unsafe { pg_sys::get_database_name(oid) }.is_null() {
+                continue;
+            }
+            let target = gucs::key_directory().join(format!("{here}_{}.key", oid.to_u32()));
+            if let Ok(Some(entries)) = read_file(&entry.path()) {
+                if let Ok(true) = write_new_at(&target, &entries) {
+                    pgrx::log!("pg_cellcrypt: key file \"{}\" copied to \"{}\"", entry.path().display(), target.display());
+                }
+            }
+        }
     }
 
     /// The key file format: `<version> <key>` per line; blank lines and `#` comments skipped.
@@ -131,10 +186,28 @@ pub mod file {
     /// this format.
     pub const HEADER: &str = "# pg_cellcrypt";
 
+    /// Creates this database's key file with `entries`, unless it exists: true when written.
+    fn write_new(entries: &[(u32, Zeroizing<String>)]) -> Result<bool, String> {
+        write_new_at(&path(), entries)
+    }
+
+    /// Creates key file `p` with `entries` atomically and durably, never replacing a file that
+    /// is there (a key call may have written it meanwhile): true when written.
+    fn write_new_at(p: &std::path::Path, entries: &[(u32, Zeroizing<String>)]) -> Result<bool, String> {
+        let refs: Vec<(u32, &str)> = entries.iter().map(|(v, k)| (*v, k.as_str())).collect();
+        write_file(p, &refs, false)
+    }
+
     /// Replaces the file's contents atomically and durably: temporary file, fsync, rename,
     /// fsync of the directory. A crash leaves either the old or the new file, never a mix.
     pub fn write_all(entries: &[(u32, &str)]) -> Result<(), String> {
-        let p = path();
+        write_file(&path(), entries, true).map(|_| ())
+    }
+
+    /// Writes key file `p` through a temporary file; with `replace` false, links it in only
+    /// where no file is (false when one was).
+    fn write_file(p: &std::path::Path, entries: &[(u32, &str)], replace: bool) -> Result<bool, String> {
+        let p = p.to_path_buf();
         let dir = p.parent().expect("key path has a directory").to_path_buf();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -148,13 +221,25 @@ pub mod file {
             body.push_str(&format!("{v} {k}\n"));
         }
         let tmp = dir.join(format!(".{}.tmp{}", p.file_name().unwrap().to_string_lossy(), std::process::id()));
-        let write = || -> std::io::Result<()> {
+        let write = || -> std::io::Result<bool> {
             let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(body.as_bytes())?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &p)?;
+            let written = if replace {
+                std::fs::rename(&tmp, &p)?;
+                true
+            } else {
+                // link() fails where a file exists: nothing is ever replaced.
+                let linked = match std::fs::hard_link(&tmp, &p) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(e),
+                };
+                std::fs::remove_file(&tmp)?;
+                linked
+            };
             std::fs::File::open(&dir)?.sync_all()?;
-            Ok(())
+            Ok(written)
         };
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);

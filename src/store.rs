@@ -313,22 +313,48 @@ pub fn key_rows() -> Vec<KeyRow> {
 }
 
 /// Where the `file` provider last wrote this database's key file, as `cellcrypt.key_location`
-/// records it: (system identifier, database OID, key directory).
+/// records it: the cluster's system identifier, the database OID, the key directory, the OID of
+/// the `key_location` table itself, and the system identifier and key directory before the
+/// last change of system identifier.
 pub struct KeyLocation {
     pub system_identifier: String,
     pub database_oid: pg_sys::Oid,
     pub key_directory: String,
+    pub table_oid: pg_sys::Oid,
+    pub previous: Option<(String, String)>,
 }
+
+impl KeyLocation {
+    /// The (system identifier, key directory) pairs recorded, newest first.
+    pub fn origins(&self) -> Vec<(String, String)> {
+        let mut out = vec![(self.system_identifier.clone(), self.key_directory.clone())];
+        out.extend(self.previous.clone());
+        out
+    }
+}
+
+const KEY_LOCATION_OID: &str = "'cellcrypt.key_location'::pg_catalog.regclass::pg_catalog.oid";
 
 pub fn key_location() -> Option<KeyLocation> {
     read_latest(|| {
         Spi::connect(|c| {
-            let t = c.select("SELECT system_identifier, database_oid, key_directory FROM cellcrypt.key_location", None, &[])?;
+            let t = c.select(
+                "SELECT system_identifier, database_oid, key_directory, table_oid, previous_system_identifier, previous_key_directory \
+                 FROM cellcrypt.key_location",
+                None,
+                &[],
+            )?;
             let Some(r) = t.into_iter().next() else { return Ok(None) };
+            let previous = match (r.get::<String>(5)?, r.get::<String>(6)?) {
+                (Some(s), Some(d)) => Some((s, d)),
+                _ => None,
+            };
             Ok::<_, pgrx::spi::Error>(Some(KeyLocation {
                 system_identifier: r.get::<String>(1)?.unwrap_or_default(),
                 database_oid: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 key_directory: r.get::<String>(3)?.unwrap_or_default(),
+                table_oid: r.get::<pg_sys::Oid>(4)?.unwrap_or(pg_sys::InvalidOid),
+                previous,
             }))
         })
     })
@@ -340,22 +366,36 @@ pub fn key_location() -> Option<KeyLocation> {
 pub fn this_key_location() -> KeyLocation {
     // SAFETY: plain reads of backend globals.
     let (sysid, dboid) = unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::MyDatabaseId) };
+    let table_oid = as_extension_owner(|| Spi::get_one::<pg_sys::Oid>(&format!("SELECT {KEY_LOCATION_OID}")))
+        .ok()
+        .flatten()
+        .unwrap_or(pg_sys::InvalidOid);
     KeyLocation {
         system_identifier: sysid.to_string(),
         database_oid: dboid,
         key_directory: crate::gucs::key_directory().to_string_lossy().into_owned(),
+        table_oid,
+        previous: None,
     }
 }
 
 /// Records this cluster's key file location in `cellcrypt.key_location`, in the caller's
-/// transaction.
+/// transaction; the location it replaces is kept as the previous one when the system
+/// identifier changed (what a standby of an upgraded cluster may still need).
 pub fn record_key_location() {
     let here = this_key_location();
     write("record where the key file is", || {
         Spi::run_with_args(
-            "INSERT INTO cellcrypt.key_location (system_identifier, database_oid, key_directory) VALUES ($1, $2, $3) \
-             ON CONFLICT (one_row) DO UPDATE SET system_identifier = EXCLUDED.system_identifier, \
-                 database_oid = EXCLUDED.database_oid, key_directory = EXCLUDED.key_directory, recorded_at = pg_catalog.now()",
+            &format!(
+                "INSERT INTO cellcrypt.key_location (system_identifier, database_oid, key_directory, table_oid) VALUES ($1, $2, $3, {KEY_LOCATION_OID}) \
+                 ON CONFLICT (one_row) DO UPDATE SET \
+                     previous_system_identifier = CASE WHEN cellcrypt.key_location.system_identifier OPERATOR(pg_catalog.<>) EXCLUDED.system_identifier \
+                         THEN cellcrypt.key_location.system_identifier ELSE cellcrypt.key_location.previous_system_identifier END, \
+                     previous_key_directory = CASE WHEN cellcrypt.key_location.system_identifier OPERATOR(pg_catalog.<>) EXCLUDED.system_identifier \
+                         THEN cellcrypt.key_location.key_directory ELSE cellcrypt.key_location.previous_key_directory END, \
+                     system_identifier = EXCLUDED.system_identifier, database_oid = EXCLUDED.database_oid, \
+                     key_directory = EXCLUDED.key_directory, table_oid = EXCLUDED.table_oid, recorded_at = pg_catalog.now()"
+            ),
             &[here.system_identifier.into(), here.database_oid.into(), here.key_directory.into()],
         )
     })
@@ -421,6 +461,18 @@ pub fn demote_key(version: u32, wrapped: Vec<u8>) {
 }
 
 /// Records a new current key version.
+/// Rows that arrived from a dump become the database's own once a key call has used them (a
+/// restore of their key, or a change): a later restore from another dump then treats them as
+/// the rows in place.
+pub fn settle_restored_rows() {
+    write("settle the restored key rows", || {
+        Spi::run(
+            "UPDATE cellcrypt.keyring SET restored = false WHERE restored; \
+             UPDATE cellcrypt.index_key SET restored = false WHERE restored",
+        )
+    })
+}
+
 pub fn insert_current_key(version: u32, fingerprint: &str, salt: &[u8], params: &KdfParams, provider: &str) {
     write("record the key", || {
         Spi::run_with_args(
@@ -607,8 +659,9 @@ fn in_restore_check_scope<R>(f: impl FnOnce() -> R) -> R {
 
 /// The first table or materialized view (by name) holding a value under one of `versions` that
 /// opens under the keys in use: data that the keyring rows in place are needed for. Each
-/// relation is read as its owner, `ONLY`, without row security (a read fires no trigger);
-/// temporary tables are not looked at.
+/// relation is read as its owner, `ONLY`, without row security (a read fires no trigger), under
+/// a SHARE lock kept to the end of the transaction; temporary tables are not looked at (see
+/// [`restore_blockers`]).
 pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
     let sql = encrypted_columns_sql("r,m");
     let relations: Vec<(pg_sys::Oid, Vec<String>)> = as_extension_owner(|| {
@@ -622,7 +675,9 @@ pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
     })
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not list encrypted columns: {e}"), None, None));
     for (relid, columns) in relations {
-        let lock = pg_sys::AccessShareLock;
+        // SHARE: writers wait, from here to this transaction's end; none can add a value under
+        // the keys in place after its table was looked at.
+        let lock = pg_sys::ShareLock;
         let Some(mut rel) = lock_user_relation(relid, lock, b'r').or_else(|| lock_user_relation(relid, lock, b'm')) else {
             continue;
         };
@@ -648,6 +703,27 @@ pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
         }
     }
     None
+}
+
+/// What a restore cannot look into and so must not replace the keyring under: prepared
+/// transactions of this database and other sessions' temporary tables with encrypted columns.
+pub fn restore_blockers() -> Option<String> {
+    let temp = format!(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('temporary table %s', t.oid::pg_catalog.regclass), ', ') FROM ({}) t(oid, columns) \
+         WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) 't' \
+           AND NOT (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()",
+        encrypted_columns_sql("r")
+    );
+    as_extension_owner(|| {
+        let temp = Spi::get_one_with_args::<String>(&temp, &[0.into(), extension_oid().into()])?;
+        let prepared = Spi::get_one::<String>(
+            "SELECT pg_catalog.string_agg(pg_catalog.format('prepared transaction %L', gid), ', ') FROM pg_catalog.pg_prepared_xacts \
+             WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
+        )?;
+        let reasons: Vec<String> = [temp, prepared].into_iter().flatten().collect();
+        Ok::<_, pgrx::spi::Error>((!reasons.is_empty()).then(|| reasons.join(", ")))
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check what a restore would miss: {e}"), None, None))
 }
 
 /// The live (not restored) keyring versions still in use: current and previous.

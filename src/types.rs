@@ -771,7 +771,7 @@ BEGIN
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.key_version(@extschema@.%1$I) RETURNS integer
                           AS 'MODULE_PATHNAME', 'cellcrypt_key_version' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t);
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.opens(@extschema@.%1$I) RETURNS boolean
-                          AS 'MODULE_PATHNAME', 'cellcrypt_opens' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t);
+                          AS 'MODULE_PATHNAME', 'cellcrypt_opens' LANGUAGE c STABLE STRICT PARALLEL RESTRICTED$f$, t);
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.reencrypt(@extschema@.%1$I) RETURNS @extschema@.%1$I
                           AS 'MODULE_PATHNAME', 'cellcrypt_reencrypt' LANGUAGE c VOLATILE STRICT PARALLEL UNSAFE$f$, t);
         -- cellcrypt.reencrypt() refuses to run outside a re-encryption batch (reencrypt.rs); the

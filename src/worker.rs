@@ -120,6 +120,10 @@ pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
     // after a crash (when the postmaster restarts every registered worker) nothing would
     // resume the work of a change that committed just before it.
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(3600))) {}
+    // Exit code 1, so that PostgreSQL restarts it (10 s later) if it was terminated while the
+    // server runs (pg_terminate_backend); at shutdown nothing is restarted anyway.
+    // SAFETY: ends this background worker.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 #[unsafe(no_mangle)]

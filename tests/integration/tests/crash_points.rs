@@ -175,3 +175,21 @@ fn a_crash_while_creating_or_restoring_a_key_loses_nothing() {
     c.restart();
     assert_eq!(c.psql("copy", DIGEST), digest);
 }
+
+#[test]
+fn the_launcher_comes_back_after_it_is_terminated() {
+    let c = Cluster::start("launcher", &CONF);
+    let launcher = "SELECT coalesce(max(pid), 0) FROM pg_stat_activity WHERE backend_type = 'pg_cellcrypt launcher'";
+    let first: i32 = c.psql("postgres", launcher).trim().parse().unwrap();
+    assert!(first > 0, "the launcher runs");
+    c.psql("postgres", &format!("SELECT pg_terminate_backend({first})"));
+    let started = Instant::now();
+    loop {
+        let now: i32 = c.psql("postgres", launcher).trim().parse().unwrap();
+        if now > 0 && now != first {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no launcher again after it was terminated");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -42,44 +42,15 @@ fn wait_until(c: &Cluster, db: &str, sql: &str) -> bool {
     false
 }
 
-#[test]
-fn pg_upgrade_from_15_to_17_keeps_every_value_readable_without_a_manual_step() {
-    let (bin15, bin17) = (major("15.19.0"), major("17.11.0"));
-    let old = Cluster::start_on(&bin15, "upgrade-old", &KDF);
-    for db in ["app", "second"] {
-        old.createdb(db);
-        old.psql(db, "CREATE EXTENSION pg_cellcrypt");
-        old.psql(
-            db,
-            "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb, n encrypted_numeric); \
-             INSERT INTO t SELECT g, 'value ' || g, jsonb_build_object('g', g), g * 1.5 FROM generate_series(1, 300) g; \
-             CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
-             INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 100) g",
-        );
-    }
-    // "app" has been through a key change (its keyring holds a retired version) and has a
-    // blind index; "second" is on its first key.
-    old.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
-    old.wait_reencrypted("app");
-    old.psql("app", "SELECT register_blind_index('people', 'email', 'lower_trim')");
-    old.psql("app", "CREATE INDEX people_email_bidx ON people (blind_index(email))");
-    let before: Vec<_> = ["app", "second"].iter().map(|db| digests(&old, db)).collect();
-    let keys: Vec<_> = ["app", "second"].iter().map(|db| old.psql(db, "SELECT retrieve_data_encryption_key()").trim().to_owned()).collect();
-    let old_sysid = sysid(&old);
-    old.stop();
-
-    // A new PostgreSQL 17 cluster with its own key directory (empty), then pg_upgrade.
-    let new = Cluster::start_on(&bin17, "upgrade-new", &KDF);
-    let new_sysid = sysid(&new);
-    assert_ne!(old_sysid, new_sysid);
-    new.stop();
+/// Runs pg_upgrade from the stopped cluster `old` into the stopped, fresh cluster `new`.
+fn pg_upgrade(old: &Cluster, new: &Cluster) {
     let out = Command::new("runuser")
         .args(["-u", "postgres", "--"])
-        .arg(bin17.join("pg_upgrade"))
+        .arg(new.bin.join("pg_upgrade"))
         .arg("-b")
-        .arg(&bin15)
+        .arg(&old.bin)
         .arg("-B")
-        .arg(&bin17)
+        .arg(&new.bin)
         .arg("-d")
         .arg(old.dir.join("data"))
         .arg("-D")
@@ -97,24 +68,71 @@ fn pg_upgrade_from_15_to_17_keeps_every_value_readable_without_a_manual_step() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(std::fs::read_dir(new.key_dir()).map(|d| d.count()).unwrap_or(0) == 0, "pg_upgrade itself wrote no key file");
+}
+
+const DBS: [&str; 3] = ["app", "second", "tmpl"];
+
+fn dboid(c: &Cluster, db: &str) -> String {
+    c.psql("postgres", &format!("SELECT oid FROM pg_database WHERE datname = '{db}'")).trim().to_owned()
+}
+
+/// Every database reads back as before, with the same key, from fresh sessions; its key file
+/// exists under this cluster's name; every database the worker visits records it.
+fn all_read_back(c: &Cluster, before: &[(String, String)], keys: &[String]) {
+    let sysid = sysid(c);
+    for (i, db) in DBS.iter().enumerate() {
+        assert_eq!(digests(c, db), before[i], "{db}");
+        assert_eq!(c.psql(db, "SELECT is_data_encryption_active()").trim(), "t", "{db}");
+        assert_eq!(c.psql(db, "SELECT retrieve_data_encryption_key()").trim(), keys[i], "{db}: the same key");
+        assert!(c.key_dir().join(format!("{sysid}_{}.key", dboid(c, db))).exists(), "{db}: key file under the new name");
+        if *db != "tmpl" {
+            assert!(wait_until(c, db, &format!("SELECT system_identifier = '{sysid}' FROM cellcrypt.key_location")), "{db}: key_location names this cluster");
+        }
+    }
+}
+
+#[test]
+fn pg_upgrade_from_15_to_17_and_again_keeps_every_value_readable_without_a_manual_step() {
+    let (bin15, bin17) = (major("15.19.0"), major("17.11.0"));
+    let old = Cluster::start_on(&bin15, "upgrade-old", &KDF);
+    for db in DBS {
+        old.createdb(db);
+        old.psql(db, "CREATE EXTENSION pg_cellcrypt");
+        old.psql(
+            db,
+            "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb, n encrypted_numeric); \
+             INSERT INTO t SELECT g, 'value ' || g, jsonb_build_object('g', g), g * 1.5 FROM generate_series(1, 300) g; \
+             CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
+             INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 100) g",
+        );
+    }
+    // "app" has been through a key change (its keyring holds a retired version) and has a
+    // blind index; "second" is on its first key; "tmpl" is a template, whose key nobody loads.
+    old.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    old.wait_reencrypted("app");
+    old.psql("app", "SELECT register_blind_index('people', 'email', 'lower_trim')");
+    old.psql("app", "CREATE INDEX people_email_bidx ON people (blind_index(email))");
+    old.psql("postgres", "ALTER DATABASE tmpl WITH IS_TEMPLATE true");
+    let before: Vec<_> = DBS.iter().map(|db| digests(&old, db)).collect();
+    let keys: Vec<_> = DBS.iter().map(|db| old.psql(db, "SELECT retrieve_data_encryption_key()").trim().to_owned()).collect();
+    let old_sysid = sysid(&old);
+    old.stop();
+
+    // A new PostgreSQL 17 cluster with its own key directory (empty), then pg_upgrade.
+    let new = Cluster::start_on(&bin17, "upgrade-new", &KDF);
+    let new_sysid = sysid(&new);
+    assert_ne!(old_sysid, new_sysid);
+    new.stop();
+    pg_upgrade(&old, &new);
 
     // Started, the upgraded cluster reads everything at once: no key was restored by hand.
     new.start_again();
     assert_eq!(new.psql("app", "SELECT current_setting('server_version_num')::int / 10000").trim(), "17");
-    for (i, db) in ["app", "second"].iter().enumerate() {
-        assert_eq!(digests(&new, db), before[i], "{db} after pg_upgrade");
-        assert_eq!(new.psql(db, "SELECT is_data_encryption_active()").trim(), "t");
-        assert_eq!(new.psql(db, "SELECT retrieve_data_encryption_key()").trim(), keys[i], "{db}: the same key");
-        // The key file now exists under the new cluster's name, and the database records it
-        // (the worker does so at start), so the next upgrade finds it.
-        let dboid = new.psql(db, "SELECT oid FROM pg_database WHERE datname = current_database()").trim().to_owned();
-        assert!(new.key_dir().join(format!("{new_sysid}_{dboid}.key")).exists(), "{db}: key file under the new name");
-        assert!(old.key_dir().join(format!("{old_sysid}_{dboid}.key")).exists(), "{db}: the old cluster's file is left alone");
-        assert!(
-            wait_until(&new, db, &format!("SELECT system_identifier = '{new_sysid}' FROM cellcrypt.key_location")),
-            "{db}: key_location names the new cluster"
-        );
+    all_read_back(&new, &before, &keys);
+    for db in DBS {
+        assert!(old.key_dir().join(format!("{old_sysid}_{}.key", dboid(&new, db))).exists(), "{db}: the old cluster's file is left alone");
     }
+    assert!(new.server_log().contains(&format!("this cluster was upgraded from system identifier {old_sysid}")));
     // The blind index still finds rows.
     assert_eq!(
         new.psql("app", "SELECT id FROM people WHERE blind_index(email) = blind_index(' USER7@example.com', 'people', 'email')").trim(),
@@ -129,14 +147,31 @@ fn pg_upgrade_from_15_to_17_keeps_every_value_readable_without_a_manual_step() {
     let t_after = new.psql("app", T);
     assert!(t_after.starts_with("301:"), "{t_after}");
     assert_eq!(new.psql("app", PEOPLE), before[0].1);
-    assert_eq!(digests(&new, "second"), before[1]);
+    let mut before = before;
+    let mut keys = keys;
+    before[0].0 = t_after;
+    keys[0] = new.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
 
-    // A dump of an upgraded database restored elsewhere still waits for its key: the key
-    // location is not carried by pg_dump.
-    let dump = new.dir.join("second.dump");
-    new.pg_dump("second", &["-Fc", "-f", dump.to_str().unwrap()]);
-    new.createdb("copy");
-    new.pg_restore("copy", &dump);
-    assert_eq!(new.psql("copy", "SELECT is_data_encryption_active()").trim(), "f");
-    assert_eq!(new.psql("copy", &format!("SELECT count(*) FROM cellcrypt.key_location WHERE system_identifier = '{old_sysid}'")).trim(), "0");
+    // The old cluster's key directory is gone; the upgraded cluster is upgraded again (17 to
+    // 17, which pg_upgrade allows): the template, whose key was never loaded in between, and
+    // the others still read back.
+    std::fs::remove_dir_all(old.key_dir()).unwrap();
+    new.stop();
+    let third = Cluster::start_on(&bin17, "upgrade-third", &KDF);
+    third.stop();
+    pg_upgrade(&new, &third);
+    third.start_again();
+    all_read_back(&third, &before, &keys);
+
+    // A dump of an upgraded database restored into another cluster on this host, into a
+    // database with the same OID, still waits for its key: pg_dump does not carry where the
+    // key file is.
+    let dump = third.dir.join("second.dump");
+    third.pg_dump("second", &["-Fc", "-f", dump.to_str().unwrap()]);
+    let elsewhere = Cluster::start_on(&bin17, "upgrade-elsewhere", &KDF);
+    elsewhere.psql("postgres", &format!("CREATE DATABASE second OID = {}", dboid(&third, "second")));
+    elsewhere.pg_restore("second", &dump);
+    assert_eq!(elsewhere.psql("second", "SELECT is_data_encryption_active()").trim(), "f");
+    elsewhere.psql("second", &format!("SELECT set_data_encryption_key('{}')", keys[1]));
+    assert_eq!(digests(&elsewhere, "second"), before[1]);
 }
