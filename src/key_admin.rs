@@ -104,9 +104,11 @@ fn reserve_cache_slot() {
     }
 }
 
-/// `entries` with `version` holding `text` (replacing what it held), in version order.
+/// `entries` with `version` holding `text`, in version order.
+/// A line of another key under the same version (rows a restore replaced) is kept: a backup
+/// from before the restore needs it, and loading tries every line of a version.
 fn with_key(mut entries: KeyFile, version: u32, text: &str) -> KeyFile {
-    entries.retain(|(v, _)| *v != version);
+    entries.retain(|(v, k)| !(*v == version && k.as_str() == text));
     entries.push((version, Zeroizing::new(text.to_owned())));
     entries.sort_by_key(|(v, _)| *v);
     entries
@@ -175,7 +177,10 @@ fn commit_effects(p: Stage) {
 /// A (sub)transaction that staged something rolled back: undo what it did outside the database.
 fn abort_effects(p: Stage) {
     if let Some(entries) = &p.file_after_abort {
-        if let Err(e) = write_key_file(entries) {
+        // No file before: none after (an empty one would hide an upgraded cluster's old file).
+        if entries.is_empty() {
+            let _ = std::fs::remove_file(providers::file::path());
+        } else if let Err(e) = write_key_file(entries) {
             pgrx::warning!("pg_cellcrypt: {e}; the key file holds the new key too, which is harmless");
         }
     }
@@ -222,8 +227,9 @@ pub extern "C" fn pg_finfo_cellcrypt_refuse_restore_over_live_data() -> &'static
 
 #[unsafe(no_mangle)]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let versions = crate::store::live_key_versions();
+pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let me = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0).unwrap_or_default();
+    let versions = crate::store::live_key_versions(&me);
     if versions.is_empty() {
         return pg_sys::Datum::from(0);
     }
@@ -238,12 +244,17 @@ pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(_fcinfo:
         });
         errors::raise(code, "rows from a dump would replace this database's keyring while its data may need it; nothing was replaced", Some(&detail), Some(hint))
     };
-    // No key change or re-encryption batch runs meanwhile, to the end of this transaction.
-    if !crate::policy::try_lock(crate::policy::Lock::KeyChange) {
+    // No key change, re-encryption batch or index key rotation runs meanwhile, to the end of
+    // this transaction; and none may be under way (its jobs would outlive the keyring they were
+    // made for).
+    if !crate::policy::try_lock_shared(crate::policy::Lock::KeyChange)
+        || !crate::policy::try_lock_shared(crate::policy::Lock::IndexKeyRotation)
+        || crate::store::has_reencryption_work()
+    {
         refuse(
             PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-            "A key change or its re-encryption is running.".to_owned(),
-            "Restore once data_encryption_status says the re-encryption is complete.",
+            "A key change, its re-encryption or a blind-index key rotation is under way.".to_owned(),
+            "Restore once data_encryption_status says the re-encryption is complete (CALL finish_data_encryption_reencryption(); finishes it now).",
         );
     }
     if let Some(what) = crate::store::restore_blockers() {
@@ -575,7 +586,12 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         return format!("unchanged: the given key is already the current key (version {}, fingerprint {})", current.version, current.fingerprint);
     }
     let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old_master);
-    let new_version = crate::store::max_key_version().unwrap_or(current.version).max(current.version) + 1;
+    // Above every version the keyring, the rows a restore replaced and the key file know.
+    let in_file = match providers::current() {
+        KeyProvider::File => providers::file::read_all().unwrap_or_else(|e| key_io_error(e)).iter().map(|(v, _)| *v).max().unwrap_or(0),
+        _ => 0,
+    };
+    let new_version = crate::store::max_key_version().unwrap_or(current.version).max(current.version).max(in_file) + 1;
     if new_version > cellcrypt_core::envelope::MAX_KEY_VERSION {
         errors::raise(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,

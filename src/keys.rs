@@ -232,21 +232,35 @@ pub fn current_key(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<St
         }
     }
     let stored = providers::read().map_err(KeyUnavailable::ProviderError)?;
-    let candidate = stored
-        .iter()
-        .find(|(v, _)| *v == Some(current.version))
-        .or_else(|| stored.iter().find(|(v, _)| v.is_none()));
-    let Some((_, key_text)) = candidate else {
+    // Every line of this version (a key file may hold the key a restore replaced under the
+    // same version), else a bare key; the first that matches the fingerprint.
+    let mut candidates: Vec<&zeroize::Zeroizing<String>> = stored.iter().filter(|(v, _)| *v == Some(current.version)).map(|(_, k)| k).collect();
+    if candidates.is_empty() {
+        candidates = stored.iter().filter(|(v, _)| v.is_none()).map(|(_, k)| k).collect();
+    }
+    if candidates.is_empty() {
         return Err(KeyUnavailable::NotInProvider { version: current.version, fingerprint: current.fingerprint.clone() });
-    };
-    let key = AdminKey::parse(key_text).map_err(|e| KeyUnavailable::ProviderError(format!("the key provider holds an invalid key: {e}")))?;
-    let master = verify(current, &key).map_err(|found| KeyUnavailable::FingerprintMismatch {
-        version: current.version,
-        expected: current.fingerprint.clone(),
-        found,
-    })?;
-    key_cache::put(current.version, &master, key.as_str());
-    Ok((master, zeroize::Zeroizing::new(key.as_str().to_owned())))
+    }
+    let mut failure = None;
+    for key_text in candidates {
+        let key = match AdminKey::parse(key_text) {
+            Ok(k) => k,
+            Err(e) => {
+                failure.get_or_insert(KeyUnavailable::ProviderError(format!("the key provider holds an invalid key: {e}")));
+                continue;
+            }
+        };
+        match verify(current, &key) {
+            Ok(master) => {
+                key_cache::put(current.version, &master, key.as_str());
+                return Ok((master, zeroize::Zeroizing::new(key.as_str().to_owned())));
+            }
+            Err(found) => {
+                failure = Some(KeyUnavailable::FingerprintMismatch { version: current.version, expected: current.fingerprint.clone(), found });
+            }
+        }
+    }
+    Err(failure.expect("at least one candidate was tried"))
 }
 
 /// Builds the keys of this database from the keyring rows and the current master key: the
@@ -332,8 +346,10 @@ CREATE TABLE cellcrypt.keyring (
     -- previous versions only: the data key, sealed under the current version's wrap key
     wrapped_data_key   bytea,
     reencrypted_values bigint,
-    -- true for rows that arrived from a dump (they replaced the key CREATE EXTENSION made)
-    restored           boolean NOT NULL DEFAULT false
+    -- true for rows that arrived from a dump (they replaced the key CREATE EXTENSION made),
+    -- until a key call uses them; restored_by names the restoring session (pid@start)
+    restored           boolean NOT NULL DEFAULT false,
+    restored_by        text
 );
 CREATE UNIQUE INDEX keyring_one_current ON cellcrypt.keyring ((true)) WHERE state OPERATOR(pg_catalog.=) 'current';
 COMMENT ON TABLE cellcrypt.keyring IS 'Key versions of this database: fingerprints and KDF parameters only, never a usable key';
@@ -349,7 +365,8 @@ CREATE TABLE cellcrypt.index_key (
     state         text NOT NULL CHECK (state OPERATOR(pg_catalog.=) ANY ('{current,retired}'::pg_catalog.text[])),
     created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by    name NOT NULL DEFAULT session_user,
-    restored      boolean NOT NULL DEFAULT false
+    restored      boolean NOT NULL DEFAULT false,
+    restored_by   text
 );
 CREATE UNIQUE INDEX index_key_one_current ON cellcrypt.index_key ((true)) WHERE state OPERATOR(pg_catalog.=) 'current';
 COMMENT ON TABLE cellcrypt.index_key IS 'Blind-index key versions, each only wrapped under the current data key';
@@ -376,12 +393,15 @@ REVOKE ALL ON cellcrypt.key_location FROM PUBLIC;
 COMMENT ON TABLE cellcrypt.key_location IS 'Where the file provider last wrote this database''s key file (survives pg_upgrade, not pg_dump)';
 
 -- Rows that arrive from a dump replace the key CREATE EXTENSION generated for this database;
--- the database then waits for its original key (set_data_encryption_key restores it).
+-- the database then waits for its original key (set_data_encryption_key restores it). A
+-- restore is the rows one session inserts (restored_by: its pid and start time), in one
+-- transaction (COPY) or many (--inserts):
 -- * A row identical to one in place (a dump of this very database) keeps the one in place,
---   and the rest of the same dump, in the same transaction, does not replace it.
--- * Any other row replaces the rows in place, only while no table holds a value that opens
---   under them: otherwise the restore is refused (cellcrypt._refuse_restore_over_live_data,
---   key_admin.rs). The rows replaced are kept in cellcrypt.replaced_key_row.
+--   marked as this session's, so the rest of the same restore does not replace it.
+-- * Any other row replaces the rows in place (every row not of this session), only while no
+--   table holds a value that opens under them: otherwise the restore is refused
+--   (cellcrypt._refuse_restore_over_live_data, key_admin.rs). The rows replaced are kept in
+--   cellcrypt.replaced_key_row.
 CREATE TABLE cellcrypt.replaced_key_row (
     table_name  text NOT NULL,
     key_row     jsonb NOT NULL,
@@ -391,20 +411,19 @@ REVOKE ALL ON cellcrypt.replaced_key_row FROM PUBLIC;
 COMMENT ON TABLE cellcrypt.replaced_key_row IS 'Key table rows that a restore from a dump replaced (kept, never used)';
 CREATE FUNCTION cellcrypt._keyring_write_is_internal() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_keyring_write_is_internal' LANGUAGE c VOLATILE;
-CREATE FUNCTION cellcrypt._refuse_restore_over_live_data() RETURNS void
-    AS 'MODULE_PATHNAME', 'cellcrypt_refuse_restore_over_live_data' LANGUAGE c VOLATILE;
+CREATE FUNCTION cellcrypt._refuse_restore_over_live_data(text) RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_refuse_restore_over_live_data' LANGUAGE c VOLATILE STRICT;
 CREATE FUNCTION cellcrypt._before_insert_from_dump() RETURNS trigger LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    kept_setting text := 'cellcrypt_restore.kept_' OPERATOR(pg_catalog.||) TG_TABLE_NAME;
-    kept text := pg_catalog.current_setting(kept_setting, true);
-    same boolean;
+    me text;
 BEGIN
     IF NOT cellcrypt._keyring_write_is_internal() THEN
+        me := pg_catalog.pg_backend_pid()::pg_catalog.text OPERATOR(pg_catalog.||) '@' OPERATOR(pg_catalog.||)
+              COALESCE((SELECT a.backend_start::pg_catalog.text FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a), '');
         IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keyring' THEN
-            SELECT EXISTS (SELECT FROM cellcrypt.keyring k
-             WHERE NOT k.restored
-               AND k.key_version OPERATOR(pg_catalog.=) NEW.key_version
+            UPDATE cellcrypt.keyring k SET restored = true, restored_by = me
+             WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
                AND k.fingerprint OPERATOR(pg_catalog.=) NEW.fingerprint
                AND k.kdf_salt OPERATOR(pg_catalog.=) NEW.kdf_salt
                AND k.kdf_memory_kib OPERATOR(pg_catalog.=) NEW.kdf_memory_kib
@@ -412,36 +431,32 @@ BEGIN
                AND k.kdf_parallelism OPERATOR(pg_catalog.=) NEW.kdf_parallelism
                AND k.state OPERATOR(pg_catalog.=) NEW.state
                AND (k.wrapped_data_key OPERATOR(pg_catalog.=) NEW.wrapped_data_key
-                    OR (k.wrapped_data_key IS NULL AND NEW.wrapped_data_key IS NULL))) INTO same;
+                    OR (k.wrapped_data_key IS NULL AND NEW.wrapped_data_key IS NULL));
         ELSE
-            SELECT EXISTS (SELECT FROM cellcrypt.index_key k
-             WHERE NOT k.restored
-               AND k.key_version OPERATOR(pg_catalog.=) NEW.key_version
+            UPDATE cellcrypt.index_key k SET restored = true, restored_by = me
+             WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
                AND k.wrapped_under OPERATOR(pg_catalog.=) NEW.wrapped_under
                AND k.state OPERATOR(pg_catalog.=) NEW.state
                AND (k.wrapped_key OPERATOR(pg_catalog.=) NEW.wrapped_key
-                    OR (k.wrapped_key IS NULL AND NEW.wrapped_key IS NULL))) INTO same;
+                    OR (k.wrapped_key IS NULL AND NEW.wrapped_key IS NULL));
         END IF;
-        IF same THEN
-            -- Kept; remembered (to the end of this transaction) so that the rest of the
-            -- same dump does not replace it.
-            PERFORM pg_catalog.set_config(kept_setting,
-                pg_catalog.concat_ws(',', NULLIF(kept, ''), NEW.key_version::pg_catalog.text), true);
+        IF FOUND THEN
             RETURN NULL;
         END IF;
-        PERFORM cellcrypt._refuse_restore_over_live_data();
+        PERFORM cellcrypt._refuse_restore_over_live_data(me);
         EXECUTE pg_catalog.format(
-            'WITH gone AS (DELETE FROM %I.%I k WHERE NOT k.restored AND k.key_version OPERATOR(pg_catalog.<>) ALL (%L::pg_catalog.int4[]) RETURNING k.*) '
+            'WITH gone AS (DELETE FROM %I.%I k WHERE k.restored_by IS DISTINCT FROM %L RETURNING k.*) '
             'INSERT INTO cellcrypt.replaced_key_row (table_name, key_row) SELECT %L, pg_catalog.to_jsonb(gone) FROM gone',
-            TG_TABLE_SCHEMA, TG_TABLE_NAME, '{' OPERATOR(pg_catalog.||) COALESCE(kept, '') OPERATOR(pg_catalog.||) '}', TG_TABLE_NAME);
+            TG_TABLE_SCHEMA, TG_TABLE_NAME, me, TG_TABLE_NAME);
         NEW.restored := true;
+        NEW.restored_by := me;
     END IF;
     RETURN NEW;
 END
 $$;
 REVOKE ALL ON FUNCTION cellcrypt._before_insert_from_dump() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cellcrypt._keyring_write_is_internal() FROM PUBLIC;
-REVOKE ALL ON FUNCTION cellcrypt._refuse_restore_over_live_data() FROM PUBLIC;
+REVOKE ALL ON FUNCTION cellcrypt._refuse_restore_over_live_data(text) FROM PUBLIC;
 CREATE TRIGGER keyring_before_insert BEFORE INSERT ON cellcrypt.keyring
     FOR EACH ROW EXECUTE FUNCTION cellcrypt._before_insert_from_dump();
 CREATE TRIGGER index_key_before_insert BEFORE INSERT ON cellcrypt.index_key

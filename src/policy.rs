@@ -122,6 +122,16 @@ pub fn try_lock(lock: Lock) -> bool {
     r != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
+/// As [`try_lock`], in share mode: holders of the share mode do not exclude each other, and
+/// exclude (and are excluded by) the exclusive mode. A restore from a dump takes the locks so,
+/// since pg_restore -j restores the two key tables from two sessions at once.
+pub fn try_lock_shared(lock: Lock) -> bool {
+    let tag = locktag(lock);
+    // SAFETY: a transaction-scoped lock, released by PostgreSQL at commit or abort.
+    let r = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ShareLock as pg_sys::LOCKMODE, false, true) };
+    r != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
 /// Who holds `lock`, for the message that refuses a second change.
 fn holder(lock: Lock) -> Option<String> {
     crate::store::as_extension_owner(|| {

@@ -142,7 +142,9 @@ pub mod file {
     }
 
     /// After an upgrade: copies the old cluster's key files (`<sysid>_<oid>.key` in `dir`) of
-    /// every other database of this cluster under this cluster's names, where none exists.
+    /// the databases of this cluster whose keys nothing loads at start (templates, and
+    /// databases that do not accept connections) under this cluster's names, where none
+    /// exists. The others adopt their own, verified, when their worker starts.
     fn copy_siblings(dir: &std::path::Path, sysid: &str) {
         let Ok(list) = std::fs::read_dir(dir) else { return };
         // SAFETY: plain reads of backend globals.
@@ -154,15 +156,15 @@ pub mod file {
                 continue;
             };
             let oid = pg_sys::Oid::from(oid);
-            // SAFETY: a syscache lookup inside a transaction; NULL for no such database.
-            if oid == me || unsafe { pg_sys::get_database_name(oid) }.is_null() {
+            if oid == me || !unvisited_database(oid) {
                 continue;
             }
             let target = gucs::key_directory().join(format!("{here}_{}.key", oid.to_u32()));
-            if let Ok(Some(entries)) = read_file(&entry.path()) {
-                if let Ok(true) = write_new_at(&target, &entries) {
-                    pgrx::log!("pg_cellcrypt: key file \"{}\" copied to \"{}\"", entry.path().display(), target.display());
-                }
+            let copied = read_file(&entry.path()).and_then(|e| write_new_at(&target, &e.unwrap_or_default()));
+            match copied {
+                Ok(true) => pgrx::log!("pg_cellcrypt: key file \"{}\" copied to \"{}\"", entry.path().display(), target.display()),
+                Ok(false) => {}
+                Err(e) => pgrx::warning!("pg_cellcrypt: could not copy the key file \"{}\" of the cluster this one was upgraded from: {e}", entry.path().display()),
             }
         }
     }
@@ -185,6 +187,22 @@ pub mod file {
     /// The first line the extension writes; a command's output that starts with it is read in
     /// this format.
     pub const HEADER: &str = "# pg_cellcrypt";
+
+    /// True for a database of this cluster whose key no worker loads at start: a template, or
+    /// one that does not accept connections.
+    fn unvisited_database(oid: pg_sys::Oid) -> bool {
+        // SAFETY: a syscache lookup inside a transaction, released below.
+        unsafe {
+            let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::DATABASEOID as i32, pg_sys::Datum::from(oid));
+            if tup.is_null() {
+                return false;
+            }
+            let db = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tup);
+            let unvisited = (*db).datistemplate || !(*db).datallowconn;
+            pg_sys::ReleaseSysCache(tup);
+            unvisited
+        }
+    }
 
     /// Creates this database's key file with `entries`, unless it exists: true when written.
     fn write_new(entries: &[(u32, Zeroizing<String>)]) -> Result<bool, String> {
@@ -229,11 +247,21 @@ pub mod file {
                 std::fs::rename(&tmp, &p)?;
                 true
             } else {
-                // link() fails where a file exists: nothing is ever replaced.
+                // link() fails where a file exists: nothing is ever replaced. Where the file
+                // system has no hard links, an exclusive create does the same (not atomic
+                // against a crash, which at worst leaves a file the keyring rejects).
                 let linked = match std::fs::hard_link(&tmp, &p) {
                     Ok(()) => true,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-                    Err(e) => return Err(e),
+                    Err(_) => match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p) {
+                        Ok(mut f) => {
+                            f.write_all(body.as_bytes())?;
+                            f.sync_all()?;
+                            true
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                        Err(e) => return Err(e),
+                    },
                 };
                 std::fs::remove_file(&tmp)?;
                 linked

@@ -424,9 +424,18 @@ pub fn keyring_has_rows() -> bool {
     as_extension_owner(|| Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM cellcrypt.keyring)")).ok().flatten().unwrap_or(false)
 }
 
-/// The highest key version ever recorded (retired ones included).
+/// The highest key version ever recorded (retired ones, and those a restore replaced, included).
 pub fn max_key_version() -> Option<u32> {
-    as_extension_owner(|| Spi::get_one::<i32>("SELECT pg_catalog.max(key_version) FROM cellcrypt.keyring")).ok().flatten().map(|v| v as u32)
+    as_extension_owner(|| {
+        Spi::get_one::<i32>(
+            "SELECT pg_catalog.max(v) FROM (SELECT key_version FROM cellcrypt.keyring UNION ALL \
+             SELECT (key_row OPERATOR(pg_catalog.->>) 'key_version')::pg_catalog.int4 FROM cellcrypt.replaced_key_row \
+              WHERE table_name OPERATOR(pg_catalog.=) 'keyring') t(v)",
+        )
+    })
+    .ok()
+    .flatten()
+    .map(|v| v as u32)
 }
 
 /// The current key's row as the status view shows it.
@@ -467,8 +476,8 @@ pub fn demote_key(version: u32, wrapped: Vec<u8>) {
 pub fn settle_restored_rows() {
     write("settle the restored key rows", || {
         Spi::run(
-            "UPDATE cellcrypt.keyring SET restored = false WHERE restored; \
-             UPDATE cellcrypt.index_key SET restored = false WHERE restored",
+            "UPDATE cellcrypt.keyring SET restored = false, restored_by = NULL WHERE restored_by IS NOT NULL OR restored; \
+             UPDATE cellcrypt.index_key SET restored = false, restored_by = NULL WHERE restored_by IS NOT NULL OR restored",
         )
     })
 }
@@ -674,6 +683,10 @@ pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
         })
     })
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not list encrypted columns: {e}"), None, None));
+    // One order for every restoring session: two of them (pg_restore -j) never wait on each
+    // other in a cycle.
+    let mut relations = relations;
+    relations.sort_by_key(|(relid, _)| relid.to_u32());
     for (relid, columns) in relations {
         // SHARE: writers wait, from here to this transaction's end; none can add a value under
         // the keys in place after its table was looked at.
@@ -726,12 +739,14 @@ pub fn restore_blockers() -> Option<String> {
     .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check what a restore would miss: {e}"), None, None))
 }
 
-/// The live (not restored) keyring versions still in use: current and previous.
-pub fn live_key_versions() -> Vec<i32> {
+/// The keyring versions in use (current and previous) that restoring session `me` did not
+/// write: the ones its rows would replace.
+pub fn live_key_versions(me: &str) -> Vec<i32> {
     as_extension_owner(|| {
-        Spi::get_one::<Vec<i32>>(
+        Spi::get_one_with_args::<Vec<i32>>(
             "SELECT pg_catalog.array_agg(key_version) FROM cellcrypt.keyring \
-             WHERE NOT restored AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
+             WHERE restored_by IS DISTINCT FROM $1 AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
+            &[me.into()],
         )
     })
     .ok()

@@ -60,15 +60,25 @@ pub fn start_worker(dboid: pg_sys::Oid) -> bool {
 /// `ALTER DATABASE ... SET search_path` or `ALTER ROLE ... SET` says: the worker runs as the
 /// bootstrap superuser, and the database's owner controls those settings.
 fn pin_search_path() {
-    // SAFETY: a session-level setting with the highest source, as autovacuum pins its own.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            crate::store::SAFE_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        )
-    };
+    // Also the settings a database owner could use to stop the work: a read-only default, and
+    // timeouts. SAFETY: session-level settings with the highest source, as autovacuum pins its own.
+    let settings: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+        (c"search_path", crate::store::SAFE_SEARCH_PATH),
+        (c"default_transaction_read_only", c"off"),
+        (c"statement_timeout", c"0"),
+        (c"lock_timeout", c"0"),
+        (c"idle_in_transaction_session_timeout", c"0"),
+    ];
+    for (name, value) in settings {
+        unsafe { pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE) };
+    }
+}
+
+/// Ends this worker with exit code 1, so that PostgreSQL starts it again (after its restart
+/// time) when it was terminated while the server runs; exit code 0 would unregister it.
+fn exit_to_be_restarted() -> ! {
+    // SAFETY: ends this background worker.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// The databases that accept connections, read from the shared catalog like autovacuum does.
@@ -112,7 +122,7 @@ pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
         while !start_worker(db) {
             // All worker slots are taken: wait for one to free up.
             if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
-                return;
+                exit_to_be_restarted();
             }
         }
     }
@@ -120,10 +130,9 @@ pub extern "C-unwind" fn cellcrypt_launcher_main(_arg: pg_sys::Datum) {
     // after a crash (when the postmaster restarts every registered worker) nothing would
     // resume the work of a change that committed just before it.
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(3600))) {}
-    // Exit code 1, so that PostgreSQL restarts it (10 s later) if it was terminated while the
-    // server runs (pg_terminate_backend); at shutdown nothing is restarted anyway.
-    // SAFETY: ends this background worker.
-    unsafe { pg_sys::proc_exit(1) };
+    // Restarted (10 s later) if it was terminated while the server runs (pg_terminate_backend);
+    // at shutdown nothing is restarted anyway.
+    exit_to_be_restarted();
 }
 
 #[unsafe(no_mangle)]
@@ -165,11 +174,12 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
             "blocked" => BLOCKED_RETRY,
             _ => Duration::from_millis(crate::gucs::REENCRYPT_PAUSE_MS.get().max(0) as u64),
         };
+        // Terminated with work left: exit so as to be started again.
         if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {
-            return;
+            exit_to_be_restarted();
         }
         if BackgroundWorker::sigterm_received() {
-            return;
+            exit_to_be_restarted();
         }
     }
     pgrx::log!("pg_cellcrypt: re-encryption finished in database {}", dboid.to_u32());

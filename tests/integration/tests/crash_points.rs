@@ -71,60 +71,70 @@ fn wait_complete(c: &Cluster) {
 }
 
 /// What every crash must leave: the committed values, the committed key version, working
-/// keys (a new change goes through and finishes), the same after a restart.
-fn nothing_lost(c: &Cluster, digest: &str, expected_version: &str) {
+/// keys (a new change goes through and finishes), the same after a restart. Returns the
+/// version of that new change.
+fn nothing_lost(c: &Cluster, digest: &str, committed: u32) -> u32 {
     assert_eq!(c.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
-    assert_eq!(version(c), expected_version, "the committed key version");
+    assert_eq!(version(c), committed.to_string(), "the committed key version");
     assert_eq!(c.psql("app", DIGEST), digest, "right after the crash");
     wait_complete(c);
     assert_eq!(c.psql("app", DIGEST), digest);
-    let next: u32 = expected_version.parse::<u32>().unwrap() + 1;
     let msg = c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
-    assert!(msg.contains(&format!("key version {next}")), "{msg}");
+    let next: u32 = version(c).parse().unwrap();
+    assert!(next > committed && msg.contains(&format!("key version {next}")), "{msg}");
     wait_complete(c);
     c.restart();
     assert_eq!(c.psql("app", DIGEST), digest, "after a restart");
     assert_eq!(version(c), next.to_string());
     assert_eq!(c.psql("app", NOT_CURRENT).trim(), "0");
+    next
+}
+
+/// The version of the change just made, read right away (the server may crash soon after).
+fn current(c: &Cluster) -> u32 {
+    version(c).parse().unwrap()
+}
+
+/// A key change; its version, as its message says (the worker may crash the server next).
+fn change(c: &Cluster) -> u32 {
+    let msg = c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    msg.split("key version ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{msg}"))
 }
 
 #[test]
 fn a_crash_at_each_step_of_a_key_change_loses_nothing() {
     let c = cluster("crash-change");
     let digest = c.psql("app", DIGEST);
-    let mut expected = 1;
 
     // Before the change commits: the key file already holds the new version.
     arm(&c, "change:key_file_written");
     let out = c.psql_raw("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
     assert!(!out.status.success());
     crashed_at(&c, "change:key_file_written");
-    nothing_lost(&c, &digest, &expected.to_string());
-    expected += 1;
+    let v = nothing_lost(&c, &digest, 1);
 
     // Committed, before the shared cache, the other sessions and the worker hear of it: the
     // client may not even learn that it committed.
     arm(&c, "commit:before_effects");
     let _ = c.psql_raw("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
     crashed_at(&c, "commit:before_effects");
-    expected += 1;
-    nothing_lost(&c, &digest, &expected.to_string());
-    expected += 1;
+    let committed = current(&c);
+    assert!(committed > v, "the change committed");
+    let v = nothing_lost(&c, &digest, committed);
 
     // In the middle of the re-encryption: a batch rewrote its rows but did not commit.
     arm(&c, "reencrypt:batch_done");
-    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
-    expected += 1;
+    let committed = change(&c);
+    assert!(committed > v);
     crashed_at(&c, "reencrypt:batch_done");
-    nothing_lost(&c, &digest, &expected.to_string());
-    expected += 1;
+    let v = nothing_lost(&c, &digest, committed);
 
     // The older keys retired, not yet committed.
     arm(&c, "reencrypt:retired");
-    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
-    expected += 1;
+    let committed = change(&c);
+    assert!(committed > v);
     crashed_at(&c, "reencrypt:retired");
-    nothing_lost(&c, &digest, &expected.to_string());
+    nothing_lost(&c, &digest, committed);
 
     // Every version the keyring ever committed is in the key file (backups and PITR need them).
     let versions = c.psql("app", "SELECT string_agg(key_version::text, ',' ORDER BY key_version) FROM cellcrypt.keyring");
@@ -171,7 +181,7 @@ fn a_crash_while_creating_or_restoring_a_key_loses_nothing() {
     assert!(msg.contains("restored") || msg.contains("already"), "{msg}");
     drop(s);
     assert_eq!(c.psql("copy", DIGEST), digest);
-    nothing_lost(&c, &digest, "2");
+    nothing_lost(&c, &digest, 2);
     c.restart();
     assert_eq!(c.psql("copy", DIGEST), digest);
 }

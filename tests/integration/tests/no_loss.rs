@@ -448,7 +448,11 @@ fn plans_cached_without_a_table_seal_under_the_current_key_after_retirement() {
 
 /// `(version, key)` of every line of this database's key file.
 fn key_file_entries(c: &Cluster) -> (std::path::PathBuf, Vec<(String, String)>) {
-    let oid = c.psql("postgres", "SELECT oid FROM pg_database WHERE datname = 'app'").trim().to_owned();
+    key_file_entries_of(c, "app")
+}
+
+fn key_file_entries_of(c: &Cluster, db: &str) -> (std::path::PathBuf, Vec<(String, String)>) {
+    let oid = c.psql("postgres", &format!("SELECT oid FROM pg_database WHERE datname = '{db}'")).trim().to_owned();
     let file = std::fs::read_dir(c.key_dir())
         .unwrap()
         .flatten()
@@ -641,7 +645,7 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     c.createdb("fresh");
     let out = restore(&c, "fresh", &["--schema-only"], &other_dump);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = restore(&c, "fresh", &["--data-only"], &other_dump);
+    let out = restore(&c, "fresh", &["--data-only", "-j", "3"], &other_dump);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(keyring(&c, "fresh"), keyring(&c, "other"));
     assert_eq!(c.psql("fresh", "SELECT is_data_encryption_active()").trim(), "f");
@@ -665,11 +669,12 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     assert_ne!(twin_ring, keyring(&c, "other"));
     assert_eq!(twin_ring.split(',').next(), keyring(&c, "other").split(',').next(), "version 1 is the same row in both");
     let other_digest = c.psql("other", early);
-    let data = c.dir.join("other-data.dump");
-    c.pg_dump("other", &["-Fc", "--data-only", "-f", data.to_str().unwrap()]);
+    let twin_key = c.psql("twin", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    // A plain dump with one INSERT per row, run by psql: each row is a transaction of its own.
+    let data = c.dir.join("other-data.sql");
+    std::fs::write(&data, c.pg_dump("other", &["--data-only", "--inserts"])).unwrap();
     c.psql("twin", "TRUNCATE a.early");
-    let out = restore(&c, "twin", &["--data-only"], &data);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.psql_file("twin", &data);
     assert_eq!(keyring(&c, "twin"), keyring(&c, "other"));
     assert_eq!(
         c.psql("twin", &format!("SELECT count(*) FROM cellcrypt.replaced_key_row WHERE table_name = 'keyring' AND key_row->>'fingerprint' = '{twin_v2}'")).trim(),
@@ -678,6 +683,35 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     );
     c.psql("twin", &format!("SELECT set_data_encryption_key('{other_key}')"));
     assert_eq!(c.psql("twin", early), other_digest);
+    // The key file keeps both keys of version 2: twin's own, which a backup of twin from
+    // before the restore needs, and the restored one.
+    let (_, lines) = key_file_entries_of(&c, "twin");
+    for key in [&twin_key, &other_key] {
+        assert!(lines.iter().any(|(v, k)| v == "2" && k == key), "version 2 line kept for each key");
+    }
+    // The same restore once more: every row is now identical, nothing is replaced.
+    c.psql("twin", "TRUNCATE a.early");
+    c.psql_file("twin", &data);
+    assert_eq!(keyring(&c, "twin"), keyring(&c, "other"));
+    assert_eq!(c.psql("twin", early), other_digest);
+
+    // While a key change is still re-encrypting, a restore is refused (55P03): the change's
+    // jobs would outlive the keyring they were made for.
+    c.psql("postgres", "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 10");
+    c.psql("postgres", "ALTER SYSTEM SET pg_cellcrypt.reencrypt_pause = 60000");
+    c.psql("postgres", "SELECT pg_reload_conf()");
+    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    c.psql("app", "CREATE SCHEMA a; CREATE TABLE a.early (id int PRIMARY KEY, s encrypted_text)");
+    let out = restore(&c, "app", &["--data-only"], &other_dump);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is under way"), "{err}");
+    c.psql("app", "DROP SCHEMA a CASCADE");
+    c.psql("postgres", "ALTER SYSTEM RESET pg_cellcrypt.reencrypt_batch_size");
+    c.psql("postgres", "ALTER SYSTEM RESET pg_cellcrypt.reencrypt_pause");
+    c.psql("postgres", "SELECT pg_reload_conf()");
+    c.psql("app", "CALL finish_data_encryption_reencryption()");
+    c.wait_reencrypted("app");
 
     // Nothing lost anywhere, from fresh sessions after a restart.
     c.restart();
