@@ -18,6 +18,14 @@ dir=${2:?cluster directory}
 
 as_postgres() { runuser -u postgres -- "$@"; }
 
+# Appends the extra postgresql.conf lines given after DIR, then starts the cluster in DIR/data.
+append_and_start() {
+    local d=$1
+    shift
+    for line in "$@"; do echo "$line" >>"$d/data/postgresql.conf"; done
+    as_postgres "$PGBIN/pg_ctl" -D "$d/data" -l "$d/server.log" -w -t 120 start >/dev/null
+}
+
 case "$cmd" in
 start)
     port=${3:?port}
@@ -46,7 +54,6 @@ shared_preload_libraries = 'pg_cellcrypt'
 pg_cellcrypt.key_directory = '$dir/keys'
 fsync = off
 CONF
-    for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
     cat >"$dir/data/pg_hba.conf" <<HBA
 local     all  all                trust
 hostssl   all  all  127.0.0.1/32  trust
@@ -54,7 +61,7 @@ hostnossl all  all  127.0.0.1/32  trust
 local     replication  all                trust
 host      replication  all  127.0.0.1/32  trust
 HBA
-    as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    append_and_start "$dir" "$@"
     ;;
 standby)
     # A streaming standby of the cluster in PRIMARY_DIR, made with pg_basebackup. It has its own
@@ -75,8 +82,7 @@ unix_socket_directories = '$dir'
 pg_cellcrypt.key_directory = '$dir/keys'
 hot_standby = on
 CONF
-    for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
-    as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    append_and_start "$dir" "$@"
     ;;
 recover)
     # A cluster recovered from a base backup (a plain-format pg_basebackup in BACKUP_DATA),
@@ -101,9 +107,8 @@ unix_socket_directories = '$dir'
 pg_cellcrypt.key_directory = '$dir/keys'
 archive_mode = off
 CONF
-    for line in "$@"; do echo "$line" >>"$dir/data/postgresql.conf"; done
     chown postgres:postgres "$dir/data/postgresql.conf" "$dir/data/recovery.signal"
-    as_postgres "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 120 start >/dev/null
+    append_and_start "$dir" "$@"
     ;;
 stop)
     if [ -f "$dir/data/postmaster.pid" ]; then

@@ -718,25 +718,34 @@ pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
     None
 }
 
+/// Places that may hold values no statement of this session can read: temporary tables with
+/// encrypted columns (with `others_only`, other sessions' ones) and this database's prepared
+/// transactions. Run as the extension owner.
+fn unreadable_places(others_only: bool) -> Result<Vec<String>, pgrx::spi::Error> {
+    let others = if others_only {
+        " AND (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.<>) pg_catalog.pg_my_temp_schema()"
+    } else {
+        ""
+    };
+    let temp = format!(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('temporary table %s', t.oid::pg_catalog.regclass), ', ') FROM ({}) t(oid, columns) \
+         WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) 't'{others}",
+        encrypted_columns_sql("r")
+    );
+    let temp = Spi::get_one_with_args::<String>(&temp, &[0.into(), extension_oid().into()])?;
+    let prepared = Spi::get_one::<String>(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('prepared transaction %L', gid), ', ') FROM pg_catalog.pg_prepared_xacts \
+         WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
+    )?;
+    Ok([temp, prepared].into_iter().flatten().collect())
+}
+
 /// What a restore cannot look into and so must not replace the keyring under: prepared
 /// transactions of this database and other sessions' temporary tables with encrypted columns.
 pub fn restore_blockers() -> Option<String> {
-    let temp = format!(
-        "SELECT pg_catalog.string_agg(pg_catalog.format('temporary table %s', t.oid::pg_catalog.regclass), ', ') FROM ({}) t(oid, columns) \
-         WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) 't' \
-           AND NOT (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()",
-        encrypted_columns_sql("r")
-    );
-    as_extension_owner(|| {
-        let temp = Spi::get_one_with_args::<String>(&temp, &[0.into(), extension_oid().into()])?;
-        let prepared = Spi::get_one::<String>(
-            "SELECT pg_catalog.string_agg(pg_catalog.format('prepared transaction %L', gid), ', ') FROM pg_catalog.pg_prepared_xacts \
-             WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
-        )?;
-        let reasons: Vec<String> = [temp, prepared].into_iter().flatten().collect();
-        Ok::<_, pgrx::spi::Error>((!reasons.is_empty()).then(|| reasons.join(", ")))
-    })
-    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check what a restore would miss: {e}"), None, None))
+    as_extension_owner(|| unreadable_places(true))
+        .map(|reasons| (!reasons.is_empty()).then(|| reasons.join(", ")))
+        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check what a restore would miss: {e}"), None, None))
 }
 
 /// The keyring versions in use (current and previous) that restoring session `me` did not
@@ -758,17 +767,8 @@ pub fn live_key_versions(me: &str) -> Vec<i32> {
 /// temporary tables with encrypted columns (other sessions' data, which no one else can read),
 /// prepared transactions, and transactions that began before the last table's pass ended.
 pub fn retirement_waits_for() -> Result<Option<String>, String> {
-    let temp = format!(
-        "SELECT pg_catalog.string_agg(pg_catalog.format('temporary table %s', t.oid::pg_catalog.regclass), ', ') FROM ({}) t(oid, columns) \
-         WHERE (SELECT relpersistence FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) t.oid) OPERATOR(pg_catalog.=) 't'",
-        encrypted_columns_sql("r")
-    );
     as_extension_owner(|| {
-        let temp = Spi::get_one_with_args::<String>(&temp, &[0.into(), extension_oid().into()])?;
-        let prepared = Spi::get_one::<String>(
-            "SELECT pg_catalog.string_agg(pg_catalog.format('prepared transaction %L', gid), ', ') FROM pg_catalog.pg_prepared_xacts \
-             WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database()",
-        )?;
+        let mut reasons = unreadable_places(false)?;
         let older = Spi::get_one_with_args::<String>(
             "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 THEN \
                     pg_catalog.format('transactions of processes %s, which began before the last table''s pass ended,', \
@@ -780,7 +780,7 @@ pub fn retirement_waits_for() -> Result<Option<String>, String> {
             // SAFETY: a backend global.
             &[unsafe { pg_sys::MyDatabaseId }.into()],
         )?;
-        let reasons: Vec<String> = [temp, prepared, older].into_iter().flatten().collect();
+        reasons.extend(older);
         Ok::<_, pgrx::spi::Error>((!reasons.is_empty()).then(|| reasons.join(", ")))
     })
     .map_err(job_error("could not check what retirement waits for"))
