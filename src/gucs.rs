@@ -33,6 +33,7 @@ pub static KEY_PROVIDER: GucSetting<KeyProvider> = GucSetting::<KeyProvider>::ne
 pub static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static REENCRYPT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
 pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -61,6 +62,16 @@ pub fn init() {
         &KEY_COMMAND,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_cellcrypt.key_command_timeout",
+        c"How long pg_cellcrypt.key_command may run, in seconds, before it is killed.",
+        c"A query cancel or terminate stops it at once too.",
+        &KEY_COMMAND_TIMEOUT,
+        1,
+        3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"pg_cellcrypt.reencrypt_batch_size",

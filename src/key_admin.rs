@@ -52,6 +52,9 @@ pub fn init() {
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     keys::end_of_transaction();
+    if matches!(event, pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_ABORT) {
+        crate::hooks::end_of_transaction();
+    }
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if keystate::has_staged() => errors::raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -464,6 +467,7 @@ fn retrieve_data_encryption_key() -> String {
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_data_encryption_key(key: &str) -> String {
     const F: &str = "set_data_encryption_key()";
+    crate::hooks::hide_statement_text();
     policy::require_admin(F);
     policy::require_primary(F);
     policy::require_secure_transport(F, F);

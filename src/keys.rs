@@ -40,6 +40,7 @@ pub struct LoadedKeys {
 }
 
 /// Why the database's key is not usable in this backend.
+#[derive(Clone)]
 pub enum KeyUnavailable {
     /// The keyring has no current key version (should not happen after CREATE EXTENSION).
     NoKeyConfigured,
@@ -163,9 +164,33 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
             return Ok(k);
         }
     }
-    let k = Rc::new(load(generation)?);
-    LOADED.with(|l| *l.borrow_mut() = Some(k.clone()));
-    Ok(k)
+    // A load that failed is not tried again for a moment (same generation): a query over many
+    // rows, or many calls, would otherwise run the key provider and Argon2id for each.
+    if let Some(e) = LAST_FAILURE.with(|f| {
+        f.borrow().as_ref().filter(|(at, g, _)| *g == generation && at.elapsed() < FAILURE_KEPT).map(|(_, _, e)| e.clone())
+    }) {
+        return Err(e);
+    }
+    match load(generation) {
+        Ok(k) => {
+            let k = Rc::new(k);
+            LOADED.with(|l| *l.borrow_mut() = Some(k.clone()));
+            LAST_FAILURE.with(|f| *f.borrow_mut() = None);
+            Ok(k)
+        }
+        Err(e) => {
+            LAST_FAILURE.with(|f| *f.borrow_mut() = Some((std::time::Instant::now(), generation, e.clone())));
+            Err(e)
+        }
+    }
+}
+
+/// How long a failed key load is answered from memory (see [`try_loaded`]). A key restore or
+/// change, which loads the key itself, and any key change (a new generation) end it at once.
+const FAILURE_KEPT: std::time::Duration = std::time::Duration::from_secs(5);
+
+thread_local! {
+    static LAST_FAILURE: RefCell<Option<(std::time::Instant, u64, KeyUnavailable)>> = const { RefCell::new(None) };
 }
 
 /// True when the database has a key and this backend could load and verify it.

@@ -281,7 +281,7 @@ pub mod command {
     use super::*;
 
     /// How long the command may take.
-    const TIMEOUT: Duration = Duration::from_secs(30);
+
 
     /// The keys the command prints: either one bare key (the current one), or, when its output
     /// starts with a line beginning `# pg_cellcrypt`, the key file format (`<version> <key>` per
@@ -301,6 +301,44 @@ pub mod command {
         }
     }
 
+    /// The command's process, killed (with its whole process group) and reaped when dropped,
+    /// unless its exit status was collected already: no process is left behind, and no zombie.
+    struct Reaped(std::process::Child, bool);
+
+    impl Reaped {
+        fn reaped(&mut self) {
+            self.1 = true;
+        }
+    }
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            // The group of the shell's own pid (process_group(0)).
+            let pgid = self.0.id() as libc::pid_t;
+            // SAFETY: signals a process group this backend created.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            if !self.1 {
+                let _ = self.0.wait();
+            }
+        }
+    }
+
+    /// Sleeps up to `d` on the latch, then lets a pending cancel or terminate raise.
+    fn wait_interruptibly(d: Duration) {
+        // SAFETY: the backend's own latch; CHECK_FOR_INTERRUPTS raises through pgrx's guard,
+        // which unwinds this function's frames (and so kills the command, see Reaped).
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                d.as_millis() as libc::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+
     /// Runs `pg_cellcrypt.key_command` with `sh -c` and returns what it printed, trimmed. The
     /// command learns which key is wanted from its environment:
     /// `PG_CELLCRYPT_DATABASE` (name), `PG_CELLCRYPT_DATABASE_OID`, `PG_CELLCRYPT_SYSTEM_IDENTIFIER`.
@@ -314,18 +352,26 @@ pub mod command {
             let name = if n.is_null() { String::new() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() };
             (pg_sys::GetSystemIdentifier(), oid.to_u32(), name)
         };
-        let mut child = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(&cmd)
-            .env("PG_CELLCRYPT_DATABASE", dbname)
-            .env("PG_CELLCRYPT_DATABASE_OID", dboid.to_string())
-            .env("PG_CELLCRYPT_SYSTEM_IDENTIFIER", sysid.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("could not run pg_cellcrypt.key_command: {e}"))?;
+        let child = {
+            use std::os::unix::process::CommandExt;
+            std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .env("PG_CELLCRYPT_DATABASE", dbname)
+                .env("PG_CELLCRYPT_DATABASE_OID", dboid.to_string())
+                .env("PG_CELLCRYPT_SYSTEM_IDENTIFIER", sysid.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                // Its own process group, so that a timeout or a cancel stops what it started too.
+                .process_group(0)
+                .spawn()
+                .map_err(|e| format!("could not run pg_cellcrypt.key_command: {e}"))?
+        };
+        // From here on, however this function is left (an error, a timeout, a query cancel that
+        // raises out of the wait below), the command's process group is killed and reaped.
+        let mut child = Reaped(child, false);
         // Read without blocking, so a command that hangs is stopped at the timeout.
-        let mut stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout = child.0.stdout.take().expect("piped stdout");
         {
             use std::os::fd::AsRawFd;
             let fd = stdout.as_raw_fd();
@@ -335,6 +381,7 @@ pub mod command {
         let mut out = Zeroizing::new(Vec::new());
         let mut chunk = Zeroizing::new([0u8; 4096]);
         let started = Instant::now();
+        let timeout = Duration::from_secs(gucs::KEY_COMMAND_TIMEOUT.get().max(1) as u64);
         let mut eof = false;
         let status = loop {
             while !eof {
@@ -347,17 +394,16 @@ pub mod command {
                     Err(e) => return Err(format!("could not read the output of pg_cellcrypt.key_command: {e}")),
                 }
             }
-            match child.try_wait() {
+            match child.0.try_wait() {
                 Ok(Some(s)) if eof => break s,
-                Ok(_) if started.elapsed() > TIMEOUT => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("pg_cellcrypt.key_command did not finish within {} seconds", TIMEOUT.as_secs()));
+                Ok(_) if started.elapsed() > timeout => {
+                    return Err(format!("pg_cellcrypt.key_command did not finish within {} seconds (pg_cellcrypt.key_command_timeout)", timeout.as_secs()))
                 }
-                Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                Ok(_) => wait_interruptibly(Duration::from_millis(5)),
                 Err(e) => return Err(format!("could not wait for pg_cellcrypt.key_command: {e}")),
             }
         };
+        child.reaped();
         if !status.success() {
             return Err(format!("pg_cellcrypt.key_command failed ({status})"));
         }

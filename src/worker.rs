@@ -8,7 +8,8 @@
 //!   (it forgets a static worker that has exited). So after a restart or a crash, unfinished
 //!   re-encryption resumes with no administrator action, including the work of a change that
 //!   committed just before the crash, before it could start its worker.
-//! * The worker first records where this cluster keeps the database's key file, when
+//! * The worker loads the key only when it has work, or with the `file` provider (cheap), and
+//!   then records where this cluster keeps the database's key file, when
 //!   `cellcrypt.key_location` names another cluster's (after `pg_upgrade`, see `providers.rs`):
 //!   the next upgrade then finds the key file under this cluster's name.
 //! * A key change starts its database's **worker** when it commits.
@@ -145,12 +146,16 @@ pub extern "C-unwind" fn cellcrypt_reencrypt_worker_main(arg: pg_sys::Datum) {
     let has_work = BackgroundWorker::transaction(|| {
         // Without the key (a restored database not restored yet, the none provider after a
         // restart) there is nothing this worker can do; the key restore starts it again.
-        crate::store::extension_oid() != pg_sys::InvalidOid
-            && crate::keys::try_loaded().is_ok()
-            && {
-                crate::key_admin::note_key_location();
-                crate::store::has_reencryption_work()
-            }
+        if crate::store::extension_oid() == pg_sys::InvalidOid {
+            return false;
+        }
+        // With the file provider, the key is loaded at every start, cheaply: after pg_upgrade
+        // that is what copies the old cluster's key file (providers.rs). Another provider (a
+        // KMS that may hang) is asked only by a database that has re-encryption to do.
+        if crate::providers::current() == crate::gucs::KeyProvider::File && crate::keys::try_loaded().is_ok() {
+            crate::key_admin::note_key_location();
+        }
+        crate::store::has_reencryption_work() && crate::keys::try_loaded().is_ok()
     });
     if !has_work {
         return;

@@ -2,18 +2,25 @@
 //!
 //! They work on text only, so they live here, where they can be unit-tested without a server.
 
-/// Replaces the contents of every single-quoted and dollar-quoted string with `<redacted>`.
-pub fn redact_quoted(s: &str) -> String {
+/// The byte ranges of the contents of every single-quoted and dollar-quoted string in `s`
+/// (quotes and dollar tags excluded). An unterminated string runs to the end.
+fn quoted_contents(s: &str) -> Vec<(usize, usize)> {
     let b = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
+    let mut spans = Vec::new();
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'\'' => {
-                // Skip to the closing quote; '' is an escaped quote, \' too in E'' strings.
+                // Skip to the closing quote; '' is an escaped quote, and \' too, but only in
+                // E'' strings: in a standard string a backslash is an ordinary character, and
+                // taking it for an escape would end the string too late and leave the next
+                // string's contents unredacted.
+                let escapes = i > 0
+                    && (b[i - 1] == b'E' || b[i - 1] == b'e')
+                    && (i < 2 || !(b[i - 2].is_ascii_alphanumeric() || b[i - 2] == b'_' || b[i - 2] >= 0x80));
                 let mut j = i + 1;
                 while j < b.len() {
-                    if b[j] == b'\\' {
+                    if escapes && b[j] == b'\\' {
                         j += 2;
                         continue;
                     }
@@ -26,8 +33,9 @@ pub fn redact_quoted(s: &str) -> String {
                     }
                     j += 1;
                 }
-                out.push_str("'<redacted>'");
-                i = j + 1;
+                let end = j.min(b.len());
+                spans.push((i + 1, end));
+                i = end + 1;
             }
             b'$' => {
                 // $tag$ ... $tag$
@@ -37,32 +45,55 @@ pub fn redact_quoted(s: &str) -> String {
                         let tag = &s[i..=t];
                         match s[t + 1..].find(tag) {
                             Some(end) => {
-                                out.push_str(tag);
-                                out.push_str("<redacted>");
-                                out.push_str(tag);
+                                spans.push((t + 1, t + 1 + end));
                                 i = t + 1 + end + tag.len();
                             }
                             None => {
-                                out.push_str(tag);
-                                out.push_str("<redacted>");
+                                spans.push((t + 1, b.len()));
                                 i = b.len();
                             }
                         }
                     }
-                    _ => {
-                        out.push('$');
-                        i += 1;
-                    }
+                    _ => i += 1,
                 }
             }
-            _ => {
-                let ch = s[i..].chars().next().unwrap();
-                out.push(ch);
-                i += ch.len_utf8();
-            }
+            _ => i += 1,
+        }
+    }
+    spans
+}
+
+/// Replaces the contents of every single-quoted and dollar-quoted string with `<redacted>`
+/// (an unterminated one is closed).
+pub fn redact_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut at = 0;
+    for (start, end) in quoted_contents(s) {
+        out.push_str(&s[at..start]);
+        out.push_str("<redacted>");
+        at = end;
+    }
+    out.push_str(&s[at..]);
+    // An unterminated single-quoted string gets its closing quote.
+    if let Some((start, end)) = quoted_contents(s).last() {
+        if *end == s.len() && s.as_bytes()[start - 1] == b'\'' {
+            out.push('\'');
         }
     }
     out
+}
+
+/// Replaces every byte of the contents of every single-quoted and dollar-quoted string with
+/// `*`: the same length in bytes, so that offsets into the text (a statement's location in a
+/// multi-statement string, as pg_stat_statements uses them) stay valid.
+pub fn mask_quoted_same_length(s: &str) -> String {
+    let mut out = s.as_bytes().to_vec();
+    for (start, end) in quoted_contents(s) {
+        out[start..end].fill(b'*');
+    }
+    // Only ASCII bytes were written over whole strings' contents, which start and end at
+    // character boundaries (after and before an ASCII quote or tag).
+    String::from_utf8(out).unwrap_or_else(|_| "*".repeat(s.len()))
 }
 
 /// Masks everything shaped like a generated key: `CCK1-` (any case) and the key characters,
@@ -101,6 +132,23 @@ mod tests {
         assert_eq!(redact_quoted("SELECT f($k$secret$k$) , $$x$$"), "SELECT f($k$<redacted>$k$) , $$<redacted>$$");
         assert_eq!(redact_quoted("SELECT f(E'a\\'b')"), "SELECT f(E'<redacted>')");
         assert_eq!(redact_quoted("unterminated 'abc"), "unterminated '<redacted>'");
+        // A standard string ending in a backslash ends there: the next string is redacted too.
+        assert_eq!(
+            redact_quoted("SELECT 'a\\', set_data_encryption_key('secret passphrase')"),
+            "SELECT '<redacted>', set_data_encryption_key('<redacted>')"
+        );
+        // An identifier ending in e before a quote is not an E'' string.
+        assert_eq!(redact_quoted("SELECT type'x\\', f('s')"), "SELECT type'<redacted>', f('<redacted>')");
+        assert_eq!(redact_quoted("SELECT e'a\\'b', f('s')"), "SELECT e'<redacted>', f('<redacted>')");
+    }
+
+    #[test]
+    fn masking_keeps_the_length() {
+        let q = "DO $$ BEGIN PERFORM set_data_encryption_key('ключ secret'); END $$; SELECT 'a''b', E'c\\'d'";
+        let m = mask_quoted_same_length(q);
+        assert_eq!(m.len(), q.len());
+        assert!(!m.contains("secret") && !m.contains("ключ"), "{m}");
+        assert!(m.starts_with("DO $$*") && m.ends_with("'****', E'****'"), "{m}");
     }
 
     #[test]

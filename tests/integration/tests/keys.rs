@@ -471,7 +471,9 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
     let c = Cluster::start(
         "canary",
         &[
-            "shared_preload_libraries = 'pg_cellcrypt,pg_stat_statements'",
+            // pg_cellcrypt after pg_stat_statements: its utility hook then runs first (the
+            // README's advice), and DO blocks reach pg_stat_statements with their literals masked.
+            "shared_preload_libraries = 'pg_stat_statements,pg_cellcrypt'",
             "log_statement = all",
             "log_min_duration_statement = 0",
             "log_min_error_statement = error",
@@ -501,12 +503,115 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
     ssl.query_one("SELECT set_data_encryption_key($1)", &[&canary]).unwrap();
     let _: String = ssl.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
 
+    // Every other form of the call, each from a session left idle afterwards: what
+    // pg_stat_activity shows of it (and of the failed ones) is the text with literals redacted.
+    let wrong = "wrong canary passphrase Hq4vB8nM2xK6 pW9rT3";
+    let forms = [
+        format!("SELECT set_data_encryption_key('{canary}')"),
+        format!("PREPARE p(text) AS SELECT set_data_encryption_key($1); EXECUTE p('{canary}')"),
+        format!("DO $$ BEGIN PERFORM set_data_encryption_key('{canary}'); END $$"),
+        format!("CREATE OR REPLACE FUNCTION set_key_for_app(k text) RETURNS text LANGUAGE sql AS 'SELECT set_data_encryption_key(k)'; SELECT set_key_for_app('{canary}')"),
+        format!("SELECT set_data_encryption_key('{wrong}')"),
+        format!("PREPARE q(text) AS SELECT set_data_encryption_key($1); EXECUTE q('{wrong}')"),
+    ];
+    let mut idle = Vec::new();
+    for form in &forms {
+        let mut s = c.connect(Transport::TcpSsl, "app");
+        let _ = s.simple_query(form);
+        idle.push(s);
+    }
+    let activity = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_activity WHERE datname = 'app'");
+    assert!(activity.contains("set_data_encryption_key('<redacted>')"), "{activity}");
+    for secret in [&canary[5..], wrong] {
+        assert!(!activity.contains(secret), "a key in pg_stat_activity:\n{activity}");
+    }
+    drop(idle);
+
     let log = c.server_log();
     assert!(log.contains("set_data_encryption_key"), "the statements were logged (redacted)");
     let statements = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_statements");
     assert!(statements.contains("set_data_encryption_key"), "{statements}");
-    for secret in [&canary[5..], &mistyped[5..], passphrase, &canary[5..24]] {
+    for secret in [&canary[5..], &mistyped[5..], passphrase, &canary[5..24], wrong] {
         assert!(!log.contains(secret), "a key in the server log:\n{log}");
         assert!(!statements.contains(secret), "a key in pg_stat_statements:\n{statements}");
     }
+}
+
+/// The child processes of process `pid` (zombies included), from /proc.
+fn children_of(pid: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...
+        let Some(after) = stat.rsplit_once(") ").map(|(_, a)| a) else { continue };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields.get(1) == Some(&pid.to_string().as_str()) {
+            out.push(stat.trim().to_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_once() {
+    let kms = std::path::PathBuf::from(format!("/tmp/pg_cellcrypt-it/kms-hang-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&kms);
+    std::fs::create_dir_all(&kms).unwrap();
+    std::fs::write(kms.join("key"), "kms managed passphrase 5e2b7d91 c4a8 Xw3pL9 hang test").unwrap();
+    let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&kms).status();
+    let k = kms.display();
+    let command = format!(
+        "pg_cellcrypt.key_command = 'echo run >> {k}/runs; if [ -f {k}/hang ]; then sleep 600; fi; if [ -f {k}/fail ]; then exit 3; fi; cat {k}/key'"
+    );
+    let c = Cluster::start("prov-hang", &["pg_cellcrypt.key_provider = command", &command, "pg_cellcrypt.key_command_timeout = 120"]);
+    c.database_with_extension("app");
+    fill(&c, "app", 30);
+    let digest = c.psql("app", PLAINTEXT_DIGEST);
+    c.restart();
+
+    // A command that hangs: a query that needs the key waits for it, and a cancel ends the
+    // wait at once, the command's whole process group with it, leaving no child behind.
+    std::fs::write(kms.join("hang"), "").unwrap();
+    let mut s = c.connect(Transport::Unix, "app");
+    let pid: i32 = s.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let query = std::thread::spawn(move || {
+        let r = s.query_one(PLAINTEXT_DIGEST, &[]);
+        (r.map(|_| ()).map_err(|e| e.code().cloned()), std::time::Instant::now(), s)
+    });
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(kms.join("runs")).unwrap_or_default().contains("run") {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the key command never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!children_of(pid).is_empty(), "the command runs under the backend");
+    let cancelled_at = std::time::Instant::now();
+    c.psql("postgres", &format!("SELECT pg_cancel_backend({pid})"));
+    let (r, returned_at, s) = query.join().unwrap();
+    assert_eq!(r, Err(Some(SqlState::QUERY_CANCELED)));
+    let waited = returned_at - cancelled_at;
+    assert!(waited < std::time::Duration::from_secs(1), "cancel took {waited:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(children_of(pid), Vec::<String>::new(), "no child (nor zombie) left");
+    let sleeping = std::process::Command::new("pgrep").args(["-f", "sleep 600"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(), "the command's own children were stopped too");
+    std::fs::remove_file(kms.join("hang")).unwrap();
+
+    // A command that fails: 1,000 key uses in one query run it once, and reap it.
+    std::fs::write(kms.join("fail"), "").unwrap();
+    std::fs::write(kms.join("runs"), "").unwrap();
+    let mut s = s;
+    let active: i64 = s.query_one("SELECT count(*) FROM generate_series(1, 1000) g WHERE is_data_encryption_active()", &[]).unwrap().get(0);
+    assert_eq!(active, 0);
+    assert_eq!(std::fs::read_to_string(kms.join("runs")).unwrap().lines().count(), 1, "the provider ran once for 1,000 calls");
+    assert_eq!(children_of(pid), Vec::<String>::new(), "the failed command was reaped");
+
+    // Fixed, the key is found again (after the few seconds a failure is remembered).
+    std::fs::remove_file(kms.join("fail")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5200));
+    let got: String = s.query_one(PLAINTEXT_DIGEST, &[]).unwrap().get(0);
+    assert_eq!(got, digest.trim());
+    drop(s);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&kms);
 }
