@@ -410,7 +410,7 @@ fn weak_key(reason: &str) -> ! {
     errors::raise(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         format!("the key is not acceptable: {reason}"),
-        Some("A key is either a generated key (from generate_data_encryption_key()) or a passphrase of at least 20 characters with at least 80 bits of estimated entropy."),
+        Some("A key is either a generated key (from generate_data_encryption_key()) or a passphrase of at least 20 characters, with at least 80 bits of estimated entropy, that a strength estimator (zxcvbn) cannot guess in fewer than 10^10 tries."),
         Some("Use SELECT generate_data_encryption_key(); to get a strong key."),
     )
 }

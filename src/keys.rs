@@ -166,8 +166,12 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
     }
     // A load that failed is not tried again for a moment (same generation): a query over many
     // rows, or many calls, would otherwise run the key provider and Argon2id for each.
+    let stamp = providers::stamp();
     if let Some(e) = LAST_FAILURE.with(|f| {
-        f.borrow().as_ref().filter(|(at, g, _)| *g == generation && at.elapsed() < FAILURE_KEPT).map(|(_, _, e)| e.clone())
+        f.borrow()
+            .as_ref()
+            .filter(|l| l.generation == generation && l.stamp == stamp && l.at.elapsed() < FAILURE_KEPT)
+            .map(|l| l.error.clone())
     }) {
         return Err(e);
     }
@@ -179,18 +183,26 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
             Ok(k)
         }
         Err(e) => {
-            LAST_FAILURE.with(|f| *f.borrow_mut() = Some((std::time::Instant::now(), generation, e.clone())));
+            LAST_FAILURE.with(|f| *f.borrow_mut() = Some(Failure { at: std::time::Instant::now(), generation, stamp, error: e.clone() }));
             Err(e)
         }
     }
 }
 
 /// How long a failed key load is answered from memory (see [`try_loaded`]). A key restore or
-/// change, which loads the key itself, and any key change (a new generation) end it at once.
+/// change, which loads the key itself, any key change (a new generation), and a key file that
+/// changed (a standby given the primary's new key) end it at once.
 const FAILURE_KEPT: std::time::Duration = std::time::Duration::from_secs(5);
 
+struct Failure {
+    at: std::time::Instant,
+    generation: u64,
+    stamp: Option<(u64, u64, i128)>,
+    error: KeyUnavailable,
+}
+
 thread_local! {
-    static LAST_FAILURE: RefCell<Option<(std::time::Instant, u64, KeyUnavailable)>> = const { RefCell::new(None) };
+    static LAST_FAILURE: RefCell<Option<Failure>> = const { RefCell::new(None) };
 }
 
 /// True when the database has a key and this backend could load and verify it.

@@ -109,10 +109,8 @@ pub mod pg_test {
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         vec![
+            // Key derivation at the default, which is also the floor (19 MiB, 2 passes).
             "shared_preload_libraries = 'pg_cellcrypt'",
-            // Fast key derivation for tests; production uses the default (19 MiB, 2 passes).
-            "pg_cellcrypt.kdf_memory_kib = 1024",
-            "pg_cellcrypt.kdf_iterations = 1",
         ]
     }
 }

@@ -49,6 +49,17 @@ pub fn read() -> Result<Vec<(Option<u32>, Zeroizing<String>)>, String> {
     }
 }
 
+/// What identifies the key source's current contents without reading it, where that is cheap:
+/// for the `file` provider, the key file's inode, size and modification time (None when it
+/// does not exist); nothing for the others.
+pub fn stamp() -> Option<(u64, u64, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    match current() {
+        KeyProvider::File => std::fs::metadata(file::path()).ok().map(|m| (m.ino(), m.size(), m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128)),
+        _ => None,
+    }
+}
+
 /// The `file` provider.
 pub mod file {
     use super::*;

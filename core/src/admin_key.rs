@@ -14,7 +14,8 @@
 //! * **Passphrases**: any other string, used byte for byte after trimming surrounding
 //!   whitespace. A passphrase must be at least [`MIN_PASSPHRASE_CHARS`] characters long and its
 //!   estimated entropy (length times the Shannon entropy of its character distribution) at
-//!   least [`MIN_PASSPHRASE_BITS`] bits.
+//!   least [`MIN_PASSPHRASE_BITS`] bits, and the zxcvbn estimator must rate it at its top score
+//!   (at least 10^10 guesses): character counts alone accept `Password1234Password1234`.
 //!
 //! The canonical text of a key ([`AdminKey::as_str`]) is what goes into the KDF, so two spellings
 //! of the same generated key derive the same key.
@@ -202,6 +203,12 @@ fn check_passphrase(s: &str) -> Result<(), AdminKeyError> {
     if bits < MIN_PASSPHRASE_BITS {
         return Err(AdminKeyError::TooLittleEntropy { min_bits: MIN_PASSPHRASE_BITS, estimated_bits: bits });
     }
+    // Then a maintained estimator, which knows what character counts do not: dictionary words,
+    // names, dates, keyboard runs, l33t substitutions and repeats ("Password1234Password1234").
+    let estimate = zxcvbn::zxcvbn(s, &[]);
+    if u8::from(estimate.score()) < 4 {
+        return Err(AdminKeyError::Guessable { guesses_log10: estimate.guesses_log10().floor().max(0.0) as u32 });
+    }
     Ok(())
 }
 
@@ -255,8 +262,16 @@ mod tests {
         assert!(matches!(AdminKey::parse("short"), Err(AdminKeyError::TooShort { .. })));
         assert!(matches!(AdminKey::parse("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), Err(AdminKeyError::TooLittleEntropy { .. })));
         assert!(matches!(AdminKey::parse("abababababababababababababab"), Err(AdminKeyError::TooLittleEntropy { .. })));
+        // Long enough and varied enough by character counts, but guessable.
+        for weak in ["Password1234Password1234", "qwertyuiopasdfghjkl1234", "iloveyou iloveyou 2024!"] {
+            assert!(matches!(AdminKey::parse(weak), Err(AdminKeyError::Guessable { .. })), "{weak}");
+        }
         let p = AdminKey::parse("  correct horse battery staple 1987 ").unwrap();
         assert_eq!(p.as_str(), "correct horse battery staple 1987");
         assert!(!p.is_generated());
+        // Generated keys are always accepted, whatever the estimator thinks of their letters.
+        for _ in 0..50 {
+            assert!(AdminKey::parse(AdminKey::generate().as_str()).is_ok());
+        }
     }
 }

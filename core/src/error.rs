@@ -59,7 +59,13 @@ pub enum AdminKeyError {
     TooShort { min: usize, found: usize },
     /// A passphrase with too little entropy (repetitive, tiny alphabet).
     TooLittleEntropy { min_bits: u32, estimated_bits: u32 },
+    /// A passphrase a strength estimator (zxcvbn) guesses in fewer than 10^10 tries: words,
+    /// names, dates, keyboard runs, repeats.
+    Guessable { guesses_log10: u32 },
 }
+
+/// The fewest guesses (log10) a passphrase must take a strength estimator: zxcvbn's top score.
+pub const MIN_GUESSES_LOG10: u32 = 10;
 
 impl fmt::Display for AdminKeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -82,6 +88,10 @@ impl fmt::Display for AdminKeyError {
             AdminKeyError::TooLittleEntropy { min_bits, estimated_bits } => write!(
                 f,
                 "key has too little entropy: about {estimated_bits} bits, at least {min_bits} required"
+            ),
+            AdminKeyError::Guessable { guesses_log10 } => write!(
+                f,
+                "passphrase is guessable: about 10^{guesses_log10} guesses (common words, names, dates, keyboard patterns or repeats), at least 10^{MIN_GUESSES_LOG10} required"
             ),
         }
     }

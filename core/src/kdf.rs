@@ -22,6 +22,11 @@ use zeroize::Zeroizing;
 pub const SALT_LEN: usize = 16;
 pub const FINGERPRINT_LEN: usize = 16;
 
+/// The weakest Argon2id parameters a new key version may be derived with: OWASP's minimum for
+/// Argon2id (19 MiB, 2 passes, 1 lane). Settings cannot go below it; key versions already
+/// stored keep the parameters they were made with.
+pub const KDF_FLOOR: KdfParams = KdfParams { m_cost_kib: 19 * 1024, t_cost: 2, p_cost: 1 };
+
 /// Argon2id cost parameters. Stored with each key version so a key can be verified later with
 /// the parameters it was derived with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,10 +26,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Key derivation is slow by default; the tests need it fast.
-const KDF: [&str; 2] = ["pg_cellcrypt.kdf_memory_kib = 1024", "pg_cellcrypt.kdf_iterations = 1"];
 
 fn start(name: &str, extra: &[&str]) -> Cluster {
-    let mut conf: Vec<&str> = KDF.to_vec();
+    let mut conf: Vec<&str> = Vec::new();
     conf.extend_from_slice(extra);
     Cluster::start(name, &conf)
 }

@@ -8,9 +8,7 @@
 use cellcrypt_integration::{Cluster, Transport};
 use std::time::{Duration, Instant};
 
-const CONF: [&str; 4] = [
-    "pg_cellcrypt.kdf_memory_kib = 1024",
-    "pg_cellcrypt.kdf_iterations = 1",
+const CONF: [&str; 2] = [
     "pg_cellcrypt.reencrypt_batch_size = 100",
     "pg_cellcrypt.reencrypt_pause = 10",
 ];

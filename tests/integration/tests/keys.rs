@@ -597,10 +597,15 @@ fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_on
     assert!(String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(), "the command's own children were stopped too");
     std::fs::remove_file(kms.join("hang")).unwrap();
 
+    // The KDF cannot be set below its floor (19 MiB, 2 passes), even by a superuser.
+    let mut s = s;
+    for setting in ["SET pg_cellcrypt.kdf_memory_kib = 1024", "SET pg_cellcrypt.kdf_iterations = 1"] {
+        assert_eq!(db_error(s.batch_execute(setting)).code(), &SqlState::INVALID_PARAMETER_VALUE, "{setting}");
+    }
+
     // A command that fails: 1,000 key uses in one query run it once, and reap it.
     std::fs::write(kms.join("fail"), "").unwrap();
     std::fs::write(kms.join("runs"), "").unwrap();
-    let mut s = s;
     let active: i64 = s.query_one("SELECT count(*) FROM generate_series(1, 1000) g WHERE is_data_encryption_active()", &[]).unwrap().get(0);
     assert_eq!(active, 0);
     assert_eq!(std::fs::read_to_string(kms.join("runs")).unwrap().lines().count(), 1, "the provider ran once for 1,000 calls");

@@ -9,13 +9,12 @@
 use cellcrypt_integration::{db_error, Cluster, Transport};
 use postgres::error::SqlState;
 
-const KDF: [&str; 2] = ["pg_cellcrypt.kdf_memory_kib = 1024", "pg_cellcrypt.kdf_iterations = 1"];
 
 /// A checksum of every committed plaintext of table `t`.
 const DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(s), ',' ORDER BY id)) FROM t";
 
 fn cluster(name: &str, extra: &[&str]) -> Cluster {
-    let mut conf = KDF.to_vec();
+    let mut conf: Vec<&str> = Vec::new();
     conf.extend_from_slice(extra);
     let c = Cluster::start(name, &conf);
     c.database_with_extension("app");
@@ -219,7 +218,7 @@ fn drop_and_create_extension_keep_the_key_as_pg_restore_clean_does() {
 fn the_none_provider_never_commits_a_key_the_shared_cache_cannot_hold() {
     // With provider "none" a key lives only in the shared cache (64 slots). The 65th database
     // is refused before anything commits; a dropped database's slot is then reused.
-    let mut conf = KDF.to_vec();
+    let mut conf: Vec<&str> = Vec::new();
     conf.push("pg_cellcrypt.key_provider = none");
     let c = Cluster::start("cache", &conf);
     c.createdb("tmpl");
@@ -521,7 +520,7 @@ fn keys_with_control_characters_are_refused_and_create_extension_keeps_the_key_f
 fn retirement_waits_for_a_transaction_older_than_the_change_even_with_no_table_to_do() {
     // No table holds encrypted values when the key changes; a transaction that began before
     // creates one and fills it under the old key. The old key outlives that transaction.
-    let mut conf = KDF.to_vec();
+    let mut conf: Vec<&str> = Vec::new();
     conf.push("max_worker_processes = 1");
     let c = Cluster::start("placeholder", &conf);
     c.database_with_extension("app");

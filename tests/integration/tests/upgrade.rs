@@ -11,7 +11,6 @@ use cellcrypt_integration::{repo, Cluster};
 use std::path::PathBuf;
 use std::process::Command;
 
-const KDF: [&str; 2] = ["pg_cellcrypt.kdf_memory_kib = 1024", "pg_cellcrypt.kdf_iterations = 1"];
 
 /// The `bin/` of an upstream PostgreSQL build with pg_cellcrypt installed (built if needed).
 fn major(version: &str) -> PathBuf {
@@ -94,7 +93,7 @@ fn all_read_back(c: &Cluster, before: &[(String, String)], keys: &[String]) {
 #[test]
 fn pg_upgrade_from_15_to_17_and_again_keeps_every_value_readable_without_a_manual_step() {
     let (bin15, bin17) = (major("15.19.0"), major("17.11.0"));
-    let old = Cluster::start_on(&bin15, "upgrade-old", &KDF);
+    let old = Cluster::start_on(&bin15, "upgrade-old", &[]);
     for db in DBS {
         old.createdb(db);
         old.psql(db, "CREATE EXTENSION pg_cellcrypt");
@@ -119,7 +118,7 @@ fn pg_upgrade_from_15_to_17_and_again_keeps_every_value_readable_without_a_manua
     old.stop();
 
     // A new PostgreSQL 17 cluster with its own key directory (empty), then pg_upgrade.
-    let new = Cluster::start_on(&bin17, "upgrade-new", &KDF);
+    let new = Cluster::start_on(&bin17, "upgrade-new", &[]);
     let new_sysid = sysid(&new);
     assert_ne!(old_sysid, new_sysid);
     new.stop();
@@ -157,7 +156,7 @@ fn pg_upgrade_from_15_to_17_and_again_keeps_every_value_readable_without_a_manua
     // the others still read back.
     std::fs::remove_dir_all(old.key_dir()).unwrap();
     new.stop();
-    let third = Cluster::start_on(&bin17, "upgrade-third", &KDF);
+    let third = Cluster::start_on(&bin17, "upgrade-third", &[]);
     third.stop();
     pg_upgrade(&new, &third);
     third.start_again();
@@ -168,7 +167,7 @@ fn pg_upgrade_from_15_to_17_and_again_keeps_every_value_readable_without_a_manua
     // key file is.
     let dump = third.dir.join("second.dump");
     third.pg_dump("second", &["-Fc", "-f", dump.to_str().unwrap()]);
-    let elsewhere = Cluster::start_on(&bin17, "upgrade-elsewhere", &KDF);
+    let elsewhere = Cluster::start_on(&bin17, "upgrade-elsewhere", &[]);
     elsewhere.psql("postgres", &format!("CREATE DATABASE second OID = {}", dboid(&third, "second")));
     elsewhere.pg_restore("second", &dump);
     assert_eq!(elsewhere.psql("second", "SELECT is_data_encryption_active()").trim(), "f");
