@@ -7,7 +7,10 @@
 //!
 //! And [`hide_statement_text`], which every key call runs first, replaces the statement text
 //! that `pg_stat_activity.query` shows (during the call and after it, while the session is
-//! idle) by the same text with its literals redacted, whatever form the call took.
+//! idle) by the same text with every string constant masked byte for byte (`'****'`), whatever
+//! form the call took; a statement naming the key function that fails before the call gets the
+//! same. The `ProcessUtility` hook masks utility statements (a `DO` block) the same way before
+//! `pg_stat_statements` stores them.
 //!    That covers `log_statement`, `log_min_duration_statement`, `log_min_error_statement` and
 //!    the parameters the extended protocol logs. Independently, anything shaped like a
 //!    generated key (`CCK1-` followed by key characters) is masked in every message.
@@ -17,7 +20,7 @@
 //! the text of a message, which `lc_messages` translates.
 
 use pgrx::pg_sys;
-use std::ffi::{CStr, CString};
+use std::ffi::{c_char, CStr, CString};
 
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 static mut PREV_PROCESS_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
@@ -32,16 +35,33 @@ pub fn init() {
     }
 }
 
-/// A utility statement that calls the key function (a `DO` block, a `CALL`, `EXPLAIN ANALYZE`)
-/// goes on with its text's literals masked, byte for byte, so that what comes after this hook
-/// (`pg_stat_statements` keeps utility statements' texts verbatim, `pg_stat_activity`) never
-/// sees the key. The statement itself is already parsed and runs as written. Hooks run in the
-/// reverse order of `shared_preload_libraries`: list pg_cellcrypt after pg_stat_statements.
-#[pgrx::pg_guard]
+extern "C-unwind" {
+    /// PostgreSQL's own, called directly: an error in it travels on as PostgreSQL raised it
+    /// (context, position, table and constraint names), not through a Rust panic.
+    #[link_name = "standard_ProcessUtility"]
+    fn raw_standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+/// A utility statement that names the key function (a `DO` block, a `CALL`, `EXPLAIN ANALYZE`)
+/// goes on with its text's string constants masked byte for byte, and a query id computed from
+/// that text, so that what comes after this hook (`pg_stat_statements` keeps utility statements'
+/// texts verbatim) never sees the key. The statement itself is already parsed and runs as
+/// written. Hooks run in the reverse order of `shared_preload_libraries`: list pg_cellcrypt
+/// after pg_stat_statements. This function owns nothing that needs dropping, so an error
+/// raised below it passes through untouched.
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility_hook(
     pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
+    query_string: *const c_char,
     read_only_tree: bool,
     context: pg_sys::ProcessUtilityContext::Type,
     params: pg_sys::ParamListInfo,
@@ -49,18 +69,43 @@ unsafe extern "C-unwind" fn process_utility_hook(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let masked = (!query_string.is_null() && contains_key_function(query_string)).then(|| {
-        let text = CStr::from_ptr(query_string).to_string_lossy();
-        CString::new(cellcrypt_core::redact::mask_quoted_same_length(&text)).ok()
-    });
-    let text = match &masked {
-        Some(Some(c)) => c.as_ptr(),
-        _ => query_string,
-    };
+    let Masked { pstmt, query_string } = masked_utility(pstmt, query_string);
     match PREV_PROCESS_UTILITY_HOOK {
-        Some(prev) => prev(pstmt, text, read_only_tree, context, params, query_env, dest, qc),
-        None => pg_sys::standard_ProcessUtility(pstmt, text, read_only_tree, context, params, query_env, dest, qc),
+        Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        None => raw_standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
     }
+}
+
+/// The statement and text to pass on: unchanged, or for a statement that names the key
+/// function, a palloc'd masked copy of the text (in the current memory context, the lifetime
+/// PostgreSQL gives query strings) and a flat copy of the statement with the masked text's
+/// query id.
+#[repr(C)]
+struct Masked {
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn masked_utility(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> Masked {
+    if query_string.is_null() || !contains_key_function(query_string) {
+        return Masked { pstmt, query_string };
+    }
+    let len = CStr::from_ptr(query_string).to_bytes().len();
+    let copy = pg_sys::palloc(len + 1) as *mut u8;
+    std::ptr::copy_nonoverlapping(query_string as *const u8, copy, len + 1);
+    let bytes = std::slice::from_raw_parts_mut(copy, len);
+    cellcrypt_core::redact::mask_quoted_in_place(bytes, !pg_sys::standard_conforming_strings);
+    let mut stmt = pstmt;
+    if !pstmt.is_null() {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        stmt = pg_sys::palloc(std::mem::size_of::<pg_sys::PlannedStmt>()) as *mut pg_sys::PlannedStmt;
+        std::ptr::copy_nonoverlapping(pstmt, stmt, 1);
+        (*stmt).queryId = h.finish() | 1;
+    }
+    Masked { pstmt: stmt, query_string: copy as *const c_char }
 }
 
 #[pgrx::pg_guard]
@@ -73,81 +118,133 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
     }
 }
 
-const KEY_FUNCTION: &str = "set_data_encryption_key";
+const KEY_FUNCTION: &[u8] = b"set_data_encryption_key";
 
 thread_local! {
-    /// Set by a key call for the rest of its transaction: messages of the statement are redacted
-    /// whatever its text (a SQL function, a DO block, EXECUTE of a prepared statement).
-    static KEY_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The start time of the top-level statement in which a key call ran: that statement's
+    /// messages are redacted whatever its text (a SQL function, a DO block, EXECUTE), up to and
+    /// including its duration line, and no other statement's.
+    static KEY_CALL: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
 }
 
-/// The transaction ended: the next statements are not key calls until one says so.
-pub fn end_of_transaction() {
-    KEY_CALL.with(|k| k.set(false));
+fn key_call_in_this_statement() -> bool {
+    // SAFETY: a plain read of the transaction state.
+    let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    KEY_CALL.with(|k| k.get() != 0 && k.get() == now)
 }
 
 /// Run first by every function that takes a key: the statement's text in `pg_stat_activity`
-/// becomes the text with every quoted string (and anything shaped like a generated key)
-/// redacted, and this transaction's messages are redacted from here on.
+/// becomes the text with every string constant masked, byte for byte (no byte of the key stays
+/// in shared memory), and this statement's messages are redacted from here on.
 pub fn hide_statement_text() {
-    KEY_CALL.with(|k| k.set(true));
-    // SAFETY: debug_query_string is the statement being run (or NULL); pgstat_report_activity
-    // copies the text into this backend's own pg_stat_activity entry.
-    unsafe {
-        let p = pg_sys::debug_query_string;
-        if p.is_null() {
-            return;
-        }
-        let text = CStr::from_ptr(p).to_string_lossy();
-        let hidden = cellcrypt_core::redact::redact_quoted(&cellcrypt_core::redact::mask_generated_keys(&text));
-        if let Ok(c) = CString::new(hidden) {
-            pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr());
-        }
+    // SAFETY: a plain read of the transaction state.
+    KEY_CALL.with(|k| k.set(unsafe { pg_sys::GetCurrentStatementStartTimestamp() }));
+    // SAFETY: debug_query_string is the statement being run (or NULL).
+    unsafe { hide_activity(pg_sys::debug_query_string) };
+}
+
+/// Reports `text`, string constants masked, as this backend's `pg_stat_activity.query`, keeping
+/// its query id.
+unsafe fn hide_activity(text: *const c_char) {
+    if text.is_null() {
+        return;
+    }
+    let mut bytes = CStr::from_ptr(text).to_bytes().to_vec();
+    cellcrypt_core::redact::mask_quoted_in_place(&mut bytes, !pg_sys::standard_conforming_strings);
+    if let Ok(c) = CString::new(bytes) {
+        let query_id = pg_sys::pgstat_get_my_query_id();
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr());
+        pg_sys::pgstat_report_query_id(query_id, true);
     }
 }
 
-unsafe fn contains_key_function(p: *const std::ffi::c_char) -> bool {
+/// Whether `b` contains the key function's name, ASCII case-insensitively.
+fn names_key_function(b: &[u8]) -> bool {
+    b.windows(KEY_FUNCTION.len()).any(|w| w.eq_ignore_ascii_case(KEY_FUNCTION))
+}
+
+unsafe fn contains_key_function(p: *const c_char) -> bool {
     if p.is_null() {
         return false;
     }
-    let text = CStr::from_ptr(p).to_string_lossy().to_ascii_lowercase();
-    text.contains(KEY_FUNCTION) || executes_key_function(&text)
+    let text = CStr::from_ptr(p).to_bytes();
+    names_key_function(text) || executes_key_function(text)
 }
 
-/// True when `text` is `EXECUTE <name> ...` of a prepared statement of this session whose own
-/// text calls the key function (log_statement logs the EXECUTE before it runs).
-unsafe fn executes_key_function(text: &str) -> bool {
-    let t = text.trim_start();
-    let Some(rest) = t.strip_prefix("execute") else { return false };
-    if !rest.starts_with(|c: char| c.is_whitespace()) {
-        return false;
+/// True when SQL text `text` runs `EXECUTE <name>` (anywhere: after other statements, a
+/// comment, EXPLAIN ANALYZE, CREATE TABLE AS) of a prepared statement of this session whose own
+/// text names the key function (log_statement logs the EXECUTE before it runs).
+unsafe fn executes_key_function(text: &[u8]) -> bool {
+    // Find the keyword outside strings, comments and quoted identifiers: in the masked text,
+    // strings are asterisks; comments and identifiers are skipped by the scan below.
+    let mut masked = text.to_vec();
+    cellcrypt_core::redact::mask_quoted_in_place(&mut masked, !pg_sys::standard_conforming_strings);
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let word = b"execute";
+    let mut i = 0;
+    while i + word.len() <= masked.len() {
+        let at_word = masked[i..i + word.len()].eq_ignore_ascii_case(word)
+            && (i == 0 || !ident(masked[i - 1]))
+            && masked.get(i + word.len()).is_some_and(|c| c.is_ascii_whitespace());
+        if at_word {
+            let mut j = i + word.len();
+            while j < text.len() && text[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            let name: Vec<u8> = if text.get(j) == Some(&b'"') {
+                // A quoted name keeps its case; "" is a quote in it.
+                let mut n = Vec::new();
+                let mut k = j + 1;
+                while k < text.len() {
+                    if text[k] == b'"' {
+                        if text.get(k + 1) == Some(&b'"') {
+                            n.push(b'"');
+                            k += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    n.push(text[k]);
+                    k += 1;
+                }
+                n
+            } else {
+                text[j..].iter().take_while(|c| ident(**c) || **c == b'$').map(|c| c.to_ascii_lowercase()).collect()
+            };
+            if !name.is_empty() {
+                if let Ok(c) = CString::new(name) {
+                    let ps = pg_sys::FetchPreparedStatement(c.as_ptr(), false);
+                    if !ps.is_null()
+                        && !(*ps).plansource.is_null()
+                        && !(*(*ps).plansource).query_string.is_null()
+                        && names_key_function(CStr::from_ptr((*(*ps).plansource).query_string).to_bytes())
+                    {
+                        return true;
+                    }
+                }
+            }
+        }
+        i += 1;
     }
-    let rest = rest.trim_start();
-    let name: String = if let Some(quoted) = rest.strip_prefix('"') {
-        quoted.split('"').next().unwrap_or("").to_owned()
-    } else {
-        rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$').collect()
-    };
-    if name.is_empty() {
-        return false;
-    }
-    let Ok(c) = CString::new(name) else { return false };
-    let ps = pg_sys::FetchPreparedStatement(c.as_ptr(), false);
-    if ps.is_null() || (*ps).plansource.is_null() || (*(*ps).plansource).query_string.is_null() {
-        return false;
-    }
-    CStr::from_ptr((*(*ps).plansource).query_string).to_string_lossy().to_ascii_lowercase().contains(KEY_FUNCTION)
+    false
 }
 
 unsafe fn redact(e: &mut pg_sys::ErrorData) {
-    let statement_has_key = KEY_CALL.with(|k| k.get()) || contains_key_function(pg_sys::debug_query_string);
+    let named = contains_key_function(pg_sys::debug_query_string);
+    let statement_has_key = named || key_call_in_this_statement();
     if statement_has_key {
         e.hide_stmt = true;
+    }
+    // A statement that names the key function and fails before the call is reached (a syntax
+    // error, a missing table): pg_stat_activity must not keep its text either.
+    if named && e.elevel >= pg_sys::PGERROR as i32 {
+        hide_activity(pg_sys::debug_query_string);
     }
     // Our own messages never carry a key (see errors.rs) and are left whole; PostgreSQL's own
     // (the logged statement, its parameters, a syntax error) are redacted.
     let ours = !e.filename.is_null() && CStr::from_ptr(e.filename).to_bytes().ends_with(b".rs");
     let statement_has_key = statement_has_key && !ours;
+    let backslash_quote = !pg_sys::standard_conforming_strings;
     for field in [&mut e.message, &mut e.detail, &mut e.context, &mut e.hint, &mut e.detail_log] {
         if field.is_null() {
             continue;
@@ -155,7 +252,7 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) {
         let text = CStr::from_ptr(*field).to_string_lossy();
         let mut out = cellcrypt_core::redact::mask_generated_keys(&text);
         if statement_has_key {
-            out = cellcrypt_core::redact::redact_quoted(&out);
+            out = cellcrypt_core::redact::redact_quoted_with(&out, backslash_quote);
         }
         if out != text {
             if let Ok(c) = CString::new(out) {

@@ -52,9 +52,6 @@ pub fn init() {
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     keys::end_of_transaction();
-    if matches!(event, pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_ABORT) {
-        crate::hooks::end_of_transaction();
-    }
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE if keystate::has_staged() => errors::raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

@@ -128,6 +128,7 @@ pub fn keyring_relid() -> pg_sys::Oid {
 /// Forgets this backend's keys.
 pub fn invalidate() {
     LOADED.with(|l| *l.borrow_mut() = None);
+    LAST_FAILURE.with(|f| *f.borrow_mut() = None);
 }
 
 /// The keys of this database, loading them on first use. Raises the fitting error when the key
@@ -183,7 +184,9 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
             Ok(k)
         }
         Err(e) => {
-            LAST_FAILURE.with(|f| *f.borrow_mut() = Some(Failure { at: std::time::Instant::now(), generation, stamp, error: e.clone() }));
+            if !matches!(e, KeyUnavailable::NoKeyConfigured) {
+                LAST_FAILURE.with(|f| *f.borrow_mut() = Some(Failure { at: std::time::Instant::now(), generation, stamp, error: e.clone() }));
+            }
             Err(e)
         }
     }
@@ -197,7 +200,7 @@ const FAILURE_KEPT: std::time::Duration = std::time::Duration::from_secs(5);
 struct Failure {
     at: std::time::Instant,
     generation: u64,
-    stamp: Option<(u64, u64, i128)>,
+    stamp: u64,
     error: KeyUnavailable,
 }
 

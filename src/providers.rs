@@ -49,15 +49,20 @@ pub fn read() -> Result<Vec<(Option<u32>, Zeroizing<String>)>, String> {
     }
 }
 
-/// What identifies the key source's current contents without reading it, where that is cheap:
-/// for the `file` provider, the key file's inode, size and modification time (None when it
-/// does not exist); nothing for the others.
-pub fn stamp() -> Option<(u64, u64, i128)> {
+/// What identifies the key source as it is now, without reading it: the provider settings and,
+/// for the `file` provider, the key file's inode, size and modification time. A failed key load
+/// is retried at once when this changes (a reload with another command, a key file copied in).
+pub fn stamp() -> u64 {
+    use std::hash::{Hash, Hasher};
     use std::os::unix::fs::MetadataExt;
-    match current() {
-        KeyProvider::File => std::fs::metadata(file::path()).ok().map(|m| (m.ino(), m.size(), m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128)),
-        _ => None,
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name(current()).hash(&mut h);
+    gucs::key_command().hash(&mut h);
+    gucs::key_directory().hash(&mut h);
+    if current() == KeyProvider::File {
+        std::fs::metadata(file::path()).ok().map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec())).hash(&mut h);
     }
+    h.finish()
 }
 
 /// The `file` provider.
@@ -312,25 +317,47 @@ pub mod command {
         }
     }
 
-    /// The command's process, killed (with its whole process group) and reaped when dropped,
-    /// unless its exit status was collected already: no process is left behind, and no zombie.
-    struct Reaped(std::process::Child, bool);
+    /// The process group of the command running now (0: none), for [`kill_running`].
+    static RUNNING: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-    impl Reaped {
-        fn reaped(&mut self) {
-            self.1 = true;
+    /// Kills the process group of a command still running when this backend exits: a FATAL
+    /// (pg_terminate_backend, a shutdown) leaves without unwinding, so [`Reaped`] cannot.
+    #[pgrx::pg_guard]
+    unsafe extern "C-unwind" fn kill_running(_code: i32, _arg: pg_sys::Datum) {
+        let pgid = RUNNING.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if pgid > 0 {
+            libc::kill(-pgid, libc::SIGKILL);
         }
     }
 
+    /// The command's process: when dropped, its whole process group is killed while its
+    /// leader is not yet reaped (so the group id cannot have been reused), then it is reaped.
+    /// No process is left behind, and no zombie.
+    struct Reaped(std::process::Child);
+
     impl Drop for Reaped {
         fn drop(&mut self) {
-            // The group of the shell's own pid (process_group(0)).
             let pgid = self.0.id() as libc::pid_t;
-            // SAFETY: signals a process group this backend created.
+            // SAFETY: signals the process group this backend created (process_group(0)).
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            if !self.1 {
-                let _ = self.0.wait();
+            let _ = self.0.wait();
+            RUNNING.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The exit of process `pid`, if it has exited, without reaping it (`WNOWAIT`): its exit
+    /// code, or None when a signal ended it.
+    fn exited(pid: libc::pid_t) -> Result<Option<Option<i32>>, String> {
+        // SAFETY: waitid on our own child, with a zeroed siginfo it fills.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            if libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) != 0 {
+                return Err(format!("could not wait for pg_cellcrypt.key_command: {}", std::io::Error::last_os_error()));
             }
+            if info.si_pid() == 0 {
+                return Ok(None);
+            }
+            Ok(Some((info.si_code == libc::CLD_EXITED).then(|| info.si_status())))
         }
     }
 
@@ -348,6 +375,12 @@ pub mod command {
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
         pgrx::check_for_interrupts!();
+        // A background worker is told to stop by SIGTERM, which raises nothing: it exits (to be
+        // started again), and kill_running stops the command.
+        // SAFETY: a backend global; sigterm_received is only asked in a background worker.
+        if unsafe { !pg_sys::MyBgworkerEntry.is_null() } && pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+            unsafe { pg_sys::proc_exit(1) };
+        }
     }
 
     /// Runs `pg_cellcrypt.key_command` with `sh -c` and returns what it printed, trimmed. The
@@ -363,7 +396,8 @@ pub mod command {
             let name = if n.is_null() { String::new() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() };
             (pg_sys::GetSystemIdentifier(), oid.to_u32(), name)
         };
-        let child = {
+        // SAFETY: pre_exec runs async-signal-safe calls only (prctl, close_range).
+        let child = unsafe {
             use std::os::unix::process::CommandExt;
             std::process::Command::new("/bin/sh")
                 .arg("-c")
@@ -373,14 +407,27 @@ pub mod command {
                 .env("PG_CELLCRYPT_SYSTEM_IDENTIFIER", sysid.to_string())
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
-                // Its own process group, so that a timeout or a cancel stops what it started too.
+                // Its own process group, so that a timeout or a cancel stops what it started too;
+                // killed if this backend dies; none of the backend's files (the client's socket,
+                // data files) kept open in it.
                 .process_group(0)
+                .pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
+                    Ok(())
+                })
                 .spawn()
                 .map_err(|e| format!("could not run pg_cellcrypt.key_command: {e}"))?
         };
         // From here on, however this function is left (an error, a timeout, a query cancel that
         // raises out of the wait below), the command's process group is killed and reaped.
-        let mut child = Reaped(child, false);
+        static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !REGISTERED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: registers a callback run at this backend's exit.
+            unsafe { pg_sys::on_proc_exit(Some(kill_running), pg_sys::Datum::from(0)) };
+        }
+        RUNNING.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+        let mut child = Reaped(child);
         // Read without blocking, so a command that hangs is stopped at the timeout.
         let mut stdout = child.0.stdout.take().expect("piped stdout");
         {
@@ -405,18 +452,19 @@ pub mod command {
                     Err(e) => return Err(format!("could not read the output of pg_cellcrypt.key_command: {e}")),
                 }
             }
-            match child.0.try_wait() {
-                Ok(Some(s)) if eof => break s,
-                Ok(_) if started.elapsed() > timeout => {
+            match exited(child.0.id() as libc::pid_t)? {
+                Some(code) if eof => break code,
+                _ if started.elapsed() > timeout => {
                     return Err(format!("pg_cellcrypt.key_command did not finish within {} seconds (pg_cellcrypt.key_command_timeout)", timeout.as_secs()))
                 }
-                Ok(_) => wait_interruptibly(Duration::from_millis(5)),
-                Err(e) => return Err(format!("could not wait for pg_cellcrypt.key_command: {e}")),
+                _ => wait_interruptibly(Duration::from_millis(5)),
             }
         };
-        child.reaped();
-        if !status.success() {
-            return Err(format!("pg_cellcrypt.key_command failed ({status})"));
+        drop(child);
+        match status {
+            Some(0) => {}
+            Some(code) => return Err(format!("pg_cellcrypt.key_command failed (exit status {code})")),
+            None => return Err("pg_cellcrypt.key_command was ended by a signal".to_owned()),
         }
         let text = std::str::from_utf8(&out).map_err(|_| "pg_cellcrypt.key_command printed something that is not UTF-8".to_owned())?;
         let key = Zeroizing::new(text.trim().to_owned());

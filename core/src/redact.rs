@@ -2,22 +2,62 @@
 //!
 //! They work on text only, so they live here, where they can be unit-tested without a server.
 
-/// The byte ranges of the contents of every single-quoted and dollar-quoted string in `s`
-/// (quotes and dollar tags excluded). An unterminated string runs to the end.
-fn quoted_contents(s: &str) -> Vec<(usize, usize)> {
-    let b = s.as_bytes();
+/// The byte ranges of the contents of every single-quoted and dollar-quoted string constant in
+/// SQL text `b` (quotes and dollar tags excluded), scanned as PostgreSQL's lexer does: `--` and
+/// nested `/* */` comments and `"quoted identifiers"` are skipped (an apostrophe in them starts
+/// nothing), `''` is a quote inside a string, and a backslash escapes the next byte in `E''`
+/// strings, and in every string when `backslash_quote` (`standard_conforming_strings = off`).
+/// An unterminated string runs to the end.
+fn quoted_contents(b: &[u8], backslash_quote: bool) -> Vec<(usize, usize)> {
+    quoted_contents_as(b, backslash_quote, true)
+}
+
+/// As [`quoted_contents`]; without `sql`, comments and double quotes are ordinary characters
+/// (a message quotes a token in double quotes: `at or near "'the start of a string"`).
+fn quoted_contents_as(b: &[u8], backslash_quote: bool, sql: bool) -> Vec<(usize, usize)> {
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
     let mut spans = Vec::new();
     let mut i = 0;
     while i < b.len() {
         match b[i] {
+            b'-' if sql && b.get(i + 1) == Some(&b'-') => {
+                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p + 1);
+            }
+            b'/' if sql && b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'"' if sql => {
+                // A quoted identifier; "" is a quote inside it.
+                let mut j = i + 1;
+                while j < b.len() {
+                    if b[j] == b'"' {
+                        if b.get(j + 1) == Some(&b'"') {
+                            j += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    j += 1;
+                }
+                i = j + 1;
+            }
             b'\'' => {
-                // Skip to the closing quote; '' is an escaped quote, and \' too, but only in
-                // E'' strings: in a standard string a backslash is an ordinary character, and
-                // taking it for an escape would end the string too late and leave the next
-                // string's contents unredacted.
-                let escapes = i > 0
-                    && (b[i - 1] == b'E' || b[i - 1] == b'e')
-                    && (i < 2 || !(b[i - 2].is_ascii_alphanumeric() || b[i - 2] == b'_' || b[i - 2] >= 0x80));
+                let escapes = backslash_quote
+                    || (i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e') && (i < 2 || !ident(b[i - 2])));
                 let mut j = i + 1;
                 while j < b.len() {
                     if escapes && b[j] == b'\\' {
@@ -25,7 +65,7 @@ fn quoted_contents(s: &str) -> Vec<(usize, usize)> {
                         continue;
                     }
                     if b[j] == b'\'' {
-                        if j + 1 < b.len() && b[j + 1] == b'\'' {
+                        if b.get(j + 1) == Some(&b'\'') {
                             j += 2;
                             continue;
                         }
@@ -37,24 +77,24 @@ fn quoted_contents(s: &str) -> Vec<(usize, usize)> {
                 spans.push((i + 1, end));
                 i = end + 1;
             }
-            b'$' => {
-                // $tag$ ... $tag$
-                let tag_end = b[i + 1..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_')).map(|p| i + 1 + p);
-                match tag_end {
-                    Some(t) if b[t] == b'$' => {
-                        let tag = &s[i..=t];
-                        match s[t + 1..].find(tag) {
-                            Some(end) => {
-                                spans.push((t + 1, t + 1 + end));
-                                i = t + 1 + end + tag.len();
-                            }
-                            None => {
-                                spans.push((t + 1, b.len()));
-                                i = b.len();
-                            }
-                        }
+            b'$' if i == 0 || !ident(b[i - 1]) => {
+                // $tag$ ... $tag$: a tag is empty, or an identifier that does not start with a digit.
+                let t = b[i + 1..].iter().position(|&c| !ident(c)).map_or(b.len(), |p| i + 1 + p);
+                let tag_ok = t < b.len() && b[t] == b'$' && !b.get(i + 1).is_some_and(|c| c.is_ascii_digit());
+                if !tag_ok {
+                    i += 1;
+                    continue;
+                }
+                let tag = &b[i..=t];
+                match b[t + 1..].windows(tag.len()).position(|w| w == tag) {
+                    Some(end) => {
+                        spans.push((t + 1, t + 1 + end));
+                        i = t + 1 + end + tag.len();
                     }
-                    _ => i += 1,
+                    None => {
+                        spans.push((t + 1, b.len()));
+                        i = b.len();
+                    }
                 }
             }
             _ => i += 1,
@@ -64,18 +104,31 @@ fn quoted_contents(s: &str) -> Vec<(usize, usize)> {
 }
 
 /// Replaces the contents of every single-quoted and dollar-quoted string with `<redacted>`
-/// (an unterminated one is closed).
+/// (an unterminated one is closed). For log messages; `backslash_quote` as in
+/// [`quoted_contents`].
 pub fn redact_quoted(s: &str) -> String {
+    redact_quoted_with(s, false)
+}
+
+/// For a log message, which may hold SQL text or quote a token: the strings found reading it as
+/// SQL, and then those found reading it as plain text, so that neither reading's blind spot
+/// (an apostrophe in a quoted identifier, a string's start quoted in a message) leaks.
+pub fn redact_quoted_with(s: &str, backslash_quote: bool) -> String {
+    let once = redact_spans(s, &quoted_contents_as(s.as_bytes(), backslash_quote, true));
+    redact_spans(&once, &quoted_contents_as(once.as_bytes(), backslash_quote, false))
+}
+
+fn redact_spans(s: &str, spans: &[(usize, usize)]) -> String {
     let mut out = String::with_capacity(s.len());
     let mut at = 0;
-    for (start, end) in quoted_contents(s) {
-        out.push_str(&s[at..start]);
+    for (start, end) in spans {
+        out.push_str(&s[at..*start]);
         out.push_str("<redacted>");
-        at = end;
+        at = *end;
     }
     out.push_str(&s[at..]);
     // An unterminated single-quoted string gets its closing quote.
-    if let Some((start, end)) = quoted_contents(s).last() {
+    if let Some((start, end)) = spans.last() {
         if *end == s.len() && s.as_bytes()[start - 1] == b'\'' {
             out.push('\'');
         }
@@ -83,16 +136,21 @@ pub fn redact_quoted(s: &str) -> String {
     out
 }
 
-/// Replaces every byte of the contents of every single-quoted and dollar-quoted string with
-/// `*`: the same length in bytes, so that offsets into the text (a statement's location in a
-/// multi-statement string, as pg_stat_statements uses them) stay valid.
+/// Replaces every byte of the contents of every string constant in SQL text `b` with `*`, in
+/// place: the same length in bytes, whatever the encoding, so that offsets into the text (a
+/// statement's location in a multi-statement string, as pg_stat_statements uses them) stay
+/// valid, and no byte of the original remains.
+pub fn mask_quoted_in_place(b: &mut [u8], backslash_quote: bool) {
+    for (start, end) in quoted_contents(b, backslash_quote) {
+        b[start..end].fill(b'*');
+    }
+}
+
+/// [`mask_quoted_in_place`] on a copy of `s`.
 pub fn mask_quoted_same_length(s: &str) -> String {
     let mut out = s.as_bytes().to_vec();
-    for (start, end) in quoted_contents(s) {
-        out[start..end].fill(b'*');
-    }
-    // Only ASCII bytes were written over whole strings' contents, which start and end at
-    // character boundaries (after and before an ASCII quote or tag).
+    mask_quoted_in_place(&mut out, false);
+    // Whole strings' contents, which start and end at ASCII quotes or tags, became ASCII.
     String::from_utf8(out).unwrap_or_else(|_| "*".repeat(s.len()))
 }
 
@@ -132,6 +190,10 @@ mod tests {
         assert_eq!(redact_quoted("SELECT f($k$secret$k$) , $$x$$"), "SELECT f($k$<redacted>$k$) , $$<redacted>$$");
         assert_eq!(redact_quoted("SELECT f(E'a\\'b')"), "SELECT f(E'<redacted>')");
         assert_eq!(redact_quoted("unterminated 'abc"), "unterminated '<redacted>'");
+        assert_eq!(
+            redact_quoted("unterminated quoted string at or near \"'my secret passphrase)\""),
+            "unterminated quoted string at or near \"'<redacted>'"
+        );
         // A standard string ending in a backslash ends there: the next string is redacted too.
         assert_eq!(
             redact_quoted("SELECT 'a\\', set_data_encryption_key('secret passphrase')"),
@@ -140,6 +202,28 @@ mod tests {
         // An identifier ending in e before a quote is not an E'' string.
         assert_eq!(redact_quoted("SELECT type'x\\', f('s')"), "SELECT type'<redacted>', f('<redacted>')");
         assert_eq!(redact_quoted("SELECT e'a\\'b', f('s')"), "SELECT e'<redacted>', f('<redacted>')");
+    }
+
+    #[test]
+    fn comments_and_quoted_identifiers_do_not_throw_the_scanner_off() {
+        for q in [
+            "/* rotate Bob's key */ SELECT set_data_encryption_key('my very secret passphrase')",
+            "-- Bob's key\nSELECT set_data_encryption_key('my very secret passphrase')",
+            "SELECT 1 AS \"it's\", set_data_encryption_key('my very secret passphrase')",
+            "/* nested /* it's */ still a comment's */ SELECT f('my very secret passphrase')",
+            "SELECT f($é$my very secret passphrase$é$)",
+        ] {
+            let r = redact_quoted(q);
+            assert!(!r.contains("secret"), "{q} -> {r}");
+            let m = mask_quoted_same_length(q);
+            assert!(!m.contains("secret") && m.len() == q.len(), "{q} -> {m}");
+        }
+        // With standard_conforming_strings off, a backslash escapes a quote in any string.
+        let q = "SELECT f('abc\\'def secret')";
+        assert!(redact_quoted(q).contains("secret"), "read as a standard string, the quote ends it");
+        assert!(!redact_quoted_with(q, true).contains("secret"));
+        // $1 is a parameter, not a dollar quote.
+        assert_eq!(redact_quoted("SELECT f($1, 'x')"), "SELECT f($1, '<redacted>')");
     }
 
     #[test]

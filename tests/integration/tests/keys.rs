@@ -513,6 +513,12 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
         format!("CREATE OR REPLACE FUNCTION set_key_for_app(k text) RETURNS text LANGUAGE sql AS 'SELECT set_data_encryption_key(k)'; SELECT set_key_for_app('{canary}')"),
         format!("SELECT set_data_encryption_key('{wrong}')"),
         format!("PREPARE q(text) AS SELECT set_data_encryption_key($1); EXECUTE q('{wrong}')"),
+        format!("/* rotate Bob's key */ SELECT set_data_encryption_key('{wrong}')"),
+        format!("SELECT 1 AS \"it's\", set_data_encryption_key('{wrong}')"),
+        // Never reaching the call: a syntax error, a missing table.
+        format!("SELECT set_data_encryption_key('{wrong}'"),
+        format!("SELECT set_data_encryption_key('{wrong}') FROM no_such_table"),
+        format!("PREPARE \"MixedCase\"(text) AS SELECT set_data_encryption_key($1); SELECT 1; EXECUTE \"MixedCase\"('{wrong}')"),
     ];
     let mut idle = Vec::new();
     for form in &forms {
@@ -521,7 +527,7 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
         idle.push(s);
     }
     let activity = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_activity WHERE datname = 'app'");
-    assert!(activity.contains("set_data_encryption_key('<redacted>')"), "{activity}");
+    assert!(activity.contains("set_data_encryption_key('****"), "{activity}");
     for secret in [&canary[5..], wrong] {
         assert!(!activity.contains(secret), "a key in pg_stat_activity:\n{activity}");
     }
@@ -595,6 +601,23 @@ fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_on
     assert_eq!(children_of(pid), Vec::<String>::new(), "no child (nor zombie) left");
     let sleeping = std::process::Command::new("pgrep").args(["-f", "sleep 600"]).output().unwrap();
     assert!(String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(), "the command's own children were stopped too");
+
+    // Terminated instead (a FATAL, which unwinds nothing): the command goes with the backend.
+    let mut t = c.connect(Transport::Unix, "app");
+    let tpid: i32 = t.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    std::fs::write(kms.join("runs"), "").unwrap();
+    let hung = std::thread::spawn(move || t.query_one(PLAINTEXT_DIGEST, &[]).map(|_| ()).map_err(|e| e.to_string()));
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(kms.join("runs")).unwrap_or_default().contains("run") {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the key command never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    c.psql("postgres", &format!("SELECT pg_terminate_backend({tpid})"));
+    assert!(hung.join().unwrap().is_err());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let sleeping = std::process::Command::new("pgrep").args(["-f", "sleep 600"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(), "the command died with its terminated backend");
     std::fs::remove_file(kms.join("hang")).unwrap();
 
     // The KDF cannot be set below its floor (19 MiB, 2 passes), even by a superuser.
