@@ -97,10 +97,15 @@ unsafe extern "C-unwind" fn masked_utility(pstmt: *mut pg_sys::PlannedStmt, quer
     let bytes = std::slice::from_raw_parts_mut(copy, len);
     cellcrypt_core::redact::mask_quoted_in_place(bytes, !pg_sys::standard_conforming_strings);
     let mut stmt = pstmt;
-    if !pstmt.is_null() {
+    // The query id PostgreSQL computed hashes the raw text, key included: a fast, unsalted
+    // hash anyone reading the statistics could test guesses against. It becomes a hash of this
+    // statement's own masked text (an id of 0, no id computed, stays 0).
+    if !pstmt.is_null() && (*pstmt).queryId != 0 {
         use std::hash::{Hash, Hasher};
+        let start = ((*pstmt).stmt_location.max(0) as usize).min(len);
+        let end = if (*pstmt).stmt_len > 0 { (start + (*pstmt).stmt_len as usize).min(len) } else { len };
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        bytes.hash(&mut h);
+        bytes[start..end].hash(&mut h);
         stmt = pg_sys::palloc(std::mem::size_of::<pg_sys::PlannedStmt>()) as *mut pg_sys::PlannedStmt;
         std::ptr::copy_nonoverlapping(pstmt, stmt, 1);
         (*stmt).queryId = h.finish() | 1;
@@ -143,8 +148,9 @@ pub fn hide_statement_text() {
     unsafe { hide_activity(pg_sys::debug_query_string) };
 }
 
-/// Reports `text`, string constants masked, as this backend's `pg_stat_activity.query`, keeping
-/// its query id.
+/// Reports `text`, string constants masked, as this backend's `pg_stat_activity.query`. Its
+/// query id becomes 0: PostgreSQL computed it from the raw text, and a fast hash of a text
+/// that holds the key would let a reader of pg_stat_activity test guesses offline.
 unsafe fn hide_activity(text: *const c_char) {
     if text.is_null() {
         return;
@@ -152,9 +158,7 @@ unsafe fn hide_activity(text: *const c_char) {
     let mut bytes = CStr::from_ptr(text).to_bytes().to_vec();
     cellcrypt_core::redact::mask_quoted_in_place(&mut bytes, !pg_sys::standard_conforming_strings);
     if let Ok(c) = CString::new(bytes) {
-        let query_id = pg_sys::pgstat_get_my_query_id();
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr());
-        pg_sys::pgstat_report_query_id(query_id, true);
     }
 }
 
@@ -175,8 +179,8 @@ unsafe fn contains_key_function(p: *const c_char) -> bool {
 /// comment, EXPLAIN ANALYZE, CREATE TABLE AS) of a prepared statement of this session whose own
 /// text names the key function (log_statement logs the EXECUTE before it runs).
 unsafe fn executes_key_function(text: &[u8]) -> bool {
-    // Find the keyword outside strings, comments and quoted identifiers: in the masked text,
-    // strings are asterisks; comments and identifiers are skipped by the scan below.
+    // Find the keyword outside strings: in the masked text, strings are asterisks. (One inside
+    // a comment or a quoted identifier only costs a look-up.)
     let mut masked = text.to_vec();
     cellcrypt_core::redact::mask_quoted_in_place(&mut masked, !pg_sys::standard_conforming_strings);
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
@@ -185,11 +189,20 @@ unsafe fn executes_key_function(text: &[u8]) -> bool {
     while i + word.len() <= masked.len() {
         let at_word = masked[i..i + word.len()].eq_ignore_ascii_case(word)
             && (i == 0 || !ident(masked[i - 1]))
-            && masked.get(i + word.len()).is_some_and(|c| c.is_ascii_whitespace());
+            && masked.get(i + word.len()).is_some_and(|c| !ident(*c) && *c != b'$');
         if at_word {
+            // Whitespace and comments may stand between the keyword and the name.
             let mut j = i + word.len();
-            while j < text.len() && text[j].is_ascii_whitespace() {
-                j += 1;
+            loop {
+                if j < text.len() && text[j].is_ascii_whitespace() {
+                    j += 1;
+                } else if text[j..].starts_with(b"--") {
+                    j = text[j..].iter().position(|&c| c == b'\n').map_or(text.len(), |p| j + p + 1);
+                } else if text[j..].starts_with(b"/*") {
+                    j = text[j + 2..].windows(2).position(|w| w == b"*/").map_or(text.len(), |p| j + 2 + p + 2);
+                } else {
+                    break;
+                }
             }
             let name: Vec<u8> = if text.get(j) == Some(&b'"') {
                 // A quoted name keeps its case; "" is a quote in it.
@@ -242,17 +255,32 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) {
     }
     // Our own messages never carry a key (see errors.rs) and are left whole; PostgreSQL's own
     // (the logged statement, its parameters, a syntax error) are redacted.
+    // Our own message, detail and hint never carry a key (see errors.rs) and are left whole;
+    // PostgreSQL's own (the logged statement, its parameters, a syntax error) are redacted, and
+    // so are the context and the internal query of every message, ours included: PostgreSQL
+    // writes those, quoting the calling SQL (`SQL statement "SELECT set_data_encryption_key(...)"`).
     let ours = !e.filename.is_null() && CStr::from_ptr(e.filename).to_bytes().ends_with(b".rs");
-    let statement_has_key = statement_has_key && !ours;
     let backslash_quote = !pg_sys::standard_conforming_strings;
-    for field in [&mut e.message, &mut e.detail, &mut e.context, &mut e.hint, &mut e.detail_log] {
+    let fields: [(&mut *mut c_char, bool, bool); 6] = [
+        (&mut e.message, !ours, false),
+        (&mut e.detail, !ours, false),
+        (&mut e.hint, !ours, false),
+        (&mut e.detail_log, !ours, false),
+        (&mut e.context, true, true),
+        (&mut e.internalquery, true, false),
+    ];
+    for (field, redact_strings, sql_in_quotes) in fields {
         if field.is_null() {
             continue;
         }
         let text = CStr::from_ptr(*field).to_string_lossy();
         let mut out = cellcrypt_core::redact::mask_generated_keys(&text);
-        if statement_has_key {
-            out = cellcrypt_core::redact::redact_quoted_with(&out, backslash_quote);
+        if statement_has_key && redact_strings {
+            out = if sql_in_quotes {
+                cellcrypt_core::redact::redact_quoted_sql(&out)
+            } else {
+                cellcrypt_core::redact::redact_quoted_with(&out, backslash_quote)
+            };
         }
         if out != text {
             if let Ok(c) = CString::new(out) {

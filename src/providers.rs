@@ -338,8 +338,13 @@ pub mod command {
     impl Drop for Reaped {
         fn drop(&mut self) {
             let pgid = self.0.id() as libc::pid_t;
-            // SAFETY: signals the process group this backend created (process_group(0)).
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            // SAFETY: signals the process group this backend created (process_group(0)), and
+            // the leader itself (it may have left the group); neither id can have been reused,
+            // the leader being unreaped.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+                libc::kill(pgid, libc::SIGKILL);
+            }
             let _ = self.0.wait();
             RUNNING.store(0, std::sync::atomic::Ordering::SeqCst);
         }
@@ -396,7 +401,9 @@ pub mod command {
             let name = if n.is_null() { String::new() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() };
             (pg_sys::GetSystemIdentifier(), oid.to_u32(), name)
         };
-        // SAFETY: pre_exec runs async-signal-safe calls only (prctl, close_range).
+        // SAFETY: pre_exec runs async-signal-safe calls only (prctl, getppid, close_range,
+        // getrlimit, fcntl, _exit).
+        let parent = unsafe { libc::getpid() };
         let child = unsafe {
             use std::os::unix::process::CommandExt;
             std::process::Command::new("/bin/sh")
@@ -411,9 +418,20 @@ pub mod command {
                 // killed if this backend dies; none of the backend's files (the client's socket,
                 // data files) kept open in it.
                 .process_group(0)
-                .pre_exec(|| {
+                .pre_exec(move || {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
+                    // The backend may have died between fork and prctl.
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
+                        // An older kernel: mark them one by one.
+                        let mut limit: libc::rlimit = std::mem::zeroed();
+                        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 { limit.rlim_cur.min(1 << 20) as i32 } else { 4096 };
+                        for fd in 3..max {
+                            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                        }
+                    }
                     Ok(())
                 })
                 .spawn()

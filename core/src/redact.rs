@@ -77,6 +77,12 @@ fn quoted_contents_as(b: &[u8], backslash_quote: bool, sql: bool) -> Vec<(usize,
                 spans.push((i + 1, end));
                 i = end + 1;
             }
+            c if sql && (c.is_ascii_alphabetic() || c == b'_' || c >= 0x80) => {
+                // An identifier or keyword, whole: `$` inside one (a$$t$) starts nothing.
+                while i < b.len() && (ident(b[i]) || b[i] == b'$') {
+                    i += 1;
+                }
+            }
             b'$' if i == 0 || !ident(b[i - 1]) => {
                 // $tag$ ... $tag$: a tag is empty, or an identifier that does not start with a digit.
                 let t = b[i + 1..].iter().position(|&c| !ident(c)).map_or(b.len(), |p| i + 1 + p);
@@ -114,8 +120,25 @@ pub fn redact_quoted(s: &str) -> String {
 /// SQL, and then those found reading it as plain text, so that neither reading's blind spot
 /// (an apostrophe in a quoted identifier, a string's start quoted in a message) leaks.
 pub fn redact_quoted_with(s: &str, backslash_quote: bool) -> String {
-    let once = redact_spans(s, &quoted_contents_as(s.as_bytes(), backslash_quote, true));
-    redact_spans(&once, &quoted_contents_as(once.as_bytes(), backslash_quote, false))
+    let mut out = s.to_owned();
+    // Both readings of backslashes (see mask_quoted_in_place), as SQL and as plain text.
+    for (bq, sql) in [(backslash_quote, true), (!backslash_quote, true), (backslash_quote, false), (!backslash_quote, false)] {
+        out = redact_spans(&out, &quoted_contents_as(out.as_bytes(), bq, sql));
+    }
+    out
+}
+
+/// For a message's CONTEXT, which quotes SQL in double quotes (`SQL statement "..."`): the whole
+/// quoted text of each line is replaced, since an apostrophe in a comment or identifier inside
+/// it can pair with the wrong quote under any single reading.
+pub fn redact_quoted_sql(s: &str) -> String {
+    s.lines()
+        .map(|line| match (line.find('"'), line.rfind('"')) {
+            (Some(a), Some(b)) if b > a => format!("{}\"<redacted>\"{}", &line[..a], &line[b + 1..]),
+            _ => redact_quoted(line),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn redact_spans(s: &str, spans: &[(usize, usize)]) -> String {
@@ -141,7 +164,11 @@ fn redact_spans(s: &str, spans: &[(usize, usize)]) -> String {
 /// statement's location in a multi-statement string, as pg_stat_statements uses them) stay
 /// valid, and no byte of the original remains.
 pub fn mask_quoted_in_place(b: &mut [u8], backslash_quote: bool) {
-    for (start, end) in quoted_contents(b, backslash_quote) {
+    // Both readings of backslashes: the text may have been lexed under another setting of
+    // standard_conforming_strings than the one in force now. Masking too much is harmless.
+    let mut spans = quoted_contents(b, backslash_quote);
+    spans.extend(quoted_contents(b, !backslash_quote));
+    for (start, end) in spans {
         b[start..end].fill(b'*');
     }
 }
@@ -222,8 +249,18 @@ mod tests {
         let q = "SELECT f('abc\\'def secret')";
         assert!(redact_quoted(q).contains("secret"), "read as a standard string, the quote ends it");
         assert!(!redact_quoted_with(q, true).contains("secret"));
-        // $1 is a parameter, not a dollar quote.
+        // $1 is a parameter, not a dollar quote; a$$t$ is an identifier.
         assert_eq!(redact_quoted("SELECT f($1, 'x')"), "SELECT f($1, '<redacted>')");
+        let m = mask_quoted_same_length("SELECT a$$t$, 'x$t$', set_data_encryption_key('secret')");
+        assert!(!m.contains("secret"), "{m}");
+        // Lexed with standard_conforming_strings on, masked with it off (and the reverse).
+        let q = "SET standard_conforming_strings = off; SELECT 'a\\', set_data_encryption_key('secret')";
+        let mut b = q.as_bytes().to_vec();
+        mask_quoted_in_place(&mut b, true);
+        assert!(!String::from_utf8(b).unwrap().contains("secret"));
+        // CONTEXT quoting SQL with an apostrophe in a comment.
+        let c = redact_quoted_sql("SQL statement \"SELECT /* Bob's */ set_data_encryption_key('secret')\"\nPL/pgSQL function inline_code_block line 1 at PERFORM");
+        assert!(!c.contains("secret") && c.contains("line 1 at PERFORM"), "{c}");
     }
 
     #[test]

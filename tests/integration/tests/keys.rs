@@ -519,6 +519,11 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
         format!("SELECT set_data_encryption_key('{wrong}'"),
         format!("SELECT set_data_encryption_key('{wrong}') FROM no_such_table"),
         format!("PREPARE \"MixedCase\"(text) AS SELECT set_data_encryption_key($1); SELECT 1; EXECUTE \"MixedCase\"('{wrong}')"),
+        format!("PREPARE r(text) AS SELECT set_data_encryption_key($1); EXECUTE/**/r('{wrong}')"),
+        // Errors raised inside PL/pgSQL: CONTEXT and QUERY lines quote the SQL.
+        format!("DO $$ BEGIN PERFORM set_data_encryption_key('{wrong}'); END $$"),
+        format!("DO $$ BEGIN PERFORM set_data_encryption_key('{wrong}', 1); END $$"),
+        format!("DO $$ BEGIN PERFORM /* Bob's */ set_data_encryption_key('{wrong}'); END $$"),
     ];
     let mut idle = Vec::new();
     for form in &forms {
@@ -531,6 +536,17 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
     for secret in [&canary[5..], wrong] {
         assert!(!activity.contains(secret), "a key in pg_stat_activity:\n{activity}");
     }
+    // Nor a query id computed from the raw text of a utility statement (a fast hash to test
+    // guesses against): two DO blocks that differ only in the key show the same id.
+    let mut ids = Vec::new();
+    for k in ["first guess passphrase Tq7wR3 mV9xK2 pL4n", "other guess passphrase Zj5hN8 cB2vX6 qW1m"] {
+        let mut d = c.connect(Transport::TcpSsl, "app");
+        let pid: i32 = d.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let _ = d.simple_query(&format!("DO $$ BEGIN PERFORM set_data_encryption_key('{k}'); END $$"));
+        ids.push(c.psql("app", &format!("SELECT coalesce(query_id, 0) FROM pg_stat_activity WHERE pid = {pid}")));
+        idle.push(d);
+    }
+    assert_eq!(ids[0], ids[1], "query ids of key calls must not depend on the key");
     drop(idle);
 
     let log = c.server_log();
