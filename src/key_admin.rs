@@ -228,8 +228,9 @@ pub extern "C" fn pg_finfo_cellcrypt_refuse_restore_over_live_data() -> &'static
 #[unsafe(no_mangle)]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    let me = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0).unwrap_or_default();
-    let versions = crate::store::live_key_versions(&me);
+    // The restoring session (pid@start): its rows, like every restored row, are not live.
+    let _me = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0).unwrap_or_default();
+    let versions = crate::store::live_key_versions();
     if versions.is_empty() {
         return pg_sys::Datum::from(0);
     }

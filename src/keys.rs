@@ -437,7 +437,8 @@ COMMENT ON TABLE cellcrypt.key_location IS 'Where the file provider last wrote t
 -- restore is the rows one session inserts (restored_by: its pid and start time), in one
 -- transaction (COPY) or many (--inserts):
 -- * A row identical to one in place (a dump of this very database) keeps the one in place,
---   marked as this session's, so the rest of the same restore does not replace it.
+--   marked as kept by this session (restored_by), so the rest of the same restore does not
+--   replace it; it stays a row of the database's own (restored stays false).
 -- * Any other row replaces the rows in place (every row not of this session), only while no
 --   table holds a value that opens under them: otherwise the restore is refused
 --   (cellcrypt._refuse_restore_over_live_data, key_admin.rs). The rows replaced are kept in
@@ -462,7 +463,7 @@ BEGIN
         me := pg_catalog.pg_backend_pid()::pg_catalog.text OPERATOR(pg_catalog.||) '@' OPERATOR(pg_catalog.||)
               COALESCE((SELECT a.backend_start::pg_catalog.text FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a), '');
         IF TG_TABLE_NAME OPERATOR(pg_catalog.=) 'keyring' THEN
-            UPDATE cellcrypt.keyring k SET restored = true, restored_by = me
+            UPDATE cellcrypt.keyring k SET restored_by = me
              WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
                AND k.fingerprint OPERATOR(pg_catalog.=) NEW.fingerprint
                AND k.kdf_salt OPERATOR(pg_catalog.=) NEW.kdf_salt
@@ -473,7 +474,7 @@ BEGIN
                AND (k.wrapped_data_key OPERATOR(pg_catalog.=) NEW.wrapped_data_key
                     OR (k.wrapped_data_key IS NULL AND NEW.wrapped_data_key IS NULL));
         ELSE
-            UPDATE cellcrypt.index_key k SET restored = true, restored_by = me
+            UPDATE cellcrypt.index_key k SET restored_by = me
              WHERE k.key_version OPERATOR(pg_catalog.=) NEW.key_version
                AND k.wrapped_under OPERATOR(pg_catalog.=) NEW.wrapped_under
                AND k.state OPERATOR(pg_catalog.=) NEW.state

@@ -748,14 +748,15 @@ pub fn restore_blockers() -> Option<String> {
         .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check what a restore would miss: {e}"), None, None))
 }
 
-/// The keyring versions in use (current and previous) that restoring session `me` did not
-/// write: the ones its rows would replace.
-pub fn live_key_versions(me: &str) -> Vec<i32> {
+/// The keyring versions in use (current and previous) that the database made itself (or that
+/// a key call has used since they were restored): the ones data written here may need. Rows a
+/// restore brought (this one, or another session of the same `pg_restore -j`) are not among
+/// them.
+pub fn live_key_versions() -> Vec<i32> {
     as_extension_owner(|| {
-        Spi::get_one_with_args::<Vec<i32>>(
+        Spi::get_one::<Vec<i32>>(
             "SELECT pg_catalog.array_agg(key_version) FROM cellcrypt.keyring \
-             WHERE restored_by IS DISTINCT FROM $1 AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
-            &[me.into()],
+             WHERE NOT restored AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
         )
     })
     .ok()
