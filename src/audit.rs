@@ -11,6 +11,10 @@
 //! The record never holds a key: callers pass only versions, fingerprints and reasons that are
 //! built by this extension. Administrators read it through the `data_encryption_audit` view;
 //! PUBLIC cannot. Lines are tab-separated, with `\t`, `\n` and `\\` escaped.
+//!
+//! The file is append-only. At `pg_cellcrypt.audit_max_size` it is closed (renamed
+//! `<name>.<unix microseconds>`, kept) and a new one started; the view reads every file, oldest
+//! first, line by line.
 
 use crate::backend_local::BackendLocal;
 use pgrx::prelude::*;
@@ -205,17 +209,69 @@ pub fn record(e: &Event) {
         escape(e.detail),
     );
     let p = path();
-    let res = (|| -> std::io::Result<()> {
-        if let Some(dir) = p.parent() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&p)?;
-        f.write_all(line.as_bytes())?;
-        f.sync_data()
-    })();
-    if let Err(err) = res {
+    if let Err(err) = append(&p, line.as_bytes()) {
         pgrx::warning!("pg_cellcrypt could not write its audit record \"{}\": {err}", p.display());
     }
+}
+
+/// Appends `line` to the audit file `p`, under an exclusive `flock` of the file, so that writers
+/// of all backends take turns. When the line would take the file past
+/// `pg_cellcrypt.audit_max_size`, the file is first renamed `<name>.<unix microseconds>` (kept,
+/// never rewritten) and a new one started. A writer that opened a file another one has just
+/// renamed notices (another inode at the path) and opens the new one.
+fn append(p: &std::path::Path, line: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    if let Some(dir) = p.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let max = crate::gucs::AUDIT_MAX_SIZE_KB.get().max(64) as u64 * 1024;
+    loop {
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(p)?;
+        // SAFETY: flock on a descriptor we own; released when it is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mine = f.metadata()?;
+        match std::fs::metadata(p) {
+            Ok(m) if m.ino() == mine.ino() => {}
+            // Renamed by another writer since it was opened: open the new file.
+            _ => continue,
+        }
+        if mine.len() > 0 && mine.len() + line.len() as u64 > max {
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+            let closed = p.with_file_name(format!("{}.{stamp:020}", p.file_name().unwrap_or_default().to_string_lossy()));
+            std::fs::rename(p, &closed)?;
+            if let Some(dir) = p.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            continue;
+        }
+        f.write_all(line)?;
+        return f.sync_data();
+    }
+}
+
+/// The audit files of this database, oldest first: the closed ones (`<name>.<time>`, in time
+/// order), then the current one.
+fn files() -> Vec<std::path::PathBuf> {
+    let p = path();
+    let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let mut closed: Vec<std::path::PathBuf> = p
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .map(|list| {
+            list.flatten()
+                .map(|e| e.path())
+                .filter(|f| {
+                    f.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(&name)).and_then(|r| r.strip_prefix('.')).is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    closed.sort();
+    closed.push(p);
+    closed
 }
 
 /// `data_encryption_audit()`: the audit record of this database, oldest first.
@@ -237,27 +293,31 @@ fn data_encryption_audit() -> TableIterator<
     ),
 > {
     crate::policy::require_admin("data_encryption_audit()");
-    let text = match std::fs::read_to_string(path()) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => crate::errors::raise(
-            pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
-            format!("could not read the pg_cellcrypt audit record: {e}"),
-            None,
-            Some("Check pg_cellcrypt.key_directory and its permissions."),
-        ),
-    };
-    let mut rows = Vec::new();
-    for line in text.lines() {
+    // Read line by line, file after file, as rows are asked for: memory stays bounded whatever
+    // the record's size.
+    let mut readers = Vec::new();
+    for f in files() {
+        match std::fs::File::open(&f) {
+            Ok(file) => readers.push(std::io::BufReader::new(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => crate::errors::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
+                format!("could not read the pg_cellcrypt audit record: {e}"),
+                None,
+                Some("Check pg_cellcrypt.key_directory and its permissions."),
+            ),
+        }
+    }
+    let rows = readers.into_iter().flat_map(|r| std::io::BufRead::lines(r).map_while(Result::ok)).filter_map(|line| {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() != 9 {
-            continue;
+            return None;
         }
         let micros: i64 = f[0].parse().unwrap_or(0);
         // Unix epoch to PostgreSQL epoch (2000-01-01).
         let pg_micros = micros - 946_684_800_000_000;
         let at = pgrx::datum::TimestampWithTimeZone::try_from(pg_micros).unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::try_from(0i64).unwrap());
-        rows.push((
+        Some((
             at,
             unescape(f[1]),
             unescape(f[2]),
@@ -267,7 +327,7 @@ fn data_encryption_audit() -> TableIterator<
             f[6].parse::<i32>().ok(),
             Some(unescape(f[7])).filter(|s| !s.is_empty()),
             unescape(f[8]),
-        ));
-    }
+        ))
+    });
     TableIterator::new(rows)
 }

@@ -34,6 +34,7 @@ pub static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CStrin
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static REENCRYPT_PAUSE_MS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static AUDIT_MAX_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024);
 pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -62,6 +63,16 @@ pub fn init() {
         &KEY_COMMAND,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_cellcrypt.audit_max_size",
+        c"Size at which a database's audit record file is closed and a new one started.",
+        c"The closed file is renamed <name>.audit.<time> and kept; nothing is ever rewritten or deleted.",
+        &AUDIT_MAX_SIZE_KB,
+        64,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB | GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_int_guc(
         c"pg_cellcrypt.key_command_timeout",

@@ -659,3 +659,32 @@ fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_on
     drop(c);
     let _ = std::fs::remove_dir_all(&kms);
 }
+
+#[test]
+fn the_audit_record_rotates_by_size_keeps_every_file_and_reads_them_all_in_order() {
+    let c = Cluster::start("audit-rotate", &["pg_cellcrypt.audit_max_size = 64kB"]);
+    c.database_with_extension("app");
+    let before: i64 = c.psql("app", "SELECT count(*) FROM data_encryption_audit").trim().parse().unwrap();
+    // Each retrieval is one audit line (about 100 bytes): 1,000 of them pass 64 kB.
+    c.psql("app", "SELECT count(retrieve_data_encryption_key()) FROM generate_series(1, 1000)");
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(c.key_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(".audit"))
+        .collect();
+    assert!(files.len() >= 2, "the record was closed and started again: {files:?}");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 64 * 1024, "{} is {len} bytes", f.display());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(f).unwrap().permissions()) & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    // Every line of every file, oldest first, through the view.
+    let rows: i64 = c.psql("app", "SELECT count(*) FROM data_encryption_audit WHERE action = 'retrieve'").trim().parse().unwrap();
+    assert_eq!(rows, 1000);
+    let total: i64 = c.psql("app", "SELECT count(*) FROM data_encryption_audit").trim().parse().unwrap();
+    assert_eq!(total, before + 1000);
+    let ordered = c.psql("app", "SELECT bool_and(at >= prev) FROM (SELECT at, lag(at, 1, at) OVER () AS prev FROM data_encryption_audit) t");
+    assert_eq!(ordered.trim(), "t", "oldest first across files");
+}
