@@ -688,3 +688,49 @@ fn the_audit_record_rotates_by_size_keeps_every_file_and_reads_them_all_in_order
     let ordered = c.psql("app", "SELECT bool_and(at >= prev) FROM (SELECT at, lag(at, 1, at) OVER () AS prev FROM data_encryption_audit) t");
     assert_eq!(ordered.trim(), "t", "oldest first across files");
 }
+
+/// Whether `needle` occurs in the shared memory of the cluster (the postmaster's shared
+/// mappings, read through /proc as root).
+fn in_shared_memory(c: &Cluster, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let pid = std::fs::read_to_string(c.dir.join("data/postmaster.pid")).unwrap().lines().next().unwrap().trim().to_owned();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut scanned = 0usize;
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Shared, writable mappings: PostgreSQL's main segment (and dynamic ones).
+        if fields.len() < 2 || !fields[1].starts_with("rw") || !fields[1].ends_with('s') {
+            continue;
+        }
+        let (a, b) = fields[0].split_once('-').unwrap();
+        let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        scanned += buf.len();
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    assert!(scanned > 1 << 20, "the shared memory was read ({scanned} bytes)");
+    false
+}
+
+#[test]
+fn shared_memory_holds_no_key_text_except_with_the_none_provider() {
+    for (provider, expect) in [("file", false), ("none", true)] {
+        let c = Cluster::start(&format!("shm-{provider}"), &[&format!("pg_cellcrypt.key_provider = {provider}")]);
+        c.database_with_extension("app");
+        fill(&c, "app", 5);
+        let key = generate(&c, "app");
+        set_key(&c, "app", &key);
+        c.wait_reencrypted("app");
+        // Another session loads the key (through the shared cache) and reads.
+        assert_eq!(c.psql("app", "SELECT count(*) FROM t WHERE decrypt(s) IS NOT NULL").trim(), "5");
+        assert_eq!(c.psql("app", "SELECT retrieve_data_encryption_key()").trim(), key, "{provider}: retrieval still works");
+        assert_eq!(in_shared_memory(&c, key.as_bytes()), expect, "{provider}: the key text in shared memory");
+        // The master key itself is in the cache either way (that is the cache's job); not the text.
+    }
+}
