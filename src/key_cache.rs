@@ -1,9 +1,8 @@
 //! The process-shared key cache: one slot per database in shared memory, and a generation
 //! counter that tells every backend when a key changed.
 //!
-//! * A slot holds the current key of one database: its version, fingerprint and the Argon2id
-//!   master key, and the administrator's key text only with the `none` provider (the file or
-//!   the command holds it otherwise, and retrieval reads it there). Backends take the key from here instead of
+//! * A slot holds the current key of one database: its version, fingerprint, the Argon2id
+//!   master key and the administrator's key text. Backends take the key from here instead of
 //!   running the key provider and Argon2id again, and the `none` provider keeps its keys here
 //!   only. Slots are overwritten (never freed to the allocator), so a replaced key does not
 //!   linger.
@@ -166,13 +165,8 @@ pub fn put(version: u32, master: &MasterKey, key_text: &str) -> bool {
     s.version = version;
     s.fingerprint = master.fingerprint().0;
     s.master.copy_from_slice(master.expose());
-    // The administrator's key text only with provider "none", where this is the only place it
-    // is: otherwise the provider holds it, and shared memory (and a core dump of any backend)
-    // need not.
-    if crate::providers::current() == crate::gucs::KeyProvider::None {
-        s.key_len = key_text.len() as u16;
-        s.key_text[..key_text.len()].copy_from_slice(key_text.as_bytes());
-    }
+    s.key_len = key_text.len() as u16;
+    s.key_text[..key_text.len()].copy_from_slice(key_text.as_bytes());
     true
 }
 

@@ -264,29 +264,13 @@ pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, String> {
     Ok(master)
 }
 
-/// The current version's master key: from the shared cache, or else the provider, verified.
-pub fn current_master(current: &KeyRow) -> Result<MasterKey, KeyUnavailable> {
-    if let Some(c) = key_cache::get() {
-        if c.version == current.version && cellcrypt_core::Fingerprint(c.fingerprint).to_string() == current.fingerprint {
-            return Ok(c.master);
-        }
-    }
-    from_provider(current).map(|(m, _)| m)
-}
-
-/// The current version's master key and the administrator's key text (for retrieval, and a
-/// key change writing both versions): the text is in the shared cache only with provider
-/// `none`; otherwise it is read from the provider and verified.
+/// The current version's key from the shared cache or the provider, verified.
 pub fn current_key(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<String>), KeyUnavailable> {
     if let Some(c) = key_cache::get() {
-        if c.version == current.version && cellcrypt_core::Fingerprint(c.fingerprint).to_string() == current.fingerprint && !c.key_text.is_empty() {
+        if c.version == current.version && cellcrypt_core::Fingerprint(c.fingerprint).to_string() == current.fingerprint {
             return Ok((c.master, c.key_text));
         }
     }
-    from_provider(current)
-}
-
-fn from_provider(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<String>), KeyUnavailable> {
     let stored = providers::read().map_err(KeyUnavailable::ProviderError)?;
     // Every line of this version (a key file may hold the key a restore replaced under the
     // same version), else a bare key; the first that matches the fingerprint.
@@ -375,7 +359,7 @@ fn load(generation: u64) -> Result<LoadedKeys, KeyUnavailable> {
     let Some(current) = rows.first().filter(|r| r.state == "current") else {
         return Err(KeyUnavailable::NoKeyConfigured);
     };
-    let master = current_master(current)?;
+    let (master, _) = current_key(current)?;
     Ok(assemble(relid, generation, &rows, master))
 }
 
