@@ -239,17 +239,42 @@ fn append(p: &std::path::Path, line: &[u8]) -> std::io::Result<()> {
             _ => continue,
         }
         if mine.len() > 0 && mine.len() + line.len() as u64 > max {
-            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
-            let closed = p.with_file_name(format!("{}.{stamp:020}", p.file_name().unwrap_or_default().to_string_lossy()));
-            std::fs::rename(p, &closed)?;
-            if let Some(dir) = p.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
+            match close(p) {
+                Ok(()) => continue,
+                // A file that cannot be closed (the directory not writable) keeps growing:
+                // losing records would be worse.
+                Err(e) => pgrx::warning!("pg_cellcrypt could not start a new audit file after \"{}\": {e}", p.display()),
             }
-            continue;
         }
-        f.write_all(line)?;
+        if let Err(e) = f.write_all(line) {
+            // Never leave half a line: the next record would merge with it. (The lock is held.)
+            let _ = f.set_len(mine.len());
+            return Err(e);
+        }
         return f.sync_data();
     }
+}
+
+/// Renames the current audit file `<name>.<unix microseconds>`, never over an existing one (a
+/// stamp already taken, the clock stepped back: the next free one above the newest), under the
+/// writers' lock.
+fn close(p: &std::path::Path) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let newest = files().iter().rev().nth(1).and_then(|f| f.extension()).and_then(|e| e.to_str()).and_then(|e| e.parse::<u128>().ok()).unwrap_or(0);
+    let mut stamp = now.max(newest + 1);
+    let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let closed = loop {
+        let c = p.with_file_name(format!("{name}.{stamp:020}"));
+        if !c.exists() {
+            break c;
+        }
+        stamp += 1;
+    };
+    std::fs::rename(p, &closed)?;
+    if let Some(dir) = p.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The audit files of this database, oldest first: the closed ones (`<name>.<time>`, in time
@@ -274,6 +299,15 @@ fn files() -> Vec<std::path::PathBuf> {
     closed
 }
 
+fn io_error(e: std::io::Error) -> ! {
+    crate::errors::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
+        format!("could not read the pg_cellcrypt audit record: {e}"),
+        None,
+        Some("Check pg_cellcrypt.key_directory and its permissions."),
+    )
+}
+
 /// `data_encryption_audit()`: the audit record of this database, oldest first.
 /// Superusers and `data_encryption_admin` only (EXECUTE is revoked from PUBLIC).
 #[allow(clippy::type_complexity)]
@@ -293,22 +327,40 @@ fn data_encryption_audit() -> TableIterator<
     ),
 > {
     crate::policy::require_admin("data_encryption_audit()");
-    // Read line by line, file after file, as rows are asked for: memory stays bounded whatever
-    // the record's size.
-    let mut readers = Vec::new();
-    for f in files() {
-        match std::fs::File::open(&f) {
-            Ok(file) => readers.push(std::io::BufReader::new(file)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => crate::errors::raise(
-                pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
-                format!("could not read the pg_cellcrypt audit record: {e}"),
-                None,
-                Some("Check pg_cellcrypt.key_directory and its permissions."),
-            ),
-        }
-    }
-    let rows = readers.into_iter().flat_map(|r| std::io::BufRead::lines(r).map_while(Result::ok)).filter_map(|line| {
+    // Read line by line, file after file, as rows are asked for, each file opened only when
+    // reached: memory and open files stay bounded whatever the record's size. The current file
+    // is opened first: should it be closed (renamed) right after, it shows up in the listing
+    // made next as well, and is read once (by inode).
+    use std::os::unix::fs::MetadataExt;
+    let current = match std::fs::File::open(path()) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => io_error(e),
+    };
+    let current_ino = current.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.ino());
+    let mut closed = files();
+    closed.pop();
+    let readers = closed
+        .into_iter()
+        .filter_map(move |f| match std::fs::File::open(&f) {
+            Ok(file) if file.metadata().ok().map(|m| m.ino()) == current_ino => None,
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => io_error(e),
+        })
+        .chain(current)
+        .map(std::io::BufReader::new);
+    let rows = readers.flat_map(|mut r| {
+        std::iter::from_fn(move || {
+            let mut buf = Vec::new();
+            match std::io::BufRead::read_until(&mut r, b'\n', &mut buf) {
+                Ok(0) => None,
+                Ok(_) => Some(String::from_utf8_lossy(&buf).trim_end_matches('\n').to_owned()),
+                Err(e) => io_error(e),
+            }
+        })
+    })
+    .filter_map(|line| {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() != 9 {
             return None;
