@@ -179,12 +179,17 @@ unsafe fn contains_key_function(p: *const c_char) -> bool {
 /// comment, EXPLAIN ANALYZE, CREATE TABLE AS) of a prepared statement of this session whose own
 /// text names the key function (log_statement logs the EXECUTE before it runs).
 unsafe fn executes_key_function(text: &[u8]) -> bool {
+    let word = b"execute";
+    // Most statements have no EXECUTE at all: spare them the masked copy below, which every
+    // log message and every utility statement would otherwise pay for.
+    if !text.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word)) {
+        return false;
+    }
     // Find the keyword outside strings: in the masked text, strings are asterisks. (One inside
     // a comment or a quoted identifier only costs a look-up.)
     let mut masked = text.to_vec();
     cellcrypt_core::redact::mask_quoted_in_place(&mut masked, !pg_sys::standard_conforming_strings);
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
-    let word = b"execute";
     let mut i = 0;
     while i + word.len() <= masked.len() {
         let at_word = masked[i..i + word.len()].eq_ignore_ascii_case(word)

@@ -297,6 +297,18 @@ impl Cluster {
         self.dir.join("data").join(rel.trim())
     }
 
+    /// Waits (at most `seconds`) until the boolean query `sql`, run in `db`, answers true.
+    pub fn wait_until(&self, db: &str, sql: &str, seconds: u64) -> bool {
+        let started = std::time::Instant::now();
+        while self.psql(db, sql).trim() != "t" {
+            if started.elapsed() > std::time::Duration::from_secs(seconds) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        true
+    }
+
     /// The key files of the `file` provider.
     pub fn key_dir(&self) -> PathBuf {
         self.dir.join("keys")
@@ -312,6 +324,21 @@ impl Drop for Cluster {
             eprintln!("cluster kept for inspection: {}", self.dir.display());
         }
     }
+}
+
+/// A fresh directory `/tmp/pg_cellcrypt-it/<name>-<test process id>` owned by the `postgres` OS
+/// user (a fake KMS, a WAL archive), with `files` written into it, readable by the server only.
+pub fn server_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/pg_cellcrypt-it/{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    let owned = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap().success()
+        && Command::new("chmod").args(["-R", "go-rwx"]).arg(&dir).status().unwrap().success();
+    assert!(owned, "could not hand {} to the postgres user", dir.display());
+    dir
 }
 
 /// True when `needle` occurs in `haystack`.

@@ -392,11 +392,8 @@ fn the_file_provider_needs_no_step_after_a_restart() {
 
 #[test]
 fn the_command_provider_reads_the_key_from_a_kms_and_never_writes_to_it() {
-    let kms = std::path::PathBuf::from(format!("/tmp/pg_cellcrypt-it/kms-{}", std::process::id()));
-    std::fs::create_dir_all(&kms).unwrap();
     let first = "kms managed passphrase 7f3a9c2e 1b5d8f04 a6c3 Zq8xR2";
-    std::fs::write(kms.join("app.key"), first).unwrap();
-    let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&kms).status();
+    let kms = cellcrypt_integration::server_dir("kms", &[("app.key", first)]);
     let command = format!("pg_cellcrypt.key_command = 'cat {}/$PG_CELLCRYPT_DATABASE.key'", kms.display());
     let c = Cluster::start("prov-command", &["pg_cellcrypt.key_provider = command", &command]);
     c.database_with_extension("app");
@@ -576,11 +573,7 @@ fn children_of(pid: i32) -> Vec<String> {
 
 #[test]
 fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_once() {
-    let kms = std::path::PathBuf::from(format!("/tmp/pg_cellcrypt-it/kms-hang-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&kms);
-    std::fs::create_dir_all(&kms).unwrap();
-    std::fs::write(kms.join("key"), "kms managed passphrase 5e2b7d91 c4a8 Xw3pL9 hang test").unwrap();
-    let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(&kms).status();
+    let kms = cellcrypt_integration::server_dir("kms-hang", &[("key", "kms managed passphrase 5e2b7d91 c4a8 Xw3pL9 hang test")]);
     let k = kms.display();
     let command = format!(
         "pg_cellcrypt.key_command = 'echo run >> {k}/runs; if [ -f {k}/hang ]; then sleep 600; fi; if [ -f {k}/fail ]; then exit 3; fi; cat {k}/key'"

@@ -300,17 +300,6 @@ fn status_within(c: &Cluster, seconds: u64, done: impl Fn(&str) -> bool) -> Stri
     }
 }
 
-/// Waits (at most `seconds`) until the boolean query `sql` answers true.
-fn wait_until(c: &Cluster, sql: &str, seconds: u64) -> bool {
-    let started = std::time::Instant::now();
-    while c.psql("app", sql).trim() != "t" {
-        if started.elapsed() > std::time::Duration::from_secs(seconds) {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    true
-}
 
 #[test]
 fn retirement_waits_for_a_snapshot_taken_after_the_work_started() {
@@ -323,7 +312,7 @@ fn retirement_waits_for_a_snapshot_taken_after_the_work_started() {
     l.batch_execute("BEGIN; SELECT * FROM t FOR UPDATE").unwrap();
     c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
     assert!(
-        wait_until(&c, "SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'pg_cellcrypt re-encryption' AND wait_event_type = 'Lock'", 15),
+        c.wait_until("app", "SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'pg_cellcrypt re-encryption' AND wait_event_type = 'Lock'", 15),
         "the worker did not wait for L's row locks"
     );
     // B: a snapshot taken after the work started, while t's rows are all still under the old key.
@@ -354,7 +343,7 @@ fn a_transaction_prepared_after_the_work_started_holds_retirement() {
     p.batch_execute("BEGIN; INSERT INTO t2 SELECT id, s FROM t").unwrap();
     c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
     assert!(
-        wait_until(&c, "SELECT count(*) > 0 FROM cellcrypt.reencryption_job WHERE started_at IS NOT NULL", 15),
+        c.wait_until("app", "SELECT count(*) > 0 FROM cellcrypt.reencryption_job WHERE started_at IS NOT NULL", 15),
         "the re-encryption did not start"
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -722,27 +711,13 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
 
 /// Waits until a recovered cluster has reached its target and been promoted.
 fn promoted(c: &Cluster) {
-    assert!(wait_until_in(c, "postgres", "SELECT NOT pg_is_in_recovery()", 120), "{} did not finish its recovery", c.dir.display());
-}
-
-fn wait_until_in(c: &Cluster, db: &str, sql: &str, seconds: u64) -> bool {
-    let started = std::time::Instant::now();
-    while started.elapsed() < std::time::Duration::from_secs(seconds) {
-        if c.psql(db, sql).trim() == "t" {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    false
+    assert!(c.wait_until("postgres", "SELECT NOT pg_is_in_recovery()", 120), "{} did not finish its recovery", c.dir.display());
 }
 
 #[test]
 fn point_in_time_recovery_to_before_a_completed_change_finds_its_key() {
     // WAL archiving, a base backup, then a key change that completes (version 1 retired).
-    let archive = std::path::PathBuf::from(format!("/tmp/pg_cellcrypt-it/archive-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&archive);
-    std::fs::create_dir_all(&archive).unwrap();
-    std::process::Command::new("chown").arg("postgres:postgres").arg(&archive).status().unwrap();
+    let archive = cellcrypt_integration::server_dir("archive", &[]);
     let archive_command = format!("archive_command = 'cp %p {}/%f'", archive.display());
     let c = cluster("pitr", &["archive_mode = on", &archive_command]);
     let base = c.dir.join("base");
@@ -765,7 +740,7 @@ fn point_in_time_recovery_to_before_a_completed_change_finds_its_key() {
     c.psql("app", "INSERT INTO t SELECT g, 'value ' || g FROM generate_series(301, 400) g");
     let after = c.psql("app", DIGEST);
     let last = c.psql("app", "SELECT pg_walfile_name(pg_switch_wal())").trim().to_owned();
-    assert!(wait_until_in(&c, "app", &format!("SELECT coalesce(last_archived_wal >= '{last}', false) FROM pg_stat_archiver"), 60), "WAL archived");
+    assert!(c.wait_until("app", &format!("SELECT coalesce(last_archived_wal >= '{last}', false) FROM pg_stat_archiver"), 60), "WAL archived");
 
     // Recovered to the restore point, with today's key files (which keep every version): the
     // database is back on version 1, and every value of that moment reads back.

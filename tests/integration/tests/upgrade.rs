@@ -30,17 +30,6 @@ fn sysid(c: &Cluster) -> String {
     c.psql("postgres", "SELECT system_identifier FROM pg_control_system()").trim().to_owned()
 }
 
-fn wait_until(c: &Cluster, db: &str, sql: &str) -> bool {
-    let started = std::time::Instant::now();
-    while started.elapsed() < std::time::Duration::from_secs(60) {
-        if c.psql(db, sql).trim() == "t" {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    false
-}
-
 /// Runs pg_upgrade from the stopped cluster `old` into the stopped, fresh cluster `new`.
 fn pg_upgrade(old: &Cluster, new: &Cluster) {
     let out = Command::new("runuser")
@@ -85,7 +74,7 @@ fn all_read_back(c: &Cluster, before: &[(String, String)], keys: &[String]) {
         assert_eq!(c.psql(db, "SELECT retrieve_data_encryption_key()").trim(), keys[i], "{db}: the same key");
         assert!(c.key_dir().join(format!("{sysid}_{}.key", dboid(c, db))).exists(), "{db}: key file under the new name");
         if *db != "tmpl" {
-            assert!(wait_until(c, db, &format!("SELECT system_identifier = '{sysid}' FROM cellcrypt.key_location")), "{db}: key_location names this cluster");
+            assert!(c.wait_until(db, &format!("SELECT system_identifier = '{sysid}' FROM cellcrypt.key_location"), 60), "{db}: key_location names this cluster");
         }
     }
 }
