@@ -230,9 +230,18 @@ pub extern "C" fn pg_finfo_cellcrypt_refuse_restore_over_live_data() -> &'static
 pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // The restoring session (pid@start): its rows, like every restored row, are not live.
     let _me = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0).unwrap_or_default();
+    // One restoring session at a time, each looking with the latest snapshot, not its COPY's:
+    // with pg_restore -j, the keyring may have been replaced by another session of the same
+    // restore after this statement began, and a value written after it began must be seen.
+    crate::policy::lock_waiting(crate::policy::Lock::RestoreFromDump);
+    crate::store::read_latest(check_restore_over_live_data);
+    pg_sys::Datum::from(0)
+}
+
+fn check_restore_over_live_data() {
     let versions = crate::store::live_key_versions();
     if versions.is_empty() {
-        return pg_sys::Datum::from(0);
+        return;
     }
     let listed = versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
     let refuse = |code: PgSqlErrorCode, detail: String, hint: &str| -> ! {
@@ -277,7 +286,6 @@ pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(fcinfo: 
             "Restore the dump into a new database (CREATE DATABASE, CREATE EXTENSION pg_cellcrypt, then restore), or empty the encrypted tables of this one before a data-only restore.",
         );
     }
-    pg_sys::Datum::from(0)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -99,6 +99,10 @@ pub enum Lock {
     KeyChange = 1,
     /// Blind-index key rotations.
     IndexKeyRotation = 2,
+    /// Rows from a dump replacing key table rows: one restoring session at a time looks at
+    /// what the rows in place are still needed for (pg_restore -j restores the two key tables
+    /// from two sessions; the second must see what the first committed).
+    RestoreFromDump = 3,
 }
 
 fn locktag(lock: Lock) -> pg_sys::LOCKTAG {
@@ -120,6 +124,14 @@ pub fn try_lock(lock: Lock) -> bool {
     // SAFETY: a transaction-scoped lock, released by PostgreSQL at commit or abort.
     let r = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, true) };
     r != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// Takes `lock` for the rest of this transaction, waiting for its holder's transaction to end
+/// (PostgreSQL's deadlock detector and lock_timeout apply).
+pub fn lock_waiting(lock: Lock) {
+    let tag = locktag(lock);
+    // SAFETY: a transaction-scoped lock, released by PostgreSQL at commit or abort.
+    unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false) };
 }
 
 /// As [`try_lock`], in share mode: holders of the share mode do not exclude each other, and
@@ -166,6 +178,7 @@ pub fn lock_or_refuse(lock: Lock, action: &str) {
             "Wait until it finishes (a change includes re-encrypting every value: see data_encryption_progress, or finish it now with CALL finish_data_encryption_reencryption();), then try again.",
         ),
         Lock::IndexKeyRotation => ("another blind-index key rotation is in progress in this database", "Wait for it to finish, then try again if still needed."),
+        Lock::RestoreFromDump => ("a restore from a dump is replacing this database's keyring", "Wait for the restore to finish, then try again."),
     };
     refuse(action, &format!("{what}: {holder}"));
     errors::raise(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, what, Some(&format!("It was started by {holder}.")), Some(hint))

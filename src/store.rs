@@ -267,17 +267,21 @@ fn internally<R>(f: impl FnOnce() -> R) -> R {
 /// Runs a read of the extension's tables as the extension owner with the latest snapshot, as
 /// catalogs are read: a key change that committed after this transaction began is seen,
 /// whatever the isolation level. A parallel worker reads with the snapshot its leader shared.
-fn read_latest<R>(f: impl FnOnce() -> R) -> R {
-    as_extension_owner(|| {
-        // SAFETY: plain backend calls; the pushed snapshot is popped below (and on abort).
-        if unsafe { pg_sys::IsInParallelMode() } {
-            return f();
-        }
-        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
-        let r = f();
-        unsafe { pg_sys::PopActiveSnapshot() };
-        r
-    })
+pub fn read_latest<R>(f: impl FnOnce() -> R) -> R {
+    as_extension_owner(|| latest_snapshot(f))
+}
+
+/// Runs `f` with the latest snapshot as the active one (not in parallel mode, where the
+/// leader's snapshot is kept).
+fn latest_snapshot<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain backend calls; the pushed snapshot is popped below (and on abort).
+    if unsafe { pg_sys::IsInParallelMode() } {
+        return f();
+    }
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let r = f();
+    unsafe { pg_sys::PopActiveSnapshot() };
+    r
 }
 
 /// The keyring's live rows (current first, then previous versions, newest first).
@@ -699,13 +703,17 @@ pub fn relation_with_live_values(versions: &[i32]) -> Option<String> {
             .map(|c| format!("(cellcrypt.key_version({c}) OPERATOR(pg_catalog.=) ANY ($1) AND cellcrypt.opens({c}))"))
             .collect::<Vec<_>>()
             .join(" OR ");
+        // Read with a snapshot taken once the lock is held: a value committed after the
+        // restoring statement began is seen.
         let found = with_stable_names(&mut rel, true, |t| {
             as_table_owner(t, || {
                 in_restore_check_scope(|| {
-                    Spi::get_one_with_args::<bool>(
-                        &format!("SELECT EXISTS (SELECT FROM ONLY {} WHERE {condition})", t.name),
-                        &[versions.to_vec().into()],
-                    )
+                    latest_snapshot(|| {
+                        Spi::get_one_with_args::<bool>(
+                            &format!("SELECT EXISTS (SELECT FROM ONLY {} WHERE {condition})", t.name),
+                            &[versions.to_vec().into()],
+                        )
+                    })
                 })
             })
         })

@@ -641,6 +641,36 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     assert!(msg.contains("restored"), "{msg}");
     assert_eq!(c.psql("fresh", early), other_digest);
 
+    // The interleaving pg_restore -j may produce, made on purpose: the table's values come
+    // first, then one session replaces the keyring and, before it commits, another brings the
+    // index key. The second waits for the first (one restoring session at a time looks at what
+    // the rows in place are needed for) and then sees the keyring already replaced.
+    let inserts = c.pg_dump("other", &["--data-only", "--inserts"]);
+    let rows_of = |table: &str| {
+        inserts.lines().filter(|l| l.starts_with(&format!("INSERT INTO {table} "))).collect::<Vec<_>>().join("\n")
+    };
+    c.createdb("fresh2");
+    let out = restore(&c, "fresh2", &["--schema-only"], &other_dump);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.psql("fresh2", &rows_of("a.early"));
+    let mut first = c.connect(Transport::Unix, "fresh2");
+    first.batch_execute(&format!("BEGIN; {}", rows_of("cellcrypt.keyring"))).unwrap();
+    let index_rows = rows_of("cellcrypt.index_key");
+    assert!(!index_rows.is_empty());
+    let second = {
+        let mut client = c.connect(Transport::Unix, "fresh2");
+        std::thread::spawn(move || client.batch_execute(&index_rows).map_err(|e| e.to_string()))
+    };
+    assert!(
+        c.wait_until("fresh2", "SELECT count(*) = 1 FROM pg_stat_activity WHERE datname = 'fresh2' AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO cellcrypt.index_key%'", 30),
+        "the second session waits for the first"
+    );
+    first.batch_execute("COMMIT").unwrap();
+    second.join().unwrap().expect("the index key rows are restored once the keyring is");
+    assert_eq!(keyring(&c, "fresh2"), keyring(&c, "other"));
+    c.psql("fresh2", &format!("SELECT set_data_encryption_key('{other_key}')"));
+    assert_eq!(c.psql("fresh2", early), other_digest);
+
     // A database that shares its first key version with the dump (a template copy of the
     // dumped one) but has changed keys since: the row they share is identical, the rest is
     // not. Whatever the order of the rows, the result is the dump's keyring, and the rows it
