@@ -306,17 +306,21 @@ fn rotate_blind_index_key() -> String {
     let new_version = old_version + 1;
     let new_key = SecretKey::random();
     store::retire_index_key();
-    key_admin::store_index_key(new_version, &loaded.master, loaded.current_version, &new_key, true);
+    key_admin::store_index_key(new_version, &loaded.wrap, loaded.current_version, &new_key, true);
     // This transaction computes with the new key from here on; others at its commit.
     let rebuilt = {
-        let master = cellcrypt_core::MasterKey::from_bytes(*loaded.master.expose());
-        let others: Vec<(u32, SecretKey)> = loaded
-            .data_keys
-            .iter()
-            .filter(|(v, _)| *v != loaded.current_version)
-            .filter_map(|(v, k)| SecretKey::from_slice(k.expose()).map(|k| (*v, k)))
-            .collect();
-        crate::keystate::install_keys(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), loaded.current_version, master, others, Some((new_version, new_key))));
+        let copy = |k: &SecretKey| SecretKey::from_bytes(*k.expose());
+        let data = loaded.data_keys.iter().find(|(v, _)| *v == loaded.current_version).map(|(_, k)| copy(k)).expect("the current data key is loaded");
+        let others: Vec<(u32, SecretKey)> = loaded.data_keys.iter().filter(|(v, _)| *v != loaded.current_version).map(|(v, k)| (*v, copy(k))).collect();
+        crate::keystate::install_keys(keys::LoadedKeys::build(
+            keys::keyring_relid(),
+            keys::generation_now(),
+            loaded.current_version,
+            data,
+            copy(&loaded.wrap),
+            others,
+            Some((new_version, new_key)),
+        ));
         drop(loaded);
         crate::keystate::announce_at_commit();
         rebuild_indexes()

@@ -155,8 +155,8 @@ fn commit_effects(p: Stage) {
     if p.forget && p.publish.is_none() {
         key_cache::forget();
     }
-    if let Some((version, master, text)) = &p.publish {
-        if !key_cache::put(*version, master, text) {
+    if let Some((version, keys, text)) = &p.publish {
+        if !key_cache::put(*version, keys, text.as_ref().map(|t| t.as_str())) {
             pgrx::warning!("pg_cellcrypt: the shared key cache is full; other sessions will read the key from the key provider");
         }
     }
@@ -314,8 +314,8 @@ fn insert_key_row(version: u32, salt: &[u8], params: &KdfParams, master: &Master
 
 /// Stores blind-index key `index_version`, wrapped under data key `wrapping_version` (whose
 /// master key is `master`): inserted as the current index key, or re-wrapped in place.
-pub fn store_index_key(index_version: u32, master: &MasterKey, wrapping_version: u32, key: &cellcrypt_core::SecretKey, insert: bool) {
-    let wrapped = cellcrypt_core::wrap::wrap_index_key(&master.wrap_key(), wrapping_version, index_version, key);
+pub fn store_index_key(index_version: u32, wrap_key: &cellcrypt_core::SecretKey, wrapping_version: u32, key: &cellcrypt_core::SecretKey, insert: bool) {
+    let wrapped = cellcrypt_core::wrap::wrap_index_key(wrap_key, wrapping_version, index_version, key);
     crate::store::store_index_key(index_version, wrapped, wrapping_version, insert);
 }
 
@@ -393,19 +393,15 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
     insert_key_row(version, &salt, &params, &master);
     // The blind-index key: random, independent of the data key, kept wrapped under it.
     let index_key = cellcrypt_core::SecretKey::random();
-    store_index_key(1, &master, version, &index_key, true);
-    let fp = master.fingerprint().to_string();
-    keystate::install_keys(keys::LoadedKeys::build(
-        keys::keyring_relid(),
-        keys::generation_now(),
-        version,
-        MasterKey::from_bytes(*master.expose()),
-        Vec::new(),
-        Some((1, index_key)),
-    ));
+    let derived = master.version_keys();
+    drop(master);
+    store_index_key(1, &derived.wrap, version, &index_key, true);
+    let fp = derived.fingerprint.to_string();
+    let installed = derived.duplicate();
+    keystate::install_keys(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), version, installed.data, installed.wrap, Vec::new(), Some((1, index_key))));
     keystate::stage(|p| {
         p.forget = true;
-        p.publish = Some((version, master, Zeroizing::new(key.as_str().to_owned())));
+        p.publish = Some((version, derived, text_for_cache(&key)));
     });
     audit::record(&Event { action: "create", outcome: "started", key_version: Some(version), fingerprint: Some(&fp), detail: "first key, at CREATE EXTENSION" });
     keystate::stage(|p| p.audit.push(("create", Some(version), fp)));
@@ -450,8 +446,8 @@ fn retrieve_data_encryption_key() -> String {
         policy::refuse("retrieve_data_encryption_key()", "no key configured");
         KeyUnavailable::NoKeyConfigured.raise()
     };
-    match keys::current_key(current) {
-        Ok((_, text)) => {
+    match keys::current_key_text(current) {
+        Ok(text) => {
             audit::record(&Event {
                 action: "retrieve",
                 outcome: "succeeded",
@@ -496,8 +492,8 @@ fn set_data_encryption_key(key: &str) -> String {
         policy::refuse(F, "no key configured");
         KeyUnavailable::NoKeyConfigured.raise()
     };
-    match keys::current_key(current) {
-        Ok((master, old_text)) => change(&rows, master, old_text, new_key),
+    match keys::current_version_keys(current) {
+        Ok(keys) => change(&rows, keys, new_key),
         Err(_) => restore(&rows, new_key),
     }
 }
@@ -540,10 +536,12 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
             message.push_str("; provider \"none\" holds it in memory until the next restart");
         }
     }
-    keystate::install_keys(keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, MasterKey::from_bytes(*master.expose())));
+    let derived = master.version_keys();
+    drop(master);
+    keystate::install_keys(keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, derived.duplicate()));
     audit::record(&Event { action: "restore", outcome: "started", key_version: Some(current.version), fingerprint: Some(&fp), detail: "" });
     keystate::stage(|p| {
-        p.publish = Some((current.version, master, Zeroizing::new(key.as_str().to_owned())));
+        p.publish = Some((current.version, derived, text_for_cache(&key)));
         p.audit.push(("restore", Some(current.version), fp));
         p.launch_worker = rows.len() > 1;
     });
@@ -557,12 +555,17 @@ fn command_update_warning(version: u32, fp: &str) -> String {
 }
 
 /// Refuses a change (55000) unless `pg_cellcrypt.key_command` already prints, in the key file
-/// format, both the current key (as `current_version`) and the new one (as `new_version`).
-fn require_command_prints(new_key: &AdminKey, current_key: &AdminKey, current_version: u32, new_version: u32) {
+/// format, both the current key (as `current.version`, verified against its fingerprint) and
+/// the new one (as `new_version`).
+fn require_command_prints(new_key: &AdminKey, current: &KeyRow, new_version: u32) {
+    let current_version = current.version;
     let printed = providers::command::keys().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
-    let prints = |version: u32, key: &AdminKey| printed.iter().any(|(v, text)| *v == Some(version) && AdminKey::parse(text).is_ok_and(|k| k.same_as(key)));
+    let prints_new = printed.iter().any(|(v, text)| *v == Some(new_version) && AdminKey::parse(text).is_ok_and(|k| k.same_as(new_key)));
+    let prints_current = || {
+        printed.iter().any(|(v, text)| *v == Some(current_version) && AdminKey::parse(text).is_ok_and(|k| keys::verify(current, &k).is_ok()))
+    };
     // Both: until the change commits (or if it rolls back) the current key is still the one in use.
-    if !(prints(new_version, new_key) && prints(current_version, current_key)) {
+    if !(prints_new && prints_current()) {
         policy::refuse("set_data_encryption_key()", "pg_cellcrypt.key_command does not print the new key yet");
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -575,7 +578,13 @@ fn require_command_prints(new_key: &AdminKey, current_key: &AdminKey, current_ve
     }
 }
 
-fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, new_key: AdminKey) -> String {
+/// The administrator's key text as the shared cache may hold it: only with the `none`
+/// provider, where the cache is its only copy.
+fn text_for_cache(key: &AdminKey) -> Option<Zeroizing<String>> {
+    (providers::current() == KeyProvider::None).then(|| Zeroizing::new(key.as_str().to_owned()))
+}
+
+fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) -> String {
     let current = &rows[0];
     // A new key is kept as one line of text (the key file, a KMS entry): no control characters.
     // (A restore takes the key as it was, whatever it holds.)
@@ -583,9 +592,10 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         policy::refuse("set_data_encryption_key()", "key with a control character");
         weak_key("it contains a control character (a line break, a tab)");
     }
-    // Setting the key that is already current changes nothing. The current key's text is at
-    // hand (shared cache or provider), so this costs no Argon2id run.
-    if AdminKey::parse(&old_text).is_ok_and(|old| old.same_as(&new_key)) {
+    // Setting the key that is already current changes nothing: the given key, run through
+    // Argon2id with the current version's salt, has its fingerprint. (Neither the shared cache
+    // nor this backend holds the current key's text to compare with.)
+    if keys::verify(current, &new_key).is_ok() {
         audit::record(&Event {
             action: "change",
             outcome: "unchanged",
@@ -595,7 +605,7 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
         });
         return format!("unchanged: the given key is already the current key (version {}, fingerprint {})", current.version, current.fingerprint);
     }
-    let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old_master);
+    let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old);
     // Above every version the keyring, the rows a restore replaced and the key file know.
     let in_file = match providers::current() {
         KeyProvider::File => providers::file::read_all().unwrap_or_else(|e| key_io_error(e)).iter().map(|(v, _)| *v).max().unwrap_or(0),
@@ -613,21 +623,21 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     // With the command provider the key must be in the key source before the change commits:
     // a restart right after it would otherwise find no key for the data written since.
     if providers::current() == KeyProvider::Command {
-        let old = AdminKey::parse(&old_text).unwrap_or_else(|e| weak_key(&e.to_string()));
-        require_command_prints(&new_key, &old, current.version, new_version);
+        require_command_prints(&new_key, current, new_version);
     }
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();
+    let derived = master.version_keys();
     audit::record(&Event { action: "change", outcome: "started", key_version: Some(new_version), fingerprint: Some(&fp), detail: &format!("replaces key version {}", current.version) });
     keystate::stage(|p| p.audit.push(("change", Some(new_version), fp.clone())));
 
     crate::store::settle_restored_rows();
     // The keyring: older versions keep their data key, wrapped under the new key.
-    let wrap = master.wrap_key();
     for (version, data_key) in &loaded.data_keys {
-        crate::store::demote_key(*version, cellcrypt_core::wrap::wrap_data_key(&wrap, new_version, *version, data_key));
+        crate::store::demote_key(*version, cellcrypt_core::wrap::wrap_data_key(&derived.wrap, new_version, *version, data_key));
     }
     insert_key_row(new_version, &salt, &params, &master);
+    drop(master);
 
     let mut notes = Vec::new();
     match providers::current() {
@@ -636,7 +646,18 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
             // a crash at any point finds the version the keyring says is current, and a backup
             // or point-in-time recovery from before the change finds the key it needs.
             let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
-            let after = with_key(with_key(before.clone(), current.version, &old_text), new_version, new_key.as_str());
+            // The current version's line is already there (this backend loaded the key from
+            // the file, or from the shared cache, which the file filled). If the file lost it
+            // while the server ran, the text is nowhere any more (no memory holds it):
+            // the change goes on from the derived keys in memory, and says so.
+            if !before.iter().any(|(v, _)| *v == current.version) {
+                pgrx::warning!(
+                    "pg_cellcrypt: the key file has no line for key version {} (the key being replaced); backups taken before this change need that key: keep the copy you retrieved",
+                    current.version
+                );
+                notes.push(format!("the key file had lost key version {}", current.version));
+            }
+            let after = with_key(before.clone(), new_version, new_key.as_str());
             store_key_file(before, &after);
             crate::fault::point("change:key_file_written");
         }
@@ -650,18 +671,12 @@ fn change(rows: &[KeyRow], old_master: MasterKey, old_text: Zeroizing<String>, n
     // The blind-index key stays the same, re-wrapped under the new key: blind indexes stay valid.
     let keys::LoadedKeys { data_keys, index_key, .. } = loaded;
     if let Some((iv, ik)) = &index_key {
-        store_index_key(*iv, &master, new_version, ik, false);
+        store_index_key(*iv, &derived.wrap, new_version, ik, false);
     }
     // From here on this transaction seals with the new key.
-    keystate::install_keys(keys::LoadedKeys::build(
-        keys::keyring_relid(),
-        keys::generation_now(),
-        new_version,
-        MasterKey::from_bytes(*master.expose()),
-        data_keys,
-        index_key,
-    ));
-    keystate::stage(|p| p.publish = Some((new_version, master, Zeroizing::new(new_key.as_str().to_owned()))));
+    let installed = derived.duplicate();
+    keystate::install_keys(keys::LoadedKeys::build(keys::keyring_relid(), keys::generation_now(), new_version, installed.data, installed.wrap, data_keys, index_key));
+    keystate::stage(|p| p.publish = Some((new_version, derived, text_for_cache(&new_key))));
     keystate::announce_at_commit();
 
     let tables = crate::reencrypt::create_jobs(new_version);

@@ -1,14 +1,25 @@
-//! The process-shared key cache: one slot per database in shared memory, and a generation
-//! counter that tells every backend when a key changed.
+//! The process-shared key cache: one slot per database, and a generation counter that tells
+//! every backend when a key changed.
 //!
-//! * A slot holds the current key of one database: its version, fingerprint, the Argon2id
-//!   master key and the administrator's key text. Backends take the key from here instead of
-//!   running the key provider and Argon2id again, and the `none` provider keeps its keys here
-//!   only. Slots are overwritten (never freed to the allocator), so a replaced key does not
-//!   linger.
+//! * A slot holds the current key version of one database: its version and fingerprint (in
+//!   PostgreSQL's shared memory, under the cache's LWLock) and the keys derived from it, the
+//!   data key and the wrap key ([`VersionKeys`]), in a mapping of their own (see below).
+//!   Backends take the keys from here instead of running the key provider and Argon2id again.
+//!   Slots are overwritten (never freed to the allocator), so a replaced key does not linger.
+//! * No slot holds the master key, and none holds the administrator's key text, except with
+//!   the `none` provider, where the slot is the text's only copy (retrieval and restarts need
+//!   it). With `file` and `command`, retrieval reads the text from the provider.
 //! * [`generation`] is bumped after a key change commits. Every backend compares it with the
 //!   generation it loaded its keys at on each key access (one atomic load), so from the commit
 //!   on no session, and no parallel worker, seals with the old key.
+//!
+//! ## The key mapping
+//! The secret part of the slots lives in an anonymous shared mapping the postmaster creates at
+//! preload (every backend inherits it at fork): page-aligned, so it can be marked
+//! `MADV_DONTDUMP` (no core dump of the postmaster or of any backend holds it) and locked in
+//! memory with `mlock` (never written to swap) where `RLIMIT_MEMLOCK` allows; a refusal is
+//! logged once at start. It is zeroed whenever PostgreSQL (re)initializes its shared memory,
+//! after a crash too.
 //!
 //! There are [`SLOTS`] slots. The slots of dropped databases are reused. Beyond that many live
 //! databases with the extension, keys are still loaded (from the `file` or `command` provider)
@@ -16,15 +27,17 @@
 //! is refused before it commits.
 
 use cellcrypt_core::kdf::FINGERPRINT_LEN;
-use cellcrypt_core::MasterKey;
+use cellcrypt_core::{SecretKey, VersionKeys};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgAtomic, PgLwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use zeroize::Zeroize;
 
 pub const SLOTS: usize = 64;
 /// The longest key text a slot holds (and so the longest key `set_data_encryption_key` takes).
 pub const MAX_KEY_TEXT: usize = 256;
 
+/// The public part of a slot, in PostgreSQL's shared memory.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Slot {
@@ -32,20 +45,18 @@ pub struct Slot {
     dboid: u32,
     version: u32,
     fingerprint: [u8; FINGERPRINT_LEN],
-    master: [u8; 32],
+}
+
+const EMPTY: Slot = Slot { used: false, dboid: 0, version: 0, fingerprint: [0; FINGERPRINT_LEN] };
+
+/// The secret part of a slot, in the key mapping.
+#[repr(C)]
+struct Secret {
+    data: [u8; 32],
+    wrap: [u8; 32],
     key_len: u16,
     key_text: [u8; MAX_KEY_TEXT],
 }
-
-const EMPTY: Slot = Slot {
-    used: false,
-    dboid: 0,
-    version: 0,
-    fingerprint: [0; FINGERPRINT_LEN],
-    master: [0; 32],
-    key_len: 0,
-    key_text: [0; MAX_KEY_TEXT],
-};
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -63,10 +74,66 @@ unsafe impl PGRXSharedMemory for Slots {}
 static CACHE: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_cellcrypt key cache") };
 static GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_cellcrypt key generation") };
 
-/// Requests the shared memory; from `_PG_init`.
+/// The key mapping: `SLOTS` [`Secret`]s, created once in the postmaster and inherited by every
+/// backend. Null only if it could not be created (then nothing is cached).
+static mut SECRETS: *mut Secret = std::ptr::null_mut();
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+fn mapping_len() -> usize {
+    // SAFETY: a plain libc query.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    (SLOTS * std::mem::size_of::<Secret>()).div_ceil(page) * page
+}
+
+/// Requests the shared memory and creates the key mapping; from `_PG_init`, in the postmaster.
 pub fn init() {
     pg_shmem_init!(CACHE);
     pg_shmem_init!(GENERATION);
+    let len = mapping_len();
+    // SAFETY: a fresh anonymous mapping owned by this library for the life of the server; the
+    // hook is chained once, single-threaded, at preload.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0);
+        if p == libc::MAP_FAILED {
+            pgrx::log!("pg_cellcrypt: could not create the shared key mapping ({}); keys are not shared between sessions", std::io::Error::last_os_error());
+            return;
+        }
+        if libc::madvise(p, len, libc::MADV_DONTDUMP) != 0 {
+            pgrx::log!("pg_cellcrypt: could not exclude the shared key mapping from core dumps: {}", std::io::Error::last_os_error());
+        }
+        if libc::mlock(p, len) != 0 {
+            pgrx::log!(
+                "pg_cellcrypt: could not lock the shared key mapping in memory ({}); raise RLIMIT_MEMLOCK (LimitMEMLOCK) by {len} bytes, or use encrypted swap",
+                std::io::Error::last_os_error()
+            );
+        }
+        SECRETS = p.cast();
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(zero_at_shmem_startup);
+    }
+}
+
+/// PostgreSQL (re)initialized its shared memory (at start, and after a backend crashed): the
+/// slots are empty again, and so is the key mapping.
+#[pg_guard]
+unsafe extern "C-unwind" fn zero_at_shmem_startup() {
+    // SAFETY: the previous hook, then the mapping this library created, whole.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        if !SECRETS.is_null() {
+            std::slice::from_raw_parts_mut(SECRETS.cast::<u8>(), mapping_len()).zeroize();
+        }
+    }
+}
+
+/// The secret part of slot `i`. Callers hold the cache's LWLock (shared to read, exclusive to
+/// write).
+fn secret(i: usize) -> Option<&'static mut Secret> {
+    // SAFETY: `SECRETS` points at `SLOTS` secrets for the life of the process; the LWLock the
+    // caller holds orders every access to them.
+    unsafe { (!SECRETS.is_null()).then(|| &mut *SECRETS.add(i)) }
 }
 
 /// The key-change generation: changes whenever any database's key changed.
@@ -84,26 +151,37 @@ fn my_dboid() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// A cached key, copied out of shared memory.
+/// A cached key version, copied out of the cache.
 pub struct CachedKey {
     pub version: u32,
-    pub fingerprint: [u8; FINGERPRINT_LEN],
-    pub master: MasterKey,
-    pub key_text: zeroize::Zeroizing<String>,
+    pub keys: VersionKeys,
 }
 
-/// The cached current key of this database, if any.
+/// The cached current key version of this database, if any.
 pub fn get() -> Option<CachedKey> {
     let dboid = my_dboid();
     let slots = CACHE.share();
-    let s = slots.0.iter().find(|s| s.used && s.dboid == dboid)?;
-    let text = std::str::from_utf8(&s.key_text[..s.key_len as usize]).ok()?.to_owned();
+    let i = slots.0.iter().position(|s| s.used && s.dboid == dboid && s.version != 0)?;
+    let sec = secret(i)?;
     Some(CachedKey {
-        version: s.version,
-        fingerprint: s.fingerprint,
-        master: MasterKey::from_bytes(s.master),
-        key_text: zeroize::Zeroizing::new(text),
+        version: slots.0[i].version,
+        keys: VersionKeys {
+            fingerprint: cellcrypt_core::Fingerprint(slots.0[i].fingerprint),
+            data: SecretKey::from_slice(&sec.data)?,
+            wrap: SecretKey::from_slice(&sec.wrap)?,
+        },
     })
+}
+
+/// The administrator's key text of this database's current version, held here only with the
+/// `none` provider.
+pub fn key_text(version: u32) -> Option<zeroize::Zeroizing<String>> {
+    let dboid = my_dboid();
+    let slots = CACHE.share();
+    let i = slots.0.iter().position(|s| s.used && s.dboid == dboid && s.version == version)?;
+    let sec = secret(i)?;
+    let text = std::str::from_utf8(&sec.key_text[..sec.key_len as usize]).ok()?;
+    (!text.is_empty()).then(|| zeroize::Zeroizing::new(text.to_owned()))
 }
 
 /// The databases whose slots are in use but that no longer exist (dropped), read inside a
@@ -132,41 +210,57 @@ fn slot_for(slots: &Slots, dboid: u32, dropped: &[u32]) -> Option<usize> {
         .or_else(|| slots.0.iter().position(|s| dropped.contains(&s.dboid)))
 }
 
+/// Empties slot `i` (public and secret parts); the caller holds the lock exclusively.
+fn clear(slots: &mut Slots, i: usize) {
+    slots.0[i] = EMPTY;
+    if let Some(sec) = secret(i) {
+        sec.data.zeroize();
+        sec.wrap.zeroize();
+        sec.key_text.zeroize();
+        sec.key_len = 0;
+    }
+}
+
 /// Makes sure this database has a slot, taking a free one or one of a dropped database, and
 /// keeping it (a key change with the `none` provider reserves its slot before it commits, so the
-/// new key can be held when it does). False when every slot belongs to a live database.
+/// new key can be held when it does). False when every slot belongs to a live database, or
+/// there is no key mapping.
 pub fn reserve() -> bool {
+    if secret(0).is_none() {
+        return false;
+    }
     let dropped = dropped_databases();
     let dboid = my_dboid();
     let mut slots = CACHE.exclusive();
     let Some(i) = slot_for(&slots, dboid, &dropped) else { return false };
     if !(slots.0[i].used && slots.0[i].dboid == dboid) {
-        slots.0[i] = EMPTY;
+        clear(&mut slots, i);
         slots.0[i].used = true;
         slots.0[i].dboid = dboid;
     }
     true
 }
 
-/// Stores this database's current key. False when every slot is taken by other (live)
-/// databases or the key text is too long to hold. Slots of dropped databases are reused.
-pub fn put(version: u32, master: &MasterKey, key_text: &str) -> bool {
-    if key_text.len() > MAX_KEY_TEXT {
+/// Stores this database's current key version: its derived keys and, only with the `none`
+/// provider (`key_text`), the administrator's key text. False when every slot is taken by
+/// other (live) databases, the text is too long to hold, or there is no key mapping. Slots of
+/// dropped databases are reused.
+pub fn put(version: u32, keys: &VersionKeys, key_text: Option<&str>) -> bool {
+    let text = key_text.unwrap_or("");
+    if text.len() > MAX_KEY_TEXT || secret(0).is_none() {
         return false;
     }
     let dropped = dropped_databases();
     let dboid = my_dboid();
     let mut slots = CACHE.exclusive();
-    let Some(idx) = slot_for(&slots, dboid, &dropped) else { return false };
-    let s = &mut slots.0[idx];
-    *s = EMPTY;
-    s.used = true;
-    s.dboid = dboid;
-    s.version = version;
-    s.fingerprint = master.fingerprint().0;
-    s.master.copy_from_slice(master.expose());
-    s.key_len = key_text.len() as u16;
-    s.key_text[..key_text.len()].copy_from_slice(key_text.as_bytes());
+    let Some(i) = slot_for(&slots, dboid, &dropped) else { return false };
+    clear(&mut slots, i);
+    slots.0[i] = Slot { used: true, dboid, version, fingerprint: keys.fingerprint.0 };
+    let sec = secret(i).expect("checked above");
+    sec.data.copy_from_slice(keys.data.expose());
+    sec.wrap.copy_from_slice(keys.wrap.expose());
+    sec.key_len = text.len() as u16;
+    sec.key_text[..text.len()].copy_from_slice(text.as_bytes());
     true
 }
 
@@ -174,7 +268,9 @@ pub fn put(version: u32, master: &MasterKey, key_text: &str) -> bool {
 pub fn forget() {
     let dboid = my_dboid();
     let mut slots = CACHE.exclusive();
-    for s in slots.0.iter_mut().filter(|s| s.used && s.dboid == dboid) {
-        *s = EMPTY;
+    for i in 0..SLOTS {
+        if slots.0[i].used && slots.0[i].dboid == dboid {
+            clear(&mut slots, i);
+        }
     }
 }

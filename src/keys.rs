@@ -8,9 +8,12 @@
 //!   wrapped under the current key (`cellcrypt_core::wrap`), useless without it.
 //! * **In the key provider** ([`crate::providers`]): the administrator's key string of the
 //!   current version.
-//! * **In shared memory** ([`crate::key_cache`]): the current key of each database, once one
-//!   backend has loaded it.
-//! * **In each backend**: a [`Keyring`] of ready ciphers. It is checked on every key access
+//! * **In shared memory** ([`crate::key_cache`]): the keys derived from each database's
+//!   current key version (data key and wrap key), once one backend has loaded it; never the
+//!   master key, and the administrator's key text only with the `none` provider.
+//! * **In each backend**: the derived keys it uses, as a [`Keyring`] of ready ciphers. The
+//!   master key exists only while a backend derives it (Argon2id, on a load from the provider
+//!   or in a key call) and is zeroized at once. It is checked on every key access
 //!   against the shared generation counter (one atomic load), so a key change is noticed as
 //!   soon as it commits, and once per transaction against the keyring table's identity, so
 //!   `DROP`/`CREATE EXTENSION` is noticed.
@@ -20,7 +23,7 @@ use crate::errors;
 use crate::key_cache;
 use crate::providers;
 use cellcrypt_core::kdf::MasterKey;
-use cellcrypt_core::{AdminKey, Keyring, NonceSource, SecretKey};
+use cellcrypt_core::{AdminKey, Keyring, NonceSource, SecretKey, VersionKeys};
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -31,8 +34,8 @@ pub struct LoadedKeys {
     pub(crate) generation: u64,
     pub ring: Keyring,
     pub current_version: u32,
-    /// The current master key (to wrap older data keys during a change).
-    pub master: MasterKey,
+    /// The current version's wrap key (the blind-index key is wrapped under it).
+    pub wrap: SecretKey,
     /// The data key of every version in `ring`, for re-wrapping during a change.
     pub data_keys: Vec<(u32, SecretKey)>,
     /// The current blind-index key and its version (independent of the data key).
@@ -264,16 +267,38 @@ pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, String> {
     Ok(master)
 }
 
-/// The current version's key from the shared cache or the provider, verified.
-pub fn current_key(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<String>), KeyUnavailable> {
+/// The current version's derived keys: from the shared cache, or else from the provider
+/// (Argon2id, verified against the fingerprint; the master key is dropped at once), which then
+/// fills the cache.
+pub fn current_version_keys(current: &KeyRow) -> Result<VersionKeys, KeyUnavailable> {
     if let Some(c) = key_cache::get() {
-        if c.version == current.version && cellcrypt_core::Fingerprint(c.fingerprint).to_string() == current.fingerprint {
-            return Ok((c.master, c.key_text));
+        if c.version == current.version && c.keys.fingerprint.to_string() == current.fingerprint {
+            return Ok(c.keys);
         }
     }
+    let (master, text) = from_provider(current)?;
+    let keys = master.version_keys();
+    drop(master);
+    drop(text);
+    key_cache::put(current.version, &keys, None);
+    Ok(keys)
+}
+
+/// The administrator's key text of the current version, verified: from the provider (the key
+/// file, the command), or with the `none` provider from the shared cache, its only copy.
+pub fn current_key_text(current: &KeyRow) -> Result<zeroize::Zeroizing<String>, KeyUnavailable> {
+    if providers::current() == crate::gucs::KeyProvider::None {
+        return key_cache::key_text(current.version)
+            .ok_or_else(|| KeyUnavailable::NotInProvider { version: current.version, fingerprint: current.fingerprint.clone() });
+    }
+    from_provider(current).map(|(_, text)| text)
+}
+
+/// The current version's key from the provider: every line of this version (a key file may
+/// hold the key a restore replaced under the same version), else a bare key; the first whose
+/// Argon2id master key matches the fingerprint.
+fn from_provider(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<String>), KeyUnavailable> {
     let stored = providers::read().map_err(KeyUnavailable::ProviderError)?;
-    // Every line of this version (a key file may hold the key a restore replaced under the
-    // same version), else a bare key; the first that matches the fingerprint.
     let mut candidates: Vec<&zeroize::Zeroizing<String>> = stored.iter().filter(|(v, _)| *v == Some(current.version)).map(|(_, k)| k).collect();
     if candidates.is_empty() {
         candidates = stored.iter().filter(|(v, _)| v.is_none()).map(|(_, k)| k).collect();
@@ -291,10 +316,7 @@ pub fn current_key(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<St
             }
         };
         match verify(current, &key) {
-            Ok(master) => {
-                key_cache::put(current.version, &master, key.as_str());
-                return Ok((master, zeroize::Zeroizing::new(key.as_str().to_owned())));
-            }
+            Ok(master) => return Ok((master, zeroize::Zeroizing::new(key.as_str().to_owned()))),
             Err(found) => {
                 failure = Some(KeyUnavailable::FingerprintMismatch { version: current.version, expected: current.fingerprint.clone(), found });
             }
@@ -303,15 +325,14 @@ pub fn current_key(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<St
     Err(failure.expect("at least one candidate was tried"))
 }
 
-/// Builds the keys of this database from the keyring rows and the current master key: the
+/// Builds the keys of this database from the keyring rows and the current version's keys: the
 /// current data key plus every previous version whose wrapped data key opens.
-pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], master: MasterKey) -> LoadedKeys {
+pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], keys: VersionKeys) -> LoadedKeys {
     let current = &rows[0];
-    let wrap = master.wrap_key();
     let mut others = Vec::new();
     for row in rows.iter().skip(1) {
         let Some(w) = &row.wrapped else { continue };
-        match cellcrypt_core::wrap::unwrap_data_key(&wrap, current.version, row.version, w) {
+        match cellcrypt_core::wrap::unwrap_data_key(&keys.wrap, current.version, row.version, w) {
             Ok(k) => others.push((row.version, k)),
             Err(_) => pgrx::warning!(
                 "pg_cellcrypt: the wrapped key of version {} does not open under key version {}; values under it cannot be read",
@@ -324,23 +345,23 @@ pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], master: Ma
         if under != current.version {
             return None;
         }
-        cellcrypt_core::wrap::unwrap_index_key(&wrap, current.version, v, &wrapped).ok().map(|k| (v, k))
+        cellcrypt_core::wrap::unwrap_index_key(&keys.wrap, current.version, v, &wrapped).ok().map(|k| (v, k))
     });
-    LoadedKeys::build(relid, generation, current.version, master, others, index_key)
+    LoadedKeys::build(relid, generation, current.version, keys.data, keys.wrap, others, index_key)
 }
 
 impl LoadedKeys {
-    /// The current key plus older versions' data keys.
+    /// The current version's data and wrap keys plus older versions' data keys.
     pub fn build(
         relid: pg_sys::Oid,
         generation: u64,
         current_version: u32,
-        master: MasterKey,
+        data: SecretKey,
+        wrap: SecretKey,
         others: Vec<(u32, SecretKey)>,
         index_key: Option<(u32, SecretKey)>,
     ) -> Self {
         let mut ring = Keyring::new();
-        let data = master.data_key();
         ring.insert(current_version, &data, true);
         let mut data_keys = vec![(current_version, data)];
         for (v, k) in others {
@@ -349,7 +370,7 @@ impl LoadedKeys {
                 data_keys.push((v, k));
             }
         }
-        LoadedKeys { keyring_relid: relid, generation, ring, current_version, master, data_keys, index_key }
+        LoadedKeys { keyring_relid: relid, generation, ring, current_version, wrap, data_keys, index_key }
     }
 }
 
@@ -359,8 +380,8 @@ fn load(generation: u64) -> Result<LoadedKeys, KeyUnavailable> {
     let Some(current) = rows.first().filter(|r| r.state == "current") else {
         return Err(KeyUnavailable::NoKeyConfigured);
     };
-    let (master, _) = current_key(current)?;
-    Ok(assemble(relid, generation, &rows, master))
+    let keys = current_version_keys(current)?;
+    Ok(assemble(relid, generation, &rows, keys))
 }
 
 /// The current generation, for keys built by [`assemble`] now.

@@ -20,7 +20,7 @@
 //! This module holds the state only; `key_admin.rs` carries out the effects.
 
 use crate::keys::{self, LoadedKeys};
-use cellcrypt_core::kdf::MasterKey;
+use cellcrypt_core::VersionKeys;
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -33,8 +33,9 @@ pub type KeyFile = Vec<(u32, Zeroizing<String>)>;
 #[derive(Default)]
 pub struct Stage {
     subxact: pg_sys::SubTransactionId,
-    /// Put into the shared cache and announce at commit.
-    pub publish: Option<(u32, MasterKey, Zeroizing<String>)>,
+    /// Put into the shared cache and announce at commit: the version, its derived keys, and
+    /// the administrator's key text only with the `none` provider (the cache is its only copy).
+    pub publish: Option<(u32, VersionKeys, Option<Zeroizing<String>>)>,
     /// Forget the shared cache and announce at commit (the keyring was replaced by a restore).
     pub forget: bool,
     /// The key file as it was before this stage changed it, to put back at abort.

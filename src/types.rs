@@ -2,7 +2,8 @@
 //! `encrypted_numeric`, `encrypted_date`, `encrypted_timestamptz` and `encrypted_int8`.
 //!
 //! One implementation serves all seven. On disk a value is a varlena holding one envelope
-//! (see `cellcrypt_core::envelope`): 33 bytes of overhead plus the varlena header. What is
+//! (see `cellcrypt_core::envelope`): 45 bytes of overhead plus the varlena header (33 for values
+//! written before 0.2.0, in format version 1). What is
 //! sealed is the plaintext's own representation:
 //!
 //! | type | plaintext bytes | AAD context |
@@ -271,7 +272,7 @@ unsafe fn reseal(kind: Kind, keys: &keys::LoadedKeys, env: &Envelope, binding: u
     let old = cipher_of(keys, kind, env.key_id(), doing, hint);
     let new = current_cipher(keys);
     let mut ok = false;
-    let out = new_varlena(env.as_bytes().len(), |out| {
+    let out = new_varlena(envelope::sealed_len(env.plaintext_len()), |out| {
         ok = with_context(kind, |ctx| keys::with_nonces(|n| new.reseal_bound_into(old, env, ctx, binding, n, out))).is_ok();
     });
     if !ok {

@@ -1,23 +1,72 @@
 //! Sealing and opening one value with AES-256-GCM, and the keyring of cached ciphers.
+//!
+//! A value is sealed (envelope version 2) under a key of its own:
+//! `HKDF-SHA256(salt = "pg_cellcrypt v2", ikm = data key, info = "pg_cellcrypt value key" ||
+//! first 12 nonce bytes)`, 32 bytes, with the last 12 nonce bytes as the GCM nonce (the shape
+//! of XAES-256-GCM, built from HKDF so that no primitive is our own). The HKDF extract step is
+//! done once per data key; each value costs one HKDF expand (two SHA-256 blocks) and one AES
+//! key schedule. Version 1 values are opened with the data key itself.
 
-use crate::envelope::{self, Envelope, CIPHERTEXT_OFFSET, HEADER_LEN, NONCE_LEN, TAG_LEN};
+use crate::envelope::{self, Envelope, CIPHERTEXT_OFFSET, FORMAT_V1, GCM_NONCE_LEN, HEADER_LEN, TAG_LEN};
 use crate::error::{DecryptionFailed, EnvelopeError};
 use crate::nonce::NonceSource;
 use crate::secret::SecretKey;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use hkdf::Hkdf;
+use sha2::Sha256;
 use std::fmt;
+use zeroize::Zeroizing;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Largest AAD context a caller may bind. Contexts are short type tags.
 pub const MAX_CONTEXT_LEN: usize = 64;
 
-/// One key, ready to use: the AES key schedule and GHASH key are computed once here and reused
-/// for every value. The cipher state is zeroized on drop (aes-gcm's `zeroize` feature).
+/// HKDF's extract salt for value keys.
+pub const VALUE_KEY_SALT: &[u8] = b"pg_cellcrypt v2";
+/// The start of HKDF's `info` for a value key; the first 12 nonce bytes follow.
+pub const VALUE_KEY_INFO: &[u8] = b"pg_cellcrypt value key";
+
+/// The HKDF state of one data key (its pseudorandom key, as keyed HMAC state), overwritten
+/// when dropped.
+struct ValueKeys(Hkdf<Sha256>);
+
+impl ValueKeys {
+    fn new(data_key: &SecretKey) -> Self {
+        ValueKeys(Hkdf::<Sha256>::new(Some(VALUE_KEY_SALT), data_key.expose()))
+    }
+
+    /// The AES-256-GCM cipher of the value whose nonce starts with `salt` (12 bytes).
+    fn cipher(&self, salt: &[u8]) -> Aes256Gcm {
+        let mut info = [0u8; VALUE_KEY_INFO.len() + GCM_NONCE_LEN];
+        info[..VALUE_KEY_INFO.len()].copy_from_slice(VALUE_KEY_INFO);
+        info[VALUE_KEY_INFO.len()..].copy_from_slice(salt);
+        let mut key = Zeroizing::new([0u8; 32]);
+        self.0.expand(&info, &mut key[..]).expect("32 bytes is a valid HKDF-SHA256 output length");
+        Aes256Gcm::new((&*key).into())
+    }
+}
+
+impl Drop for ValueKeys {
+    fn drop(&mut self) {
+        // SAFETY: Hkdf<Sha256> is plain data (block states, counters, buffers; no pointers
+        // or drop glue), so an all-zero bit pattern is never read again before it is freed.
+        #[allow(unsafe_code)]
+        unsafe {
+            zeroize::zeroize_flat_type(&mut self.0)
+        }
+    }
+}
+
+/// One key, ready to use. Values are sealed under keys derived from it (see the module docs);
+/// the AES key schedule of the data key itself is kept for opening version 1 values and for
+/// the raw known-answer tests. The cipher states are zeroized on drop (aes-gcm's `zeroize`
+/// feature, and [`ValueKeys`]).
 pub struct DataCipher {
     key_id: u32,
     aead: Aes256Gcm,
+    values: ValueKeys,
     sealed: AtomicU64,
 }
 
@@ -26,6 +75,7 @@ impl DataCipher {
         DataCipher {
             key_id,
             aead: Aes256Gcm::new(key.expose().into()),
+            values: ValueKeys::new(key),
             sealed: AtomicU64::new(0),
         }
     }
@@ -34,8 +84,7 @@ impl DataCipher {
         self.key_id
     }
 
-    /// How many values this cipher has sealed in this process (see the crate docs on the
-    /// 2^32 limit).
+    /// How many values this cipher has sealed in this process.
     pub fn sealed_count(&self) -> u64 {
         self.sealed.load(Ordering::Relaxed)
     }
@@ -54,22 +103,29 @@ impl DataCipher {
         self.seal_in_place(nonces, context, binding, out);
     }
 
-    /// Seals the plaintext that already stands where the ciphertext goes in `out` (an envelope's
-    /// worth of bytes): writes the header and a fresh nonce, encrypts in place, appends the tag.
+    /// Seals the plaintext that already stands where the ciphertext goes in `out` (a version 2
+    /// envelope's worth of bytes): writes the header and a fresh nonce, encrypts in place under
+    /// the value's own key, appends the tag.
     fn seal_in_place(&self, nonces: &mut NonceSource, context: &[u8], binding: u32, out: &mut [u8]) {
         let (head, rest) = out.split_at_mut(CIPHERTEXT_OFFSET);
         envelope::write_header(head, self.key_id, binding);
         nonces.fill(&mut head[HEADER_LEN..CIPHERTEXT_OFFSET]);
         let (body, tag_out) = rest.split_at_mut(rest.len() - TAG_LEN);
         let aad = Aad::new(&head[..HEADER_LEN], context);
-        let tag = self.gcm_encrypt_in_place(&head[HEADER_LEN..], aad.as_slice(), body);
+        let (salt, nonce) = head[HEADER_LEN..].split_at(GCM_NONCE_LEN);
+        let tag = self
+            .values
+            .cipher(salt)
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad.as_slice(), body)
+            .expect("AES-GCM refuses only inputs above 64 GiB, which PostgreSQL values cannot reach");
         tag_out.copy_from_slice(&tag);
         self.sealed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The raw AES-256-GCM primitive that sealing uses: encrypts `buf` in place under `nonce`
-    /// (12 bytes) and `aad`, returning the tag. Callers outside this crate need it only for
-    /// known-answer tests; values are sealed with [`DataCipher::seal_into`], which draws the nonce.
+    /// The raw AES-256-GCM primitive under the data key itself (version 1 values were sealed
+    /// so): encrypts `buf` in place under `nonce` (12 bytes) and `aad`, returning the tag.
+    /// Callers outside this crate need it only for known-answer tests; values are sealed with
+    /// [`DataCipher::seal_into`], which draws the nonce and derives the value's key.
     pub fn gcm_encrypt_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
         let tag = self
             .aead
@@ -78,19 +134,15 @@ impl DataCipher {
         tag.into()
     }
 
-    /// The raw AES-256-GCM primitive that opening uses: verifies `tag` and decrypts `buf` in
-    /// place. On failure `buf` is left as ciphertext (the tag is checked before decrypting).
+    /// The raw AES-256-GCM primitive that opening a version 1 value uses: verifies `tag` and
+    /// decrypts `buf` in place under the data key. On failure `buf` is left as ciphertext (the
+    /// tag is checked before decrypting).
     pub fn gcm_decrypt_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), DecryptionFailed> {
-        if nonce.len() != NONCE_LEN || tag.len() != TAG_LEN {
-            return Err(DecryptionFailed);
-        }
-        self.aead
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
-            .map_err(|_| DecryptionFailed)
+        gcm_open(&self.aead, nonce, aad, buf, tag)
     }
 
     /// Moves a value from `old` to this cipher without a second buffer: the ciphertext is opened
-    /// into `out` (exactly `env.as_bytes().len()` bytes) with `old`, and sealed again in place
+    /// into `out` (exactly `sealed_len(env.plaintext_len())` bytes) with `old`, and sealed again in place
     /// under this cipher with a fresh nonce. The plaintext exists only inside `out`, between the
     /// two steps; on failure `out` is zeroed, as with [`DataCipher::open_into`]. The value keeps
     /// its blind-index binding.
@@ -109,7 +161,7 @@ impl DataCipher {
         out: &mut [u8],
     ) -> Result<(), DecryptionFailed> {
         let len = out.len();
-        if len != env.as_bytes().len() || old.open_into(env, context, &mut out[CIPHERTEXT_OFFSET..len - TAG_LEN]).is_err() {
+        if len != envelope::sealed_len(env.plaintext_len()) || old.open_into(env, context, &mut out[CIPHERTEXT_OFFSET..len - TAG_LEN]).is_err() {
             out.fill(0);
             return Err(DecryptionFailed);
         }
@@ -133,12 +185,25 @@ impl DataCipher {
         }
         out.copy_from_slice(env.ciphertext());
         let aad = Aad::new(env.header(), context);
-        if self.gcm_decrypt_in_place(env.nonce(), aad.as_slice(), out, env.tag()).is_err() {
+        let opened = if env.version() == FORMAT_V1 {
+            gcm_open(&self.aead, env.nonce(), aad.as_slice(), out, env.tag())
+        } else {
+            let (salt, nonce) = env.nonce().split_at(GCM_NONCE_LEN);
+            gcm_open(&self.values.cipher(salt), nonce, aad.as_slice(), out, env.tag())
+        };
+        if opened.is_err() {
             out.fill(0);
             return Err(DecryptionFailed);
         }
         Ok(())
     }
+}
+
+fn gcm_open(aead: &Aes256Gcm, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), DecryptionFailed> {
+    if nonce.len() != GCM_NONCE_LEN || tag.len() != TAG_LEN {
+        return Err(DecryptionFailed);
+    }
+    aead.decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag)).map_err(|_| DecryptionFailed)
 }
 
 /// The additional authenticated data: the envelope header followed by the caller's context,
@@ -260,7 +325,8 @@ mod tests {
         let mut n = NonceSource::from_os();
         let c = k.current().unwrap();
         let env = c.seal(&mut n, b"text", b"hello");
-        assert_eq!(env.len(), 5 + 33);
+        assert_eq!(env.len(), 5 + 45);
+        assert_eq!(env[0], 2);
         assert_eq!(k.open(&env, b"text").unwrap(), b"hello");
         assert_eq!(k.open(&env, b"bytea"), Err(OpenError::Failed(DecryptionFailed)));
         assert_eq!(c.sealed_count(), 1);
@@ -284,6 +350,22 @@ mod tests {
         let env = Envelope::parse(&sealed).unwrap();
         let mut out = vec![0u8; sealed.len()];
         new.reseal_into(&old, &env, b"text", &mut n, &mut out).unwrap();
+        // A version 1 value moves to version 2 (12 bytes longer).
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&1u32.to_be_bytes());
+        let mut aad = v1.clone();
+        aad.extend_from_slice(b"text");
+        v1.extend_from_slice(&[9u8; 12]);
+        let mut body = b"a salary".to_vec();
+        let tag = old.gcm_encrypt_in_place(&[9u8; 12], &aad, &mut body);
+        v1.extend_from_slice(&body);
+        v1.extend_from_slice(&tag);
+        assert_eq!(k.open(&v1, b"text").unwrap(), b"a salary");
+        let v1env = Envelope::parse(&v1).unwrap();
+        let mut moved = vec![0u8; v1.len() + 12];
+        new.reseal_into(&old, &v1env, b"text", &mut n, &mut moved).unwrap();
+        assert_eq!((moved[0], Envelope::parse(&moved).unwrap().key_id()), (2, 2));
+        assert_eq!(k.open(&moved, b"text").unwrap(), b"a salary");
         assert_eq!(Envelope::parse(&out).unwrap().key_id(), 2);
         assert_ne!(out[CIPHERTEXT_OFFSET..], sealed[CIPHERTEXT_OFFSET..]);
         assert_eq!(k.open(&out, b"text").unwrap(), b"a salary");

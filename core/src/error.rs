@@ -17,8 +17,8 @@ impl std::error::Error for DecryptionFailed {}
 /// Why a byte string or its text form is not a well-formed envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnvelopeError {
-    /// Fewer bytes than the fixed header, nonce and tag need.
-    TooShort { len: usize },
+    /// Fewer bytes than the header, nonce and tag of its version need (`min`).
+    TooShort { len: usize, min: usize },
     /// A format version this build does not know.
     UnknownVersion(u8),
     /// The text after the `$cc$` prefix is not canonical padded base64.
@@ -28,15 +28,14 @@ pub enum EnvelopeError {
 impl fmt::Display for EnvelopeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnvelopeError::TooShort { len } => write!(
-                f,
-                "envelope is {len} bytes long, shorter than the {} bytes of header, nonce and tag",
-                crate::envelope::OVERHEAD
-            ),
+            EnvelopeError::TooShort { len, min } => {
+                write!(f, "envelope is {len} bytes long, shorter than the {min} bytes of header, nonce and tag")
+            }
             EnvelopeError::UnknownVersion(v) => write!(
                 f,
-                "envelope format version {v} is not supported (this build reads version {})",
-                crate::envelope::FORMAT_V1
+                "envelope format version {v} is not supported (this build reads versions {} and {})",
+                crate::envelope::FORMAT_V1,
+                crate::envelope::FORMAT_V2
             ),
             EnvelopeError::BadBase64 => f.write_str(
                 "the text after the \"$cc$\" prefix is not canonical base64 (RFC 4648 alphabet, '=' padding, no whitespace)",

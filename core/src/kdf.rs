@@ -111,6 +111,28 @@ impl MasterKey {
         self.expand(b"pg_cellcrypt v1 fingerprint", &mut f);
         Fingerprint(f)
     }
+
+    /// The keys one version gives the processes that use it (see [`VersionKeys`]).
+    pub fn version_keys(&self) -> VersionKeys {
+        VersionKeys { fingerprint: self.fingerprint(), data: self.data_key(), wrap: self.wrap_key() }
+    }
+}
+
+/// What a key version gives the processes that use it: the data key that seals values and the
+/// wrap key that older versions' data keys and the blind-index key are wrapped under. Both are
+/// derived from the master key, which is then dropped: backends and the shared key cache keep
+/// these, never the master key or the administrator's key text. No `Debug`, no `Clone`.
+pub struct VersionKeys {
+    pub fingerprint: Fingerprint,
+    pub data: SecretKey,
+    pub wrap: SecretKey,
+}
+
+impl VersionKeys {
+    /// A second copy (zeroized on drop like the first).
+    pub fn duplicate(&self) -> VersionKeys {
+        VersionKeys { fingerprint: self.fingerprint, data: SecretKey::from_bytes(*self.data.expose()), wrap: SecretKey::from_bytes(*self.wrap.expose()) }
+    }
 }
 
 /// A public identifier of a key: safe to store, show and log. Displayed as 32 lowercase hex

@@ -6,8 +6,8 @@
 //! | module | concern |
 //! |---|---|
 //! | [`envelope`] | the versioned, self-describing ciphertext format and its text form |
-//! | [`cipher`] | AES-256-GCM sealing and opening of one value; a keyring of cached ciphers |
-//! | [`nonce`] | the per-process CSPRNG that draws 96-bit nonces (fork-safe, no syscall per value) |
+//! | [`cipher`] | AES-256-GCM sealing and opening of one value under its own HKDF-derived key; a keyring of cached ciphers |
+//! | [`nonce`] | the per-process CSPRNG that draws the 192-bit nonces (fork-safe, no syscall per value) |
 //! | [`admin_key`] | the administrator's key string: the copy-safe generated format and passphrase rules |
 //! | [`blind`] | blind indexes: HMAC-SHA256 of a normalized plaintext under an independent index key |
 //! | [`kdf`] | Argon2id from an admin key to a master key; HKDF sub-keys; the public fingerprint |
@@ -16,17 +16,13 @@
 //! | [`secret`] | [`SecretKey`]: 256-bit key material, zeroized on drop, no `Debug` |
 //! | [`error`] | the error types; every decryption failure is the one opaque [`DecryptionFailed`] |
 //!
-//! ## The 2^32 limit of random GCM nonces
-//! NIST SP 800-38D allows at most 2^32 encryptions under one key with random 96-bit nonces
-//! (collision probability then below 2^-32). The plan, in three parts:
-//! 1. every [`DataCipher`] counts the values it seals ([`DataCipher::sealed_count`]);
-//! 2. the extension's key management adds these counts up per key version across backends and
-//!    shows them in its status, warning from 2^31 seals on and recommending a key change;
-//! 3. a key change re-encrypts every cell under a fresh key (a new key id), which starts a new
-//!    budget. Yearly key changes, as the product recommends, keep any realistic database far
-//!    below the limit (2^32 is 136 inserts or updates per second, every second, for a year).
-//!
-//! Part 1 is here; parts 2 and 3 belong to the extension's key management.
+//! ## No usage limit per key
+//! NIST SP 800-38D allows at most 2^32 encryptions under one AES-GCM key with random 96-bit
+//! nonces. Values are therefore not sealed under the data key itself but under a key derived for
+//! each value from 96 of its 192 random nonce bits (envelope format version 2, see
+//! [`envelope`] and [`cipher`]): the data key can seal any number of values, and no count has
+//! to be kept across backends. Values of format version 1 (sealed under the data key itself,
+//! before 0.2.0) are still opened; re-encryption and updates rewrite them in version 2.
 
 #![deny(unsafe_code)]
 
@@ -43,8 +39,8 @@ pub mod wrap;
 
 pub use admin_key::AdminKey;
 pub use cipher::{DataCipher, Keyring, OpenError};
-pub use envelope::{Envelope, FORMAT_V1, OVERHEAD};
+pub use envelope::{Envelope, FORMAT_V1, FORMAT_V2, OVERHEAD};
 pub use error::{AdminKeyError, DecryptionFailed, EnvelopeError};
-pub use kdf::{Fingerprint, KdfParams, MasterKey};
+pub use kdf::{Fingerprint, KdfParams, MasterKey, VersionKeys};
 pub use nonce::NonceSource;
 pub use secret::SecretKey;

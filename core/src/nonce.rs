@@ -1,4 +1,4 @@
-//! Nonces: 96 random bits per value from a process-local CSPRNG.
+//! Nonces: 192 random bits per value (envelope version 2) from a process-local CSPRNG.
 //!
 //! [`NonceSource`] is a ChaCha12 generator (`rand::rngs::StdRng`) seeded from the operating
 //! system. Drawing a nonce is a few dozen nanoseconds and no system call; the generator reseeds
@@ -58,7 +58,7 @@ impl NonceSource {
         self.until_reseed = RESEED_INTERVAL;
     }
 
-    /// Fills `out` (12 bytes) with a fresh nonce.
+    /// Fills `out` with fresh random bytes (a nonce).
     #[inline]
     pub fn fill(&mut self, out: &mut [u8]) {
         if self.until_reseed == 0 || self.fork_generation != FORK_GENERATION.load(Ordering::Relaxed) {

@@ -72,3 +72,39 @@ fn wycheproof_aes_gcm() {
     assert!(run >= 50, "too few Wycheproof vectors applied: {run}");
     println!("Wycheproof AES-GCM vectors run: {run} ({valid} valid, {invalid} invalid); skipped {skipped} with other key, nonce or tag sizes");
 }
+
+/// Envelopes of both format versions made by another implementation (pyca/cryptography, see
+/// scripts/envelope-vectors.py): each opens to its plaintext, with any single byte changed it
+/// does not, and sealing the plaintext again gives an envelope of the same shape that opens.
+#[test]
+fn envelopes_made_by_another_implementation_open() {
+    use cellcrypt_core::{Envelope, Keyring, NonceSource, OpenError};
+    let text = std::fs::read_to_string(vectors_dir().join("envelopes.txt")).unwrap();
+    let recs = records(&text);
+    let (mut v1, mut v2) = (0, 0);
+    for rec in &recs {
+        let count = field(rec, "Count");
+        let key = SecretKey::from_slice(&unhex(field(rec, "Key"))).unwrap();
+        let key_id: u32 = field(rec, "KeyId").parse().unwrap();
+        let binding: u32 = field(rec, "Binding").parse().unwrap();
+        let (context, plaintext, env) = (unhex(field(rec, "Context")), unhex(field(rec, "Plaintext")), unhex(field(rec, "Envelope")));
+        let mut ring = Keyring::new();
+        ring.insert(key_id, &key, true);
+        let parsed = Envelope::parse(&env).unwrap();
+        assert_eq!(parsed.version().to_string(), field(rec, "Format"), "vector {count}");
+        assert_eq!((parsed.key_id(), parsed.binding()), (key_id, binding), "vector {count}");
+        assert_eq!(ring.open(&env, &context).unwrap(), plaintext, "vector {count}");
+        for i in 0..env.len() {
+            let mut bad = env.clone();
+            bad[i] ^= 0x01;
+            assert!(ring.open(&bad, &context).is_err(), "vector {count}: byte {i} changed and still opened");
+        }
+        assert_eq!(ring.open(&env, b"other"), Err(OpenError::Failed(cellcrypt_core::DecryptionFailed)));
+        let again = ring.current().unwrap().seal(&mut NonceSource::from_os(), &context, &plaintext);
+        assert_eq!((again[0], again.len()), (2, plaintext.len() + cellcrypt_core::OVERHEAD));
+        assert_eq!(ring.open(&again, &context).unwrap(), plaintext);
+        if parsed.version() == 1 { v1 += 1 } else { v2 += 1 }
+    }
+    assert!(v1 >= 3 && v2 >= 6, "too few vectors: {v1} of version 1, {v2} of version 2");
+    println!("envelope vectors opened: {v1} of version 1, {v2} of version 2");
+}

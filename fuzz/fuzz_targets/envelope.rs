@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(env) = Envelope::parse(data) {
-        assert_eq!(env.plaintext_len() + cellcrypt_core::OVERHEAD, data.len());
+        let overhead = if env.version() == cellcrypt_core::FORMAT_V1 { envelope::OVERHEAD_V1 } else { cellcrypt_core::OVERHEAD };
+        assert_eq!(env.plaintext_len() + overhead, data.len());
+        assert_eq!(env.ciphertext().len(), env.plaintext_len());
         assert_eq!(env.as_bytes(), data);
         // the text form round-trips
         let text = envelope::encode_text(data);

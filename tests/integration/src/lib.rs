@@ -343,7 +343,7 @@ pub fn server_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
 
 /// True when `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Every file under `dir`, read whole.

@@ -1,8 +1,9 @@
 //! The data encryption key against real clusters: changes that reach every session at commit,
 //! one change at a time, crashes mid-change, restores after an import, each key provider
-//! across restarts, separate databases, the audit record, and no key in the logs.
+//! across restarts, separate databases, the audit record, and no key in the logs, statistics or
+//! core dumps.
 
-use cellcrypt_integration::{db_error, Cluster, Transport};
+use cellcrypt_integration::{contains, db_error, Cluster, Transport};
 use postgres::error::SqlState;
 
 fn key_of(c: &Cluster, db: &str) -> String {
@@ -464,7 +465,7 @@ fn the_none_provider_keeps_the_key_in_memory_and_needs_a_restore_after_a_restart
 }
 
 #[test]
-fn no_key_reaches_the_server_log_or_pg_stat_statements() {
+fn no_key_reaches_the_server_log_pg_stat_statements_or_a_core_dump() {
     let c = Cluster::start(
         "canary",
         &[
@@ -476,6 +477,8 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
             "log_min_error_statement = error",
             "log_parameter_max_length = -1",
             "log_parameter_max_length_on_error = -1",
+            // Small core files to search.
+            "shared_buffers = 16MB",
         ],
     );
     c.database_with_extension("app");
@@ -536,7 +539,8 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
     // Nor a query id computed from the raw text of a utility statement (a fast hash to test
     // guesses against): two DO blocks that differ only in the key show the same id.
     let mut ids = Vec::new();
-    for k in ["first guess passphrase Tq7wR3 mV9xK2 pL4n", "other guess passphrase Zj5hN8 cB2vX6 qW1m"] {
+    let guesses = ["first guess passphrase Tq7wR3 mV9xK2 pL4n", "other guess passphrase Zj5hN8 cB2vX6 qW1m"];
+    for k in guesses {
         let mut d = c.connect(Transport::TcpSsl, "app");
         let pid: i32 = d.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
         let _ = d.simple_query(&format!("DO $$ BEGIN PERFORM set_data_encryption_key('{k}'); END $$"));
@@ -544,6 +548,33 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
         idle.push(d);
     }
     assert_eq!(ids[0], ids[1], "query ids of key calls must not depend on the key");
+
+    // Core dumps (gdb's gcore) of the postmaster and of a session that only reads, taken while
+    // the sessions above are still idle. The shared key mapping is in neither (MADV_DONTDUMP):
+    // the postmaster's core holds no key at all. The reader holds the derived keys it uses
+    // (found: the search works) and the plaintext it read, but no key text of any call form
+    // (pg_stat_activity's shared buffers included) and no master key.
+    let current = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
+    assert!([canary.as_str(), wrong, guesses[0], guesses[1]].contains(&current.as_str()), "the current key is one of the canaries");
+    let keys = version_keys_of(&c, "app", &current);
+    let mut reader = c.connect(Transport::Unix, "app");
+    let pid: i32 = reader.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let read: String = reader.query_one("SELECT decrypt(s) FROM t WHERE id = 3", &[]).unwrap().get(0);
+    assert_eq!(read, "secret number 3");
+    let postmaster: i32 = std::fs::read_to_string(c.dir.join("data/postmaster.pid")).unwrap().lines().next().unwrap().parse().unwrap();
+    let reader_core = core_of(&c, pid);
+    let postmaster_core = core_of(&c, postmaster);
+    assert!(contains(&reader_core, read.as_bytes()), "the reader's core holds what it read");
+    assert!(contains(&reader_core, keys.data.expose()), "the reader's core holds the data key it uses");
+    assert!(!contains(&postmaster_core, keys.data.expose()), "the data key in the postmaster's core: the shared key mapping was dumped");
+    assert!(!contains(&postmaster_core, keys.wrap.expose()), "the wrap key in the postmaster's core");
+    for (name, core) in [("reader", &reader_core), ("postmaster", &postmaster_core)] {
+        assert!(!contains(core, keys.master.expose()), "the master key in the {name}'s core");
+        for secret in [&canary[5..], passphrase, wrong, &mistyped[5..], guesses[0], guesses[1]] {
+            assert!(!contains(core, secret.as_bytes()), "a key text in the {name}'s core");
+        }
+    }
+    drop(reader);
     drop(idle);
 
     let log = c.server_log();
@@ -554,6 +585,37 @@ fn no_key_reaches_the_server_log_or_pg_stat_statements() {
         assert!(!log.contains(secret), "a key in the server log:\n{log}");
         assert!(!statements.contains(secret), "a key in pg_stat_statements:\n{statements}");
     }
+}
+
+/// The keys of `db`'s current version, derived here from its key text and keyring row.
+struct Derived {
+    master: cellcrypt_core::MasterKey,
+    data: cellcrypt_core::SecretKey,
+    wrap: cellcrypt_core::SecretKey,
+}
+
+fn version_keys_of(c: &Cluster, db: &str, key: &str) -> Derived {
+    let row = c.psql(db, "SELECT encode(kdf_salt, 'hex') || ' ' || kdf_memory_kib || ' ' || kdf_iterations || ' ' || kdf_parallelism FROM cellcrypt.keyring WHERE state = 'current'");
+    let f: Vec<&str> = row.split_whitespace().collect();
+    let salt: Vec<u8> = (0..f[0].len()).step_by(2).map(|i| u8::from_str_radix(&f[0][i..i + 2], 16).unwrap()).collect();
+    let params = cellcrypt_core::KdfParams { m_cost_kib: f[1].parse().unwrap(), t_cost: f[2].parse().unwrap(), p_cost: f[3].parse().unwrap() };
+    let master = cellcrypt_core::MasterKey::derive(&cellcrypt_core::AdminKey::parse(key).unwrap(), &salt, &params).unwrap();
+    let fingerprint = c.psql(db, "SELECT fingerprint FROM cellcrypt.keyring WHERE state = 'current'");
+    assert_eq!(master.fingerprint().to_string(), fingerprint.trim(), "the key derived here is the database's");
+    let v = master.version_keys();
+    Derived { master, data: v.data, wrap: v.wrap }
+}
+
+/// A core file of process `pid` of the cluster, made by gdb's gcore (the process goes on).
+fn core_of(c: &Cluster, pid: i32) -> Vec<u8> {
+    let prefix = c.dir.join("core");
+    let out = std::process::Command::new("gcore").arg("-o").arg(&prefix).arg(pid.to_string()).output().expect("gdb's gcore (make setup installs gdb)");
+    assert!(out.status.success(), "gcore {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    let file = std::path::PathBuf::from(format!("{}.{pid}", prefix.display()));
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(bytes.len() > 1 << 20, "a core file of {} bytes", bytes.len());
+    bytes
 }
 
 /// The child processes of process `pid` (zombies included), from /proc.
