@@ -45,9 +45,69 @@ pub struct Slot {
     dboid: u32,
     version: u32,
     fingerprint: [u8; FINGERPRINT_LEN],
+    failure: FailureRecord,
 }
 
-const EMPTY: Slot = Slot { used: false, dboid: 0, version: 0, fingerprint: [0; FINGERPRINT_LEN] };
+/// The last failed key load of a database, which the backends waiting for it take as theirs
+/// (see `keys::current_version_keys`). Holds no secret: a kind, a version, two short texts
+/// (fingerprints, a provider's message).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct FailureRecord {
+    /// Microseconds since the Unix epoch; 0: none.
+    at_us: u64,
+    generation: u64,
+    stamp: u64,
+    failure: [u8; FAILURE_TEXT],
+    failure_len: u16,
+}
+
+const FAILURE_TEXT: usize = 512;
+const NO_FAILURE: FailureRecord = FailureRecord { at_us: 0, generation: 0, stamp: 0, failure: [0; FAILURE_TEXT], failure_len: 0 };
+const EMPTY: Slot = Slot { used: false, dboid: 0, version: 0, fingerprint: [0; FINGERPRINT_LEN], failure: NO_FAILURE };
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Records that loading this database's key failed (`failure`, an encoded error), under key
+/// generation `generation` and provider stamp `stamp`. Takes a slot if the database has none.
+pub fn record_failure(generation: u64, stamp: u64, failure: &str) {
+    let dropped = dropped_databases();
+    let dboid = my_dboid();
+    let mut slots = CACHE.exclusive();
+    let Some(i) = slot_for(&slots, dboid, &dropped) else { return };
+    if !(slots.0[i].used && slots.0[i].dboid == dboid) {
+        clear(&mut slots, i);
+        slots.0[i].used = true;
+        slots.0[i].dboid = dboid;
+    }
+    let mut bytes = failure.as_bytes();
+    if bytes.len() > FAILURE_TEXT {
+        let mut end = FAILURE_TEXT;
+        while !failure.is_char_boundary(end) {
+            end -= 1;
+        }
+        bytes = &bytes[..end];
+    }
+    let f = &mut slots.0[i].failure;
+    *f = NO_FAILURE;
+    f.at_us = now_us();
+    f.generation = generation;
+    f.stamp = stamp;
+    f.failure[..bytes.len()].copy_from_slice(bytes);
+    f.failure_len = bytes.len() as u16;
+}
+
+/// The failure recorded for this database less than `within` ago under the same generation
+/// and provider stamp, if any.
+pub fn recent_failure(generation: u64, stamp: u64, within: std::time::Duration) -> Option<String> {
+    let dboid = my_dboid();
+    let slots = CACHE.share();
+    let f = &slots.0.iter().find(|s| s.used && s.dboid == dboid)?.failure;
+    let fresh = f.at_us != 0 && now_us().saturating_sub(f.at_us) < within.as_micros() as u64;
+    (fresh && f.generation == generation && f.stamp == stamp).then(|| String::from_utf8_lossy(&f.failure[..f.failure_len as usize]).into_owned())
+}
 
 /// The secret part of a slot, in the key mapping.
 #[repr(C)]
@@ -255,7 +315,7 @@ pub fn put(version: u32, keys: &VersionKeys, key_text: Option<&str>) -> bool {
     let mut slots = CACHE.exclusive();
     let Some(i) = slot_for(&slots, dboid, &dropped) else { return false };
     clear(&mut slots, i);
-    slots.0[i] = Slot { used: true, dboid, version, fingerprint: keys.fingerprint.0 };
+    slots.0[i] = Slot { used: true, dboid, version, fingerprint: keys.fingerprint.0, failure: NO_FAILURE };
     let sec = secret(i).expect("checked above");
     sec.data.copy_from_slice(keys.data.expose());
     sec.wrap.copy_from_slice(keys.wrap.expose());

@@ -270,18 +270,64 @@ pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, String> {
 /// The current version's derived keys: from the shared cache, or else from the provider
 /// (Argon2id, verified against the fingerprint; the master key is dropped at once), which then
 /// fills the cache.
+///
+/// One load from the provider runs at a time per database (one key command, one Argon2id run):
+/// the backends that need the key meanwhile wait for it, then take the keys it left in the
+/// cache, or the failure it recorded there (for [`FAILURE_KEPT`], while neither the key
+/// generation nor the provider's settings change), instead of running the provider again.
 pub fn current_version_keys(current: &KeyRow) -> Result<VersionKeys, KeyUnavailable> {
-    if let Some(c) = key_cache::get() {
-        if c.version == current.version && c.keys.fingerprint.to_string() == current.fingerprint {
-            return Ok(c.keys);
-        }
+    let cached = || {
+        key_cache::get().filter(|c| c.version == current.version && c.keys.fingerprint.to_string() == current.fingerprint).map(|c| c.keys)
+    };
+    if let Some(keys) = cached() {
+        return Ok(keys);
     }
-    let (master, text) = from_provider(current)?;
-    let keys = master.version_keys();
-    drop(master);
-    drop(text);
-    key_cache::put(current.version, &keys, None);
-    Ok(keys)
+    let generation = key_cache::generation();
+    let stamp = providers::stamp();
+    crate::policy::one_key_load_at_a_time(|| {
+        if let Some(keys) = cached() {
+            return Ok(keys);
+        }
+        if let Some(e) = key_cache::recent_failure(generation, stamp, FAILURE_KEPT).and_then(|f| decode_failure(&f)) {
+            return Err(e);
+        }
+        match from_provider(current) {
+            Ok((master, text)) => {
+                let keys = master.version_keys();
+                drop(master);
+                drop(text);
+                key_cache::put(current.version, &keys, None);
+                Ok(keys)
+            }
+            Err(e) => {
+                key_cache::record_failure(generation, stamp, &encode_failure(&e));
+                Err(e)
+            }
+        }
+    })
+}
+
+const SEP: char = '\u{1f}';
+
+/// A failed load as text for the shared cache: no secret is in any variant.
+fn encode_failure(e: &KeyUnavailable) -> String {
+    match e {
+        KeyUnavailable::NoKeyConfigured => "none".to_owned(),
+        KeyUnavailable::NotInProvider { version, fingerprint } => format!("missing{SEP}{version}{SEP}{fingerprint}"),
+        KeyUnavailable::FingerprintMismatch { version, expected, found } => format!("mismatch{SEP}{version}{SEP}{expected}{SEP}{found}"),
+        KeyUnavailable::ProviderError(m) => format!("provider{SEP}{m}"),
+    }
+}
+
+fn decode_failure(s: &str) -> Option<KeyUnavailable> {
+    let f: Vec<&str> = s.split(SEP).collect();
+    Some(match f.as_slice() {
+        ["none"] => KeyUnavailable::NoKeyConfigured,
+        ["missing", v, fp] => KeyUnavailable::NotInProvider { version: v.parse().ok()?, fingerprint: (*fp).to_owned() },
+        ["mismatch", v, expected, found] => KeyUnavailable::FingerprintMismatch { version: v.parse().ok()?, expected: (*expected).to_owned(), found: (*found).to_owned() },
+        ["provider", m] => KeyUnavailable::ProviderError((*m).to_owned()),
+        _ => return None,
+    })
 }
 
 /// The administrator's key text of the current version, verified: from the provider (the key

@@ -134,6 +134,35 @@ pub fn lock_waiting(lock: Lock) {
     unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false) };
 }
 
+/// The lock that makes key loads from the provider single-flight per database. An advisory
+/// lock tag (object locks in exclusive mode cannot be taken on a standby, and standbys load
+/// keys too), in a key space no SQL function reaches: `pg_advisory_lock()` and its kin always
+/// use 1 or 2 in the tag's last field, this uses 0xCC01.
+fn key_load_tag() -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: a backend global.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: 0x7067_6363, // "pgcc"
+        locktag_field3: 0x6b65_7973, // "keys"
+        locktag_field4: 0xCC01,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Runs `f`, a key load from the provider, while no other backend of this database runs one:
+/// the others wait (interruptibly; `lock_timeout` applies) and then find its result. The lock
+/// is released when `f` returns, or at the end of the transaction if `f` raises.
+pub fn one_key_load_at_a_time<R>(f: impl FnOnce() -> R) -> R {
+    let tag = key_load_tag();
+    // SAFETY: a transaction-scoped lock; released below or by PostgreSQL at commit or abort.
+    unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false) };
+    let r = f();
+    // SAFETY: the lock taken above.
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false) };
+    r
+}
+
 /// As [`try_lock`], in share mode: holders of the share mode do not exclude each other, and
 /// exclude (and are excluded by) the exclusive mode. A restore from a dump takes the locks so,
 /// since pg_restore -j restores the two key tables from two sessions at once.

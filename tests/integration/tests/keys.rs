@@ -618,6 +618,22 @@ fn core_of(c: &Cluster, pid: i32) -> Vec<u8> {
     bytes
 }
 
+/// The text answers of `sql` run by `n` new sessions at the same moment.
+fn at_once(c: &Cluster, n: usize, sql: &'static str) -> Vec<String> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let mut client = c.connect(Transport::Unix, "app");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                client.query_one(sql, &[]).map(|r| r.get::<_, String>(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 /// The child processes of process `pid` (zombies included), from /proc.
 fn children_of(pid: i32) -> Vec<String> {
     let mut out = Vec::new();
@@ -638,7 +654,7 @@ fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_on
     let kms = cellcrypt_integration::server_dir("kms-hang", &[("key", "kms managed passphrase 5e2b7d91 c4a8 Xw3pL9 hang test")]);
     let k = kms.display();
     let command = format!(
-        "pg_cellcrypt.key_command = 'echo run >> {k}/runs; if [ -f {k}/hang ]; then sleep 600; fi; if [ -f {k}/fail ]; then exit 3; fi; cat {k}/key'"
+        "pg_cellcrypt.key_command = 'echo run >> {k}/runs; if [ -f {k}/hang ]; then sleep 600; fi; if [ -f {k}/slow ]; then sleep 2; fi; if [ -f {k}/fail ]; then exit 3; fi; cat {k}/key'"
     );
     let c = Cluster::start("prov-hang", &["pg_cellcrypt.key_provider = command", &command, "pg_cellcrypt.key_command_timeout = 120"]);
     c.database_with_extension("app");
@@ -705,9 +721,23 @@ fn a_hanging_or_failing_key_command_is_cancellable_leaves_no_process_and_runs_on
     assert_eq!(std::fs::read_to_string(kms.join("runs")).unwrap().lines().count(), 1, "the provider ran once for 1,000 calls");
     assert_eq!(children_of(pid), Vec::<String>::new(), "the failed command was reaped");
 
-    // Fixed, the key is found again (after the few seconds a failure is remembered).
+    // Eight new sessions at once while a slow command fails: one load runs at a time for the
+    // database, the others wait for it and take its failure. The command runs once.
+    let runs = || std::fs::read_to_string(kms.join("runs")).unwrap().lines().count();
+    std::thread::sleep(std::time::Duration::from_millis(5200));
+    std::fs::write(kms.join("slow"), "").unwrap();
+    std::fs::write(kms.join("runs"), "").unwrap();
+    assert_eq!(at_once(&c, 8, "SELECT is_data_encryption_active()::text"), vec!["false"; 8]);
+    assert_eq!(runs(), 1, "one run of the failing command for eight sessions");
+    // Fixed (once the few seconds a failure is remembered are over): eight sessions at once
+    // read the data, and the slow command ran once for them.
     std::fs::remove_file(kms.join("fail")).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(5200));
+    std::fs::write(kms.join("runs"), "").unwrap();
+    assert_eq!(at_once(&c, 8, PLAINTEXT_DIGEST), vec![digest.trim().to_owned(); 8]);
+    assert_eq!(runs(), 1, "one run of the command for eight sessions");
+    std::fs::remove_file(kms.join("slow")).unwrap();
+    // The session that saw the failure reads again too.
     let got: String = s.query_one(PLAINTEXT_DIGEST, &[]).unwrap().get(0);
     assert_eq!(got, digest.trim());
     drop(s);
