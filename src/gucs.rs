@@ -10,6 +10,7 @@
 //! | `pg_cellcrypt.kdf_memory_kib` | superuser | 19456 | Argon2id memory cost for new key versions |
 //! | `pg_cellcrypt.kdf_iterations` | superuser | 2 | Argon2id passes for new key versions |
 //! | `pg_cellcrypt.require_secure_transport` | superuser | on | key calls refuse TCP connections without SSL (SSL and Unix sockets are allowed) |
+//! | `pg_cellcrypt.redact_all_log_literals` | superuser | off | mask the string constants of every statement's log lines, not only of key calls, and leave out the raw STATEMENT line of errors: for roles that call key functions through wrappers of their own (`ALTER ROLE ... SET`) |
 //!
 //! The KDF settings apply when a key version is created; each version stores the parameters it
 //! was derived with, so changing them never makes an existing key unverifiable.
@@ -38,6 +39,7 @@ pub static AUDIT_MAX_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024
 pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static REDACT_ALL_LOG_LITERALS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -113,6 +115,14 @@ pub fn init() {
         4 * 1024 * 1024,
         GucContext::Suset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_cellcrypt.redact_all_log_literals",
+        c"Masks the string constants in the log lines of every statement, not only of key calls.",
+        c"A wrapper function of your own that calls set_data_encryption_key is logged by log_statement before it runs, and nothing in its text names a key function. Set this for the roles that call such wrappers (ALTER ROLE ... SET).",
+        &REDACT_ALL_LOG_LITERALS,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"pg_cellcrypt.require_secure_transport",

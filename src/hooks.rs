@@ -250,7 +250,9 @@ unsafe fn executes_key_function(text: &[u8]) -> bool {
 unsafe fn redact(e: &mut pg_sys::ErrorData) {
     let named = contains_key_function(pg_sys::debug_query_string);
     let statement_has_key = named || key_call_in_this_statement();
-    if statement_has_key {
+    let redact_all = crate::gucs::REDACT_ALL_LOG_LITERALS.get();
+    // The STATEMENT line PostgreSQL adds to an error quotes the raw text: left out.
+    if statement_has_key || (redact_all && e.elevel >= pg_sys::PGERROR as i32) {
         e.hide_stmt = true;
     }
     // A statement that names the key function and fails before the call is reached (a syntax
@@ -280,7 +282,7 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) {
         }
         let text = CStr::from_ptr(*field).to_string_lossy();
         let mut out = cellcrypt_core::redact::mask_generated_keys(&text);
-        if statement_has_key && redact_strings {
+        if (statement_has_key || redact_all) && redact_strings {
             out = if sql_in_quotes {
                 cellcrypt_core::redact::redact_quoted_sql(&out)
             } else {

@@ -531,6 +531,22 @@ fn no_key_reaches_the_server_log_pg_stat_statements_or_a_core_dump() {
         let _ = s.simple_query(form);
         idle.push(s);
     }
+    // A wrapper of one's own, created apart: nothing in the calling statement's text names a key
+    // function, so log_statement logs its literal before it runs (the documented gap, shown
+    // here with a call that never runs) unless pg_cellcrypt.redact_all_log_literals is on for
+    // the session, which masks the literal and a bound value alike.
+    c.psql("app", "CREATE FUNCTION rotate_for_app(k text) RETURNS text LANGUAGE sql AS 'SELECT set_data_encryption_key(k)'");
+    let leaky = "leaky wrapper passphrase Yd6tF2 kS8mQ4 rN3v";
+    let mut w = c.connect(Transport::TcpSsl, "app");
+    assert!(w.simple_query(&format!("SELECT rotate_for_app('{leaky}') FROM no_such_table")).is_err());
+    w.batch_execute("SET pg_cellcrypt.redact_all_log_literals = on").unwrap();
+    assert!(w.simple_query(&format!("SELECT rotate_for_app('{wrong}') FROM no_such_table")).is_err());
+    assert!(w.query("SELECT rotate_for_app($1) WHERE false", &[&wrong]).unwrap().is_empty());
+    let mut plain_user = c.connect(Transport::Unix, "app");
+    plain_user.batch_execute("CREATE ROLE nobody_special LOGIN").unwrap();
+    let mut n = c.connect_as(Transport::Unix, "app", "nobody_special");
+    assert_eq!(db_error(n.batch_execute("SET pg_cellcrypt.redact_all_log_literals = off")).code(), &SqlState::INSUFFICIENT_PRIVILEGE, "a superuser setting");
+    drop((w, n, plain_user));
     let activity = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_activity WHERE datname = 'app'");
     assert!(activity.contains("set_data_encryption_key('****"), "{activity}");
     for secret in [&canary[5..], wrong] {
@@ -579,6 +595,8 @@ fn no_key_reaches_the_server_log_pg_stat_statements_or_a_core_dump() {
 
     let log = c.server_log();
     assert!(log.contains("set_data_encryption_key"), "the statements were logged (redacted)");
+    assert!(log.contains(leaky), "log_statement logs a wrapper's literal when the setting is off");
+    assert!(log.contains("rotate_for_app($1) WHERE false") && log.contains("parameters: $1 = '<redacted>'"), "the bound value was logged, masked:\n{log}");
     let statements = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_statements");
     assert!(statements.contains("set_data_encryption_key"), "{statements}");
     for secret in [&canary[5..], &mistyped[5..], passphrase, &canary[5..24], wrong] {
