@@ -10,6 +10,7 @@
 //! | `pg_cellcrypt.kdf_memory_kib` | superuser | 19456 | Argon2id memory cost for new key versions |
 //! | `pg_cellcrypt.kdf_iterations` | superuser | 2 | Argon2id passes for new key versions |
 //! | `pg_cellcrypt.require_secure_transport` | superuser | on | key calls refuse TCP connections without SSL (SSL and Unix sockets are allowed) |
+//! | `pg_cellcrypt.change_with_lost_key` | superuser | off | lets a key change go on when the key file no longer holds the (verified) key it replaces; otherwise it is refused, and setting the current key again writes it back |
 //! | `pg_cellcrypt.redact_all_log_literals` | superuser | off | mask the string constants of every statement's log lines, not only of key calls, and leave out the raw STATEMENT line of errors: for roles that call key functions through wrappers of their own (`ALTER ROLE ... SET`) |
 //!
 //! The KDF settings apply when a key version is created; each version stores the parameters it
@@ -40,6 +41,7 @@ pub static KDF_MEMORY_KIB: GucSetting<i32> = GucSetting::<i32>::new(19 * 1024);
 pub static KDF_ITERATIONS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static REQUIRE_SECURE_TRANSPORT: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REDACT_ALL_LOG_LITERALS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static CHANGE_WITH_LOST_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -115,6 +117,14 @@ pub fn init() {
         4 * 1024 * 1024,
         GucContext::Suset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_cellcrypt.change_with_lost_key",
+        c"Lets a key change go on when the key file no longer holds the key it replaces.",
+        c"For a key file lost or overwritten while the server ran, when no copy of the current key is left: the change re-encrypts everything under the new key from the keys in memory. Backups from before it stay unreadable without the lost key.",
+        &CHANGE_WITH_LOST_KEY,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"pg_cellcrypt.redact_all_log_literals",

@@ -88,7 +88,7 @@ struct Masked {
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn masked_utility(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> Masked {
-    if query_string.is_null() || !contains_key_function(query_string) {
+    if query_string.is_null() || !(contains_key_function(query_string) || crate::gucs::REDACT_ALL_LOG_LITERALS.get()) {
         return Masked { pstmt, query_string };
     }
     let len = CStr::from_ptr(query_string).to_bytes().len();
@@ -251,13 +251,15 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) {
     let named = contains_key_function(pg_sys::debug_query_string);
     let statement_has_key = named || key_call_in_this_statement();
     let redact_all = crate::gucs::REDACT_ALL_LOG_LITERALS.get();
-    // The STATEMENT line PostgreSQL adds to an error quotes the raw text: left out.
-    if statement_has_key || (redact_all && e.elevel >= pg_sys::PGERROR as i32) {
+    // The STATEMENT line PostgreSQL adds to a message (an error, or a LOG line under
+    // log_min_error_statement) quotes the raw text: left out.
+    if statement_has_key || redact_all {
         e.hide_stmt = true;
     }
-    // A statement that names the key function and fails before the call is reached (a syntax
-    // error, a missing table): pg_stat_activity must not keep its text either.
-    if named && e.elevel >= pg_sys::PGERROR as i32 {
+    // A statement that names the key function (or any, with redact_all_log_literals) and fails
+    // before the call is reached (a syntax error, a missing table): pg_stat_activity must not
+    // keep its text either.
+    if (named || redact_all) && e.elevel >= pg_sys::PGERROR as i32 {
         hide_activity(pg_sys::debug_query_string);
     }
     // Our own messages never carry a key (see errors.rs) and are left whole; PostgreSQL's own

@@ -239,6 +239,18 @@ pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(fcinfo: 
 }
 
 fn check_restore_over_live_data() {
+    // The checks read with the latest snapshot; SPI gives a statement of a transaction with
+    // an id its transaction snapshot instead under REPEATABLE READ and SERIALIZABLE, which could
+    // miss a value written meanwhile. A restore runs in READ COMMITTED (pg_restore's default).
+    // SAFETY: a backend global.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "rows from a dump cannot replace this database's keyring in a REPEATABLE READ or SERIALIZABLE transaction; nothing was replaced",
+            Some("Checking that no value still needs the keyring in place must see every committed value."),
+            Some("Restore with READ COMMITTED, for example PGOPTIONS='-c default_transaction_isolation=read\\ committed' pg_restore ..."),
+        )
+    }
     let versions = crate::store::live_key_versions();
     if versions.is_empty() {
         return;
@@ -596,6 +608,25 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
     // Argon2id with the current version's salt, has its fingerprint. (Neither the shared cache
     // nor this backend holds the current key's text to compare with.)
     if keys::verify(current, &new_key).is_ok() {
+        // A key file that lost the current key (overwritten, or deleted, while the server ran)
+        // gets it back: this is how an administrator repairs it with the copy they kept.
+        if providers::current() == KeyProvider::File {
+            let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
+            if !keys::file_holds_current_key(&before) {
+                store_key_file(before.clone(), &with_key(before, current.version, new_key.as_str()));
+                audit::record(&Event {
+                    action: "change",
+                    outcome: "unchanged",
+                    key_version: Some(current.version),
+                    fingerprint: Some(&current.fingerprint),
+                    detail: "the key file had lost the current key; written back",
+                });
+                return format!(
+                    "unchanged: the given key is already the current key (version {}, fingerprint {}); the key file had lost it and holds it again",
+                    current.version, current.fingerprint
+                );
+            }
+        }
         audit::record(&Event {
             action: "change",
             outcome: "unchanged",
@@ -625,6 +656,36 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
     if providers::current() == KeyProvider::Command {
         require_command_prints(&new_key, current, new_version);
     }
+    let mut lost_note = None;
+    if providers::current() == KeyProvider::File {
+        let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
+        // The file must still hold the key being replaced, verified: backups and point-in-
+        // time recovery from before the change need it, and no memory holds its text. A
+        // file that lost it (overwritten or deleted while the server ran) is repaired by
+        // setting the current key again; only when that key is lost too may a superuser
+        // let the change go on (it re-encrypts everything from the keys in memory).
+        if !keys::file_holds_current_key(&before) {
+            if !crate::gucs::CHANGE_WITH_LOST_KEY.get() {
+                policy::refuse("set_data_encryption_key()", "the key file does not hold the current key");
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "the key file no longer holds the key being replaced; nothing was changed",
+                    Some(&format!(
+                        "{} has no line for key version {} that matches its fingerprint {}: it was overwritten or deleted while the server ran. Backups from before a change would need that key.",
+                        providers::file::path().display(),
+                        current.version,
+                        current.fingerprint
+                    )),
+                    Some("Write the current key back with SELECT set_data_encryption_key('<the current key>'); then change it. If no copy of the current key is left: SET pg_cellcrypt.change_with_lost_key = on (superuser) and change the key, then back up the new one at once."),
+                )
+            }
+            pgrx::warning!(
+                "pg_cellcrypt: the key file had lost key version {} (the key being replaced); backups taken before this change cannot be read without it",
+                current.version
+            );
+            lost_note = Some(format!("the key file had lost key version {}", current.version));
+        }
+    }
     let (salt, params, master) = derive_new(&new_key);
     let fp = master.fingerprint().to_string();
     let derived = master.version_keys();
@@ -646,16 +707,8 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
             // a crash at any point finds the version the keyring says is current, and a backup
             // or point-in-time recovery from before the change finds the key it needs.
             let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
-            // The current version's line is already there (this backend loaded the key from
-            // the file, or from the shared cache, which the file filled). If the file lost it
-            // while the server ran, the text is nowhere any more (no memory holds it):
-            // the change goes on from the derived keys in memory, and says so.
-            if !before.iter().any(|(v, _)| *v == current.version) {
-                pgrx::warning!(
-                    "pg_cellcrypt: the key file has no line for key version {} (the key being replaced); backups taken before this change need that key: keep the copy you retrieved",
-                    current.version
-                );
-                notes.push(format!("the key file had lost key version {}", current.version));
+            if let Some(note) = &lost_note {
+                notes.push(note.clone());
             }
             let after = with_key(before.clone(), new_version, new_key.as_str());
             store_key_file(before, &after);

@@ -58,21 +58,35 @@ struct FailureRecord {
     at_us: u64,
     generation: u64,
     stamp: u64,
+    /// The key version (and its fingerprint) the load was for.
+    version: u32,
+    fingerprint: [u8; FINGERPRINT_LEN],
     failure: [u8; FAILURE_TEXT],
     failure_len: u16,
 }
 
 const FAILURE_TEXT: usize = 512;
-const NO_FAILURE: FailureRecord = FailureRecord { at_us: 0, generation: 0, stamp: 0, failure: [0; FAILURE_TEXT], failure_len: 0 };
+const NO_FAILURE: FailureRecord =
+    FailureRecord { at_us: 0, generation: 0, stamp: 0, version: 0, fingerprint: [0; FINGERPRINT_LEN], failure: [0; FAILURE_TEXT], failure_len: 0 };
 const EMPTY: Slot = Slot { used: false, dboid: 0, version: 0, fingerprint: [0; FINGERPRINT_LEN], failure: NO_FAILURE };
 
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// Records that loading this database's key failed (`failure`, an encoded error), under key
-/// generation `generation` and provider stamp `stamp`. Takes a slot if the database has none.
-pub fn record_failure(generation: u64, stamp: u64, failure: &str) {
+/// What a failed key load was: the key generation and provider stamp it ran under, and the
+/// key version and fingerprint it was for. A failure answers only a load of the same.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LoadOf {
+    pub generation: u64,
+    pub stamp: u64,
+    pub version: u32,
+    pub fingerprint: [u8; FINGERPRINT_LEN],
+}
+
+/// Records that loading this database's key failed (`failure`, an encoded error) for `of`.
+/// Takes a slot if the database has none.
+pub fn record_failure(of: LoadOf, failure: &str) {
     let dropped = dropped_databases();
     let dboid = my_dboid();
     let mut slots = CACHE.exclusive();
@@ -93,20 +107,24 @@ pub fn record_failure(generation: u64, stamp: u64, failure: &str) {
     let f = &mut slots.0[i].failure;
     *f = NO_FAILURE;
     f.at_us = now_us();
-    f.generation = generation;
-    f.stamp = stamp;
+    f.generation = of.generation;
+    f.stamp = of.stamp;
+    f.version = of.version;
+    f.fingerprint = of.fingerprint;
     f.failure[..bytes.len()].copy_from_slice(bytes);
     f.failure_len = bytes.len() as u16;
 }
 
-/// The failure recorded for this database less than `within` ago under the same generation
-/// and provider stamp, if any.
-pub fn recent_failure(generation: u64, stamp: u64, within: std::time::Duration) -> Option<String> {
+/// The failure recorded for this database less than `within` ago for the same load `of`, if
+/// any. A clock that went backwards makes a record stale, never fresh for longer.
+pub fn recent_failure(of: LoadOf, within: std::time::Duration) -> Option<String> {
     let dboid = my_dboid();
     let slots = CACHE.share();
     let f = &slots.0.iter().find(|s| s.used && s.dboid == dboid)?.failure;
-    let fresh = f.at_us != 0 && now_us().saturating_sub(f.at_us) < within.as_micros() as u64;
-    (fresh && f.generation == generation && f.stamp == stamp).then(|| String::from_utf8_lossy(&f.failure[..f.failure_len as usize]).into_owned())
+    let now = now_us();
+    let fresh = f.at_us != 0 && now >= f.at_us && now - f.at_us < within.as_micros() as u64;
+    let same = LoadOf { generation: f.generation, stamp: f.stamp, version: f.version, fingerprint: f.fingerprint } == of;
+    (fresh && same).then(|| String::from_utf8_lossy(&f.failure[..f.failure_len as usize]).into_owned())
 }
 
 /// The secret part of a slot, in the key mapping.
@@ -233,12 +251,15 @@ pub fn get() -> Option<CachedKey> {
     })
 }
 
-/// The administrator's key text of this database's current version, held here only with the
-/// `none` provider.
-pub fn key_text(version: u32) -> Option<zeroize::Zeroizing<String>> {
+/// The administrator's key text of this database's key version `version` with fingerprint
+/// `fingerprint`, held here only with the `none` provider.
+pub fn key_text(version: u32, fingerprint: &str) -> Option<zeroize::Zeroizing<String>> {
     let dboid = my_dboid();
     let slots = CACHE.share();
-    let i = slots.0.iter().position(|s| s.used && s.dboid == dboid && s.version == version)?;
+    let i = slots
+        .0
+        .iter()
+        .position(|s| s.used && s.dboid == dboid && s.version == version && cellcrypt_core::Fingerprint(s.fingerprint).to_string() == fingerprint)?;
     let sec = secret(i)?;
     let text = std::str::from_utf8(&sec.key_text[..sec.key_len as usize]).ok()?;
     (!text.is_empty()).then(|| zeroize::Zeroizing::new(text.to_owned()))

@@ -282,28 +282,38 @@ pub fn current_version_keys(current: &KeyRow) -> Result<VersionKeys, KeyUnavaila
     if let Some(keys) = cached() {
         return Ok(keys);
     }
-    let generation = key_cache::generation();
-    let stamp = providers::stamp();
+    let of = key_cache::LoadOf {
+        generation: key_cache::generation(),
+        stamp: providers::stamp(),
+        version: current.version,
+        fingerprint: current.fingerprint.parse::<cellcrypt_core::Fingerprint>().map(|f| f.0).unwrap_or_default(),
+    };
+    let load = || match from_provider(current) {
+        Ok((master, text)) => {
+            let keys = master.version_keys();
+            drop(master);
+            drop(text);
+            key_cache::put(current.version, &keys, None);
+            Ok(keys)
+        }
+        Err(e) => {
+            key_cache::record_failure(of, &encode_failure(&e));
+            Err(e)
+        }
+    };
+    // Without a slot of its own (every one holds another live database's key) the database
+    // has nowhere to leave a result for those waiting: each load runs on its own, as before.
+    if !key_cache::reserve() {
+        return load();
+    }
     crate::policy::one_key_load_at_a_time(|| {
         if let Some(keys) = cached() {
             return Ok(keys);
         }
-        if let Some(e) = key_cache::recent_failure(generation, stamp, FAILURE_KEPT).and_then(|f| decode_failure(&f)) {
+        if let Some(e) = key_cache::recent_failure(of, FAILURE_KEPT).and_then(|f| decode_failure(&f)) {
             return Err(e);
         }
-        match from_provider(current) {
-            Ok((master, text)) => {
-                let keys = master.version_keys();
-                drop(master);
-                drop(text);
-                key_cache::put(current.version, &keys, None);
-                Ok(keys)
-            }
-            Err(e) => {
-                key_cache::record_failure(generation, stamp, &encode_failure(&e));
-                Err(e)
-            }
-        }
+        load()
     })
 }
 
@@ -334,7 +344,7 @@ fn decode_failure(s: &str) -> Option<KeyUnavailable> {
 /// file, the command), or with the `none` provider from the shared cache, its only copy.
 pub fn current_key_text(current: &KeyRow) -> Result<zeroize::Zeroizing<String>, KeyUnavailable> {
     if providers::current() == crate::gucs::KeyProvider::None {
-        return key_cache::key_text(current.version)
+        return key_cache::key_text(current.version, &current.fingerprint)
             .ok_or_else(|| KeyUnavailable::NotInProvider { version: current.version, fingerprint: current.fingerprint.clone() });
     }
     from_provider(current).map(|(_, text)| text)

@@ -290,6 +290,19 @@ fn retrieving_the_key_needs_a_secure_connection_and_the_admin_role() {
         } else {
             let read: String = admin.query_one("SELECT decrypt(s) FROM kept", &[]).unwrap().get(0);
             assert_eq!(read, "still readable");
+            // A change now would leave no copy of the key it replaces: refused (55000), saying
+            // how to repair the file. Setting the current key again writes it back.
+            let fresh: String = admin.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
+            let e = db_error(admin.query_one("SELECT set_data_encryption_key($1)", &[&fresh]));
+            assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+            assert!(e.hint().unwrap_or("").contains("set_data_encryption_key('<the current key>')"), "{:?}", e.hint());
+            let msg: String = admin.query_one("SELECT set_data_encryption_key($1)", &[&keys[0]]).unwrap().get(0);
+            assert!(msg.contains("holds it again"), "{msg}");
+            assert!(std::fs::read_to_string(&key_file).unwrap().contains(&keys[0]));
+            let shown: String = admin.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+            assert_eq!(shown, keys[0]);
+            // Swapped again, for the restart.
+            std::fs::write(&key_file, on_disk.replace(&keys[0], &other)).unwrap();
         }
         let err = admin.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap_err();
         let db = err.as_db_error().unwrap();

@@ -537,16 +537,21 @@ fn no_key_reaches_the_server_log_pg_stat_statements_or_a_core_dump() {
     // the session, which masks the literal and a bound value alike.
     c.psql("app", "CREATE FUNCTION rotate_for_app(k text) RETURNS text LANGUAGE sql AS 'SELECT set_data_encryption_key(k)'");
     let leaky = "leaky wrapper passphrase Yd6tF2 kS8mQ4 rN3v";
+    let mut l = c.connect(Transport::TcpSsl, "app");
+    assert!(l.simple_query(&format!("SELECT rotate_for_app('{leaky}') FROM no_such_table")).is_err());
+    drop(l);
+    // With the setting on, the session stays idle after its failed call: pg_stat_activity
+    // (checked below) shows the call masked too, and a DO block reaches pg_stat_statements masked.
     let mut w = c.connect(Transport::TcpSsl, "app");
-    assert!(w.simple_query(&format!("SELECT rotate_for_app('{leaky}') FROM no_such_table")).is_err());
     w.batch_execute("SET pg_cellcrypt.redact_all_log_literals = on").unwrap();
-    assert!(w.simple_query(&format!("SELECT rotate_for_app('{wrong}') FROM no_such_table")).is_err());
     assert!(w.query("SELECT rotate_for_app($1) WHERE false", &[&wrong]).unwrap().is_empty());
-    let mut plain_user = c.connect(Transport::Unix, "app");
-    plain_user.batch_execute("CREATE ROLE nobody_special LOGIN").unwrap();
+    assert!(w.simple_query(&format!("DO $$ BEGIN IF false THEN PERFORM rotate_for_app('{wrong}'); END IF; END $$")).is_ok());
+    assert!(w.simple_query(&format!("SELECT rotate_for_app('{wrong}') FROM no_such_table")).is_err());
+    idle.push(w);
+    c.psql("app", "CREATE ROLE nobody_special LOGIN");
     let mut n = c.connect_as(Transport::Unix, "app", "nobody_special");
     assert_eq!(db_error(n.batch_execute("SET pg_cellcrypt.redact_all_log_literals = off")).code(), &SqlState::INSUFFICIENT_PRIVILEGE, "a superuser setting");
-    drop((w, n, plain_user));
+    drop(n);
     let activity = c.psql("app", "SELECT string_agg(query, E'\\n') FROM pg_stat_activity WHERE datname = 'app'");
     assert!(activity.contains("set_data_encryption_key('****"), "{activity}");
     for secret in [&canary[5..], wrong] {

@@ -630,6 +630,23 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     // then the data. The dumped keyring replaces the fresh key although the table restored
     // before it already holds values under the same key version (they do not open under the
     // fresh key), and the database waits for its key.
+    // Under REPEATABLE READ the check could not see values committed meanwhile: refused.
+    c.createdb("fresh_rr");
+    let out = restore(&c, "fresh_rr", &["--schema-only"], &other_dump);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(c.bin.join("pg_restore"))
+        .env("PGOPTIONS", "-c default_transaction_isolation=repeatable\\ read")
+        .args(["-U", "postgres", "--exit-on-error", "--data-only", "-h"])
+        .arg(&c.dir)
+        .arg("-p")
+        .arg(c.port.to_string())
+        .args(["-d", "fresh_rr"])
+        .arg(&other_dump)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in a REPEATABLE READ or SERIALIZABLE transaction"), "{err}");
     c.createdb("fresh");
     let out = restore(&c, "fresh", &["--schema-only"], &other_dump);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
