@@ -34,8 +34,8 @@ pub fn invalid_binary_envelope(type_name: &str, reason: &dyn std::fmt::Display) 
     raise(
         PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
         format!("invalid binary value for type {type_name}: {reason}"),
-        Some("The binary format of encrypted types is the envelope itself (as binary COPY writes it)."),
-        Some("Send plaintext in text format, or as a parameter of the plain type (text, jsonb, ...), which encrypts it."),
+        Some("In binary, an encrypted value is the four bytes CC CC 63 63 followed by the envelope (as binary COPY and binary results give it); anything else is taken as plaintext in the plain type's binary format."),
+        Some("Send the value as binary COPY or a binary result gave it, or send the plaintext (text or binary format), which is encrypted."),
     )
 }
 

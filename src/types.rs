@@ -617,24 +617,52 @@ v1_function!(pg_finfo_cellcrypt_out, cellcrypt_out, |fcinfo| {
     Datum::from(p)
 });
 
-// typsend(encrypted) → bytea: the envelope bytes (a datum of ours is already a valid bytea).
+// ---------------------------------------------------------------------------------------------
+// The binary format.
+//
+// An envelope in binary (binary COPY, binary results, a binary parameter) is
+// [`BINARY_MAGIC`] followed by the envelope bytes. Anything else a client sends in binary is
+// the plaintext in the plain type's own binary format (a driver that sends a bytea parameter
+// as binary, an int8 as 8 bytes), received by the plain type's receive function and encrypted.
+// The one ambiguity, as `$cc$` is for text: a bytea plaintext that starts with the magic and
+// continues as a well-formed envelope is taken for an envelope. No valid text, jsonb or numeric
+// binary value starts with the magic (0xCC 0xCC is not UTF-8, not a jsonb version, not a digit
+// count), and the fixed-size types are too short to hold an envelope.
+
+/// The four bytes that start the binary form of an envelope.
+pub const BINARY_MAGIC: &[u8; 4] = b"\xCC\xCCcc";
+
+// typsend(encrypted) → bytea: the magic, then the envelope.
 v1_function!(pg_finfo_cellcrypt_send, cellcrypt_send, |fcinfo| {
-    Datum::from(pg_sys::pg_detoast_datum_copy(arg(fcinfo, 0).cast_mut_ptr()))
+    let env = varlena_bytes(arg(fcinfo, 0));
+    new_varlena(BINARY_MAGIC.len() + env.len(), |out| {
+        out[..BINARY_MAGIC.len()].copy_from_slice(BINARY_MAGIC);
+        out[BINARY_MAGIC.len()..].copy_from_slice(env);
+    })
 });
 
-// typreceive(internal StringInfo, typioparam oid, typmod int4): an envelope, validated.
+// typreceive(internal StringInfo, typioparam oid, typmod int4): an envelope after the magic,
+// validated; or plaintext in the plain type's binary format, encrypted.
 v1_function!(pg_finfo_cellcrypt_recv, cellcrypt_recv, |fcinfo| {
     let buf = &mut *(arg(fcinfo, 0).cast_mut_ptr::<pg_sys::StringInfoData>());
     let kind = kind_of_type(Oid::from(arg(fcinfo, 1).value() as u32));
+    let typmod = arg(fcinfo, 2).value() as i32;
     let start = buf.cursor as usize;
     let end = buf.len as usize;
     let bytes = std::slice::from_raw_parts((buf.data as *const u8).add(start), end - start);
-    if let Err(e) = Envelope::parse(bytes) {
-        errors::invalid_binary_envelope(kind.type_name(), &e);
-    }
-    buf.cursor = buf.len;
-    let d = new_varlena(bytes.len(), |out| out.copy_from_slice(bytes));
-    if kind == Kind::Text { bind_to_column(d, arg(fcinfo, 2).value() as i32) } else { d }
+    let d = if let Some(env) = bytes.strip_prefix(BINARY_MAGIC.as_slice()) {
+        if let Err(e) = Envelope::parse(env) {
+            errors::invalid_binary_envelope(kind.type_name(), &e);
+        }
+        buf.cursor = buf.len;
+        new_varlena(env.len(), |out| out.copy_from_slice(env))
+    } else {
+        let (mut receive, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeBinaryInputInfo(kind.plain_oid(), &mut receive, &mut ioparam);
+        let plain = pg_sys::OidReceiveFunctionCall(receive, buf, ioparam, -1);
+        encrypt_plain_datum(kind, plain)
+    };
+    if kind == Kind::Text { bind_to_column(d, typmod) } else { d }
 });
 
 // cellcrypt.reencrypt(encrypted) → encrypted: the same value under the current key.
@@ -704,17 +732,78 @@ macro_rules! kind_functions {
     };
 }
 
-// The assignment casts from integers: the value converted as the plain cast would, then sealed.
-v1_function!(pg_finfo_cellcrypt_int4_to_encrypted_int8, cellcrypt_int4_to_encrypted_int8, |fcinfo| {
-    seal(Kind::Int8, &i64::from(arg(fcinfo, 0).value() as i32).to_be_bytes())
-});
-v1_function!(pg_finfo_cellcrypt_int8_to_encrypted_numeric, cellcrypt_int8_to_encrypted_numeric, |fcinfo| {
-    let n = pg_sys::OidFunctionCall1Coll(Oid::from(pg_sys::F_NUMERIC_INT8), pg_sys::InvalidOid, arg(fcinfo, 0));
-    encrypt_plain_datum(Kind::Numeric, n)
-});
-v1_function!(pg_finfo_cellcrypt_int4_to_encrypted_numeric, cellcrypt_int4_to_encrypted_numeric, |fcinfo| {
-    let n = pg_sys::OidFunctionCall1Coll(Oid::from(pg_sys::F_NUMERIC_INT4), pg_sys::InvalidOid, arg(fcinfo, 0));
-    encrypt_plain_datum(Kind::Numeric, n)
+// ---------------------------------------------------------------------------------------------
+// Assignment parity: the casts into each encrypted type from every type that has an implicit or
+// assignment cast to its plain type (pg_cast, read at CREATE EXTENSION). One C function serves
+// them all: it converts the value as PostgreSQL converts it for the plain column (the same cast
+// function, a binary relabeling, or I/O conversion, found as an assignment finds it), then
+// seals it.
+
+/// How a source type becomes the plain type.
+#[derive(Clone, Copy)]
+enum Conversion {
+    Function(Oid),
+    Relabel,
+    ViaIo { output: Oid, input: Oid, ioparam: Oid },
+}
+
+#[derive(Clone, Copy)]
+struct AssignPath {
+    kind: Kind,
+    conversion: Conversion,
+}
+
+/// The conversion of this cast function, from its own signature; cached in `fn_extra`.
+unsafe fn assign_path(flinfo: *mut pg_sys::FmgrInfo) -> AssignPath {
+    if !(*flinfo).fn_extra.is_null() {
+        return *((*flinfo).fn_extra as *const AssignPath);
+    }
+    let mut argtypes: *mut Oid = std::ptr::null_mut();
+    let mut nargs = 0;
+    let target = pg_sys::get_func_signature((*flinfo).fn_oid, &mut argtypes, &mut nargs);
+    let source = *argtypes;
+    let kind = kind_of_type(target);
+    let plain = kind.plain_oid();
+    let mut func = pg_sys::InvalidOid;
+    let conversion = match pg_sys::find_coercion_pathway(plain, source, pg_sys::CoercionContext::COERCION_ASSIGNMENT, &mut func) {
+        pg_sys::CoercionPathType::COERCION_PATH_FUNC => Conversion::Function(func),
+        pg_sys::CoercionPathType::COERCION_PATH_RELABELTYPE => Conversion::Relabel,
+        pg_sys::CoercionPathType::COERCION_PATH_COERCEVIAIO => {
+            let (mut output, mut varlena, mut input, mut ioparam) = (pg_sys::InvalidOid, false, pg_sys::InvalidOid, pg_sys::InvalidOid);
+            pg_sys::getTypeOutputInfo(source, &mut output, &mut varlena);
+            pg_sys::getTypeInputInfo(plain, &mut input, &mut ioparam);
+            Conversion::ViaIo { output, input, ioparam }
+        }
+        _ => errors::raise(
+            PgSqlErrorCode::ERRCODE_CANNOT_COERCE,
+            format!(
+                "{} has no assignment cast to {}",
+                CStr::from_ptr(pg_sys::format_type_be(source)).to_string_lossy(),
+                kind.plain_name()
+            ),
+            None,
+            None,
+        ),
+    };
+    let path = AssignPath { kind, conversion };
+    let cached = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<AssignPath>()) as *mut AssignPath;
+    cached.write(path);
+    (*flinfo).fn_extra = cached.cast();
+    path
+}
+
+v1_function!(pg_finfo_cellcrypt_assign, cellcrypt_assign, |fcinfo| {
+    let path = assign_path((*fcinfo).flinfo);
+    let value = arg(fcinfo, 0);
+    let plain = match path.conversion {
+        Conversion::Function(f) => pg_sys::OidFunctionCall1Coll(f, (*fcinfo).fncollation, value),
+        Conversion::Relabel => value,
+        Conversion::ViaIo { output, input, ioparam } => {
+            let text = pg_sys::OidOutputFunctionCall(output, value);
+            pg_sys::OidInputFunctionCall(input, text, ioparam, -1)
+        }
+    };
+    encrypt_plain_datum(path.kind, plain)
 });
 
 kind_functions!(Kind::Text, pg_finfo_cellcrypt_encrypt_text, cellcrypt_encrypt_text, pg_finfo_cellcrypt_decrypt_text, cellcrypt_decrypt_text);
@@ -742,7 +831,7 @@ BEGIN
         EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS cstring
                           AS 'MODULE_PATHNAME', 'cellcrypt_out' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_out', t);
         EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(internal, oid, integer) RETURNS @extschema@.%2$I
-                          AS 'MODULE_PATHNAME', 'cellcrypt_recv' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_recv', t);
+                          AS 'MODULE_PATHNAME', 'cellcrypt_recv' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_recv', t);
         EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.%1$I(@extschema@.%2$I) RETURNS bytea
                           AS 'MODULE_PATHNAME', 'cellcrypt_send' LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE$f$, t OPERATOR(pg_catalog.||) '_send', t);
         EXECUTE pg_catalog.format($f$CREATE TYPE @extschema@.%1$I (
@@ -794,20 +883,38 @@ CREATE FUNCTION cellcrypt.bind_to_column(@extschema@.encrypted_text, integer, bo
 CREATE CAST (@extschema@.encrypted_text AS @extschema@.encrypted_text)
     WITH FUNCTION cellcrypt.bind_to_column(@extschema@.encrypted_text, integer, boolean) AS IMPLICIT;
 
--- JDBC's setString sends varchar.
-CREATE CAST (varchar AS @extschema@.encrypted_text) WITH FUNCTION @extschema@.encrypt(text) AS ASSIGNMENT;
-
--- Integer literals and parameters go where their plain types would take them. C functions:
--- a SQL body would be parsed at each call with the caller's search_path.
-CREATE FUNCTION cellcrypt.int4_to_encrypted_int8(integer) RETURNS @extschema@.encrypted_int8
-    AS 'MODULE_PATHNAME', 'cellcrypt_int4_to_encrypted_int8' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
-CREATE FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) RETURNS @extschema@.encrypted_numeric
-    AS 'MODULE_PATHNAME', 'cellcrypt_int8_to_encrypted_numeric' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
-CREATE FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) RETURNS @extschema@.encrypted_numeric
-    AS 'MODULE_PATHNAME', 'cellcrypt_int4_to_encrypted_numeric' LANGUAGE c VOLATILE STRICT PARALLEL SAFE;
-CREATE CAST (integer AS @extschema@.encrypted_int8) WITH FUNCTION cellcrypt.int4_to_encrypted_int8(integer) AS ASSIGNMENT;
-CREATE CAST (bigint AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int8_to_encrypted_numeric(bigint) AS ASSIGNMENT;
-CREATE CAST (integer AS @extschema@.encrypted_numeric) WITH FUNCTION cellcrypt.int4_to_encrypted_numeric(integer) AS ASSIGNMENT;
+-- Assignment parity, derived from pg_cast: every type with an implicit or assignment cast to a
+-- plain type (varchar, bpchar and name to text; int2, int4, float4, float8, money and int8 to
+-- numeric; date and timestamp to timestamptz; json to jsonb; ...) may be assigned to the
+-- encrypted type too, converted as the plain cast converts it, then sealed (cellcrypt_assign,
+-- a C function: a SQL body would be parsed with the caller's search_path). Internal types
+-- (category Z: pg_node_tree, statistics) and types outside pg_catalog are left out. The automatic I/O conversion of any type
+-- to text, which pg_cast does not list, is not mirrored: cast to text first.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT s.oid AS source, s.typname AS source_name, k AS plain
+          FROM pg_catalog.unnest(ARRAY['text', 'bytea', 'jsonb', 'numeric', 'date', 'timestamptz', 'int8']) k
+          JOIN pg_catalog.pg_cast c ON c.casttarget OPERATOR(pg_catalog.=) k::pg_catalog.regtype
+          JOIN pg_catalog.pg_type s ON s.oid OPERATOR(pg_catalog.=) c.castsource
+         WHERE c.castcontext OPERATOR(pg_catalog.=) ANY ('{a,i}'::pg_catalog."char"[])
+           AND c.castsource OPERATOR(pg_catalog.<>) c.casttarget
+           AND s.typtype OPERATOR(pg_catalog.=) 'b' AND s.typcategory OPERATOR(pg_catalog.<>) 'Z'
+           AND s.typnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace
+         ORDER BY 3, 2
+    LOOP
+        EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.%1$I(%2$s) RETURNS @extschema@.%3$I
+                          AS 'MODULE_PATHNAME', 'cellcrypt_assign' LANGUAGE c VOLATILE STRICT PARALLEL SAFE$f$,
+                          r.source_name OPERATOR(pg_catalog.||) '_to_encrypted_' OPERATOR(pg_catalog.||) r.plain,
+                          r.source::pg_catalog.regtype, 'encrypted_' OPERATOR(pg_catalog.||) r.plain);
+        EXECUTE pg_catalog.format('CREATE CAST (%s AS @extschema@.%I) WITH FUNCTION cellcrypt.%I(%s) AS ASSIGNMENT',
+                          r.source::pg_catalog.regtype, 'encrypted_' OPERATOR(pg_catalog.||) r.plain,
+                          r.source_name OPERATOR(pg_catalog.||) '_to_encrypted_' OPERATOR(pg_catalog.||) r.plain, r.source::pg_catalog.regtype);
+    END LOOP;
+END
+$$;
 "#,
     name = "types",
     requires = ["roles"]

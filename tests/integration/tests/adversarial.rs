@@ -906,13 +906,14 @@ fn refusal_hints_name_the_role_whatever_the_message_language() {
     }
 }
 
-/// A value given as the raw envelope bytes of an `encrypted_text` bind parameter (binary
-/// format), as a driver would send a value it read in binary.
+/// A value given as the envelope bytes of an `encrypted_text` bind parameter in binary format
+/// (the binary magic, then the envelope), as a driver would send a value it read in binary.
 #[derive(Debug)]
 struct Envelope(Vec<u8>);
 
 impl postgres::types::ToSql for Envelope {
     fn to_sql(&self, _: &postgres::types::Type, out: &mut postgres::types::private::BytesMut) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(b"\xCC\xCCcc");
         out.extend_from_slice(&self.0);
         Ok(postgres::types::IsNull::No)
     }

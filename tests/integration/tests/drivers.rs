@@ -1,0 +1,182 @@
+//! What drivers send, as the server sees it: parameters typed as something other than the
+//! column's plain type, and the assignment casts that take them (derived from pg_cast).
+
+use cellcrypt_integration::{Cluster, Transport};
+use postgres::types::Type;
+
+/// A literal of each source type pg_cast lets PostgreSQL assign to one of the plain types.
+const SAMPLES: &[(&str, &str)] = &[
+    ("character varying", "'varchar value'"),
+    ("character", "'bpchar value  '"),
+    ("name", "'a name'"),
+    ("\"char\"", "'c'"),
+    ("boolean", "true"),
+    ("xml", "'<a>x</a>'"),
+    ("cidr", "'10.0.0.0/8'"),
+    ("inet", "'10.1.2.3/16'"),
+    ("json", "'{\"b\": [1, 2], \"a\": 1}'"),
+    ("real", "5.5"),
+    ("double precision", "1234567.125"),
+    ("money", "'12.34'"),
+    ("numeric", "42.7"),
+    ("timestamp without time zone", "'2030-03-10 02:30'"),
+    ("timestamp with time zone", "'2030-03-10 02:30+00'"),
+    ("date", "'2030-03-10'"),
+    ("bigint", "9007199254740993"),
+    ("integer", "-7"),
+    ("smallint", "7"),
+    ("oid", "4000000000"),
+    ("regproc", "'1'"),
+    ("regprocedure", "'1'"),
+    ("regoper", "'1'"),
+    ("regoperator", "'1'"),
+    ("regclass", "'1'"),
+    ("regtype", "'1'"),
+    ("regconfig", "'1'"),
+    ("regdictionary", "'1'"),
+    ("regnamespace", "'1'"),
+    ("regrole", "'1'"),
+    ("regcollation", "'1'"),
+];
+
+/// Every type with an implicit or assignment cast to a plain type (pg_cast, as the extension
+/// reads it) can be assigned to the encrypted type, in a time zone with a daylight-saving gap:
+/// the stored plaintext equals what the plain column stores, for a literal and for a parameter
+/// the client typed as the source type (as psycopg types Python ints as smallint and floats as
+/// float8).
+#[test]
+fn every_assignment_to_a_plain_type_works_on_its_encrypted_type() {
+    let c = Cluster::start("assign", &[]);
+    c.database_with_extension("app");
+    let pairs = c.psql(
+        "app",
+        "SELECT format_type(c.castsource, NULL) || '|' || k FROM unnest(ARRAY['text', 'bytea', 'jsonb', 'numeric', 'date', 'timestamptz', 'int8']) k \
+         JOIN pg_cast c ON c.casttarget = k::regtype JOIN pg_type s ON s.oid = c.castsource \
+         WHERE c.castcontext IN ('a', 'i') AND c.castsource <> c.casttarget AND s.typtype = 'b' AND s.typcategory <> 'Z' \
+           AND s.typnamespace = 'pg_catalog'::regnamespace ORDER BY 1",
+    );
+    let mut client = c.connect(Transport::TcpSsl, "app");
+    client.batch_execute("SET TimeZone = 'America/New_York'").unwrap();
+    let mut checked = 0;
+    for line in pairs.lines().filter(|l| !l.is_empty()) {
+        let (source, plain) = line.split_once('|').unwrap();
+        let sample = SAMPLES.iter().find(|(t, _)| *t == source).map(|(_, v)| *v).unwrap_or_else(|| panic!("no sample for {source}"));
+        let cast = c.psql("app", &format!("SELECT count(*) FROM pg_cast WHERE castsource = '{source}'::regtype AND casttarget = 'encrypted_{plain}'::regtype AND castcontext = 'a'"));
+        assert_eq!(cast.trim(), "1", "an assignment cast from {source} to encrypted_{plain}");
+        client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS p, e; CREATE TABLE p (id int, v {plain}); CREATE TABLE e (id int, v encrypted_{plain}); \
+                 INSERT INTO p VALUES (1, CAST({sample} AS {source})); INSERT INTO e VALUES (1, CAST({sample} AS {source}));"
+            ))
+            .unwrap_or_else(|e| panic!("{source} into encrypted_{plain}: {e}"));
+        // The same value sent as a typed parameter, where the postgres crate can type it.
+        let typed: Option<(Type, Box<dyn postgres::types::ToSql + Sync>)> = match source {
+            "smallint" => Some((Type::INT2, Box::new(7i16))),
+            "integer" => Some((Type::INT4, Box::new(-7i32))),
+            "bigint" => Some((Type::INT8, Box::new(9007199254740993i64))),
+            "real" => Some((Type::FLOAT4, Box::new(5.5f32))),
+            "double precision" => Some((Type::FLOAT8, Box::new(1234567.125f64))),
+            "character varying" => Some((Type::VARCHAR, Box::new("varchar value"))),
+            "name" => Some((Type::NAME, Box::new("a name"))),
+            "boolean" => Some((Type::BOOL, Box::new(true))),
+            _ => None,
+        };
+        if let Some((ty, value)) = typed {
+            for table in ["p", "e"] {
+                let stmt = client.prepare_typed(&format!("INSERT INTO {table} VALUES (2, $1)"), &[ty.clone()]).unwrap();
+                client.execute(&stmt, &[value.as_ref()]).unwrap_or_else(|e| panic!("a {source} parameter into {table}: {e}"));
+            }
+        }
+        let same: bool = client
+            .query_one(
+                "SELECT array_agg(p.v::text ORDER BY p.id) IS NOT DISTINCT FROM (SELECT array_agg(decrypt(e.v)::text ORDER BY e.id) FROM e) FROM p",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let shown = c.psql("app", "SELECT (SELECT string_agg(v::text, ',' ORDER BY id) FROM p) || ' / ' || (SELECT string_agg(decrypt(v)::text, ',' ORDER BY id) FROM e)");
+        assert!(same, "{source} into {plain} and encrypted_{plain} differ: {shown}");
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} assignment casts checked");
+    println!("assignment casts checked against the plain columns: {checked}");
+}
+
+/// Bytes sent as they are, for a parameter of any type, in binary format.
+#[derive(Debug)]
+struct Raw(Vec<u8>);
+
+impl postgres::types::ToSql for Raw {
+    fn to_sql(&self, _: &Type, out: &mut postgres::types::private::BytesMut) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(postgres::types::IsNull::No)
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+    postgres::types::to_sql_checked!();
+}
+
+impl<'a> postgres::types::FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// A driver that sends plaintext in binary for a parameter the server typed as the encrypted
+/// type (node-postgres sends a Buffer so; others an int8 as 8 bytes) gets it encrypted, as the
+/// plain column would take it. A value read in binary (the magic, then the envelope) goes back
+/// in unchanged, as binary COPY does; a damaged one is refused with 22P03.
+#[test]
+fn binary_parameters_carry_plaintext_or_envelopes() {
+    let c = Cluster::start("binary", &[]);
+    c.database_with_extension("app");
+    let mut client = c.connect(Transport::TcpSsl, "app");
+    let cases = [
+        ("bytea", "byteasend", "'\\x0001ff6162'::bytea"),
+        ("bytea", "byteasend", "''::bytea"),
+        ("text", "textsend", "'binary text é'"),
+        ("int8", "int8send", "-9007199254740993"),
+        ("numeric", "numeric_send", "-12345.678900"),
+        ("date", "date_send", "'2030-03-10'::date"),
+        ("timestamptz", "timestamptz_send", "'2030-03-10 02:30:00.123456+00'::timestamptz"),
+        ("jsonb", "jsonb_send", "'{\"a\": [1, 2.5, \"x\"]}'::jsonb"),
+    ];
+    for (i, (plain, send, sample)) in cases.iter().enumerate() {
+        let table = format!("b{i}");
+        client.batch_execute(&format!("CREATE TABLE {table} (id int, v encrypted_{plain}, p {plain})")).unwrap();
+        // The plain type's binary form of the sample, as the server's own send function makes it.
+        let binary: Vec<u8> = client.query_one(&format!("SELECT {send}({sample})"), &[]).unwrap().get(0);
+        let n = client
+            .execute(&format!("INSERT INTO {table} VALUES (1, $1, {sample})"), &[&Raw(binary.clone())])
+            .unwrap_or_else(|e| panic!("binary {plain} plaintext: {e}"));
+        assert_eq!(n, 1);
+        let same: bool = client.query_one(&format!("SELECT decrypt(v) IS NOT DISTINCT FROM p FROM {table}"), &[]).unwrap().get(0);
+        assert!(same, "binary {plain} plaintext stored as sent");
+        // Read in binary: the magic and the envelope; sent back, the same envelope.
+        let Raw(read) = client.query_one(&format!("SELECT v FROM {table}"), &[]).unwrap().get(0);
+        assert_eq!(&read[..4], b"\xCC\xCCcc", "{plain}: the binary form starts with the magic");
+        assert_ne!(read[4..].to_vec(), binary, "{plain}: an envelope, not the plaintext");
+        client.execute(&format!("INSERT INTO {table} SELECT 2, $1, p FROM {table}"), &[&Raw(read.clone())]).unwrap();
+        let same: bool = client
+            .query_one(&format!("SELECT count(DISTINCT format('%s', v)) = 1 AND bool_and(decrypt(v) IS NOT DISTINCT FROM p) FROM {table}"), &[])
+            .unwrap()
+            .get(0);
+        assert!(same, "{plain}: the envelope read in binary went back in unchanged");
+        // A damaged envelope after the magic is refused, saying what the binary format is.
+        let mut bad = read.clone();
+        bad.truncate(10);
+        let e = client.execute(&format!("INSERT INTO {table} VALUES (3, $1, NULL)"), &[&Raw(bad)]).unwrap_err();
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(db.code().code(), "22P03", "{}", db.message());
+        assert!(db.detail().unwrap_or("").contains("CC CC 63 63"), "{:?}", db.detail());
+    }
+    // Plaintext that is not the plain type's binary format is refused as the plain type refuses it.
+    client.batch_execute("CREATE TABLE i (v encrypted_int8)").unwrap();
+    let e = client.execute("INSERT INTO i VALUES ($1)", &[&Raw(vec![0; 9])]).unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "22P03", "{e}");
+    assert_eq!(c.psql("app", "SELECT count(*) FROM i").trim(), "0");
+}
