@@ -4,7 +4,7 @@ export PGRX_HOME := $(CURDIR)/pgrx-config
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
 
-.PHONY: all setup build install install-dev install-majors demo demo-stop test test-core test-pg test-integration bench fuzz clean
+.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration bench fuzz clean
 
 all: build
 
@@ -49,8 +49,13 @@ install-majors: setup
 	@scripts/pg-major.sh 15.19.0 >/dev/null
 	@scripts/pg-major.sh 17.11.0 >/dev/null
 
+## The drivers of the driver matrix, from PyPI, npm and Debian (scripts/drivers.sh; kept in
+## target/drivers and tests/drivers/node/node_modules, reinstalled when their pins change).
+install-drivers: setup
+	@scripts/drivers.sh
+
 ## Real clusters driven over TCP (with and without SSL) and Unix sockets.
-test-integration: install-dev install-majors
+test-integration: install-dev install-majors install-drivers
 	cargo test -p cellcrypt-integration --no-fail-fast -- --test-threads=2
 
 ## Release build, its own tuned cluster, every case against its baselines in the same run:

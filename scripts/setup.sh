@@ -5,7 +5,7 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo openssl libssl-dev pkg-config gdb)
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo openssl libssl-dev pkg-config gdb libpostgresql-jdbc-java openjdk-17-jdk-headless)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

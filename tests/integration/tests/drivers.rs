@@ -180,3 +180,87 @@ fn binary_parameters_carry_plaintext_or_envelopes() {
     assert_eq!(e.as_db_error().unwrap().code().code(), "22P03", "{e}");
     assert_eq!(c.psql("app", "SELECT count(*) FROM i").trim(), "0");
 }
+
+/// Runs one driver program of `tests/drivers` against `c`'s database `app` and returns the
+/// number of checks it reports after `label`.
+fn run_matrix(c: &Cluster, label: &str, program: &str, args: &[&str]) -> usize {
+    let repo = cellcrypt_integration::repo();
+    let out = std::process::Command::new(repo.join(program))
+        .args(args)
+        .current_dir(&repo)
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", c.port.to_string())
+        .env("PGDATABASE", "app")
+        .env("PGUSER", "postgres")
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (make install-drivers installs it): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{label}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    print!("{stdout}");
+    let line = stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no summary from {label}:\n{stdout}"));
+    line.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+/// The driver matrix, on an SSL cluster, each driver installed from its ordinary registry by
+/// `make install-drivers`: psycopg 3 (text and binary cursors), psycopg2, asyncpg (with the
+/// README's codec setup), SQLAlchemy, node-postgres, knex and pgJDBC (every setter), each
+/// inserting, updating and upserting a native value of every encrypted type through
+/// parameters and prepared statements, reading it back with decrypt() compared with the same
+/// calls into a plain column, and reading the envelope.
+#[test]
+fn every_driver_writes_and_reads_encrypted_columns_as_plain_ones() {
+    let c = Cluster::start("drivers", &[]);
+    c.database_with_extension("app");
+    let python = run_matrix(&c, "python drivers:", "target/drivers/venv/bin/python", &["tests/drivers/python/matrix.py"]);
+    assert!(python >= 140, "{python} Python checks");
+    let node = run_matrix(&c, "node drivers:", "/usr/bin/env", &["node", "tests/drivers/node/matrix.js"]);
+    assert!(node >= 49, "{node} Node.js checks");
+    let java = run_matrix(&c, "java drivers:", "/usr/bin/env", &["java", "-cp", "/usr/share/java/postgresql.jar:target/drivers/java", "Matrix", "127.0.0.1", &c.port.to_string(), "app", "postgres"]);
+    assert!(java >= 51, "{java} JDBC checks");
+}
+
+/// The `postgres` crate types each parameter as the server infers it (the encrypted type) and
+/// checks the Rust value against it, so a plain Rust value needs the plain type named: a cast
+/// in the SQL (`$1::int8`) or `prepare_typed`. So written, it behaves as with a plain column.
+#[test]
+fn the_postgres_crate_writes_and_reads_with_the_plain_type_named() {
+    let c = Cluster::start("pgcrate", &[]);
+    c.database_with_extension("app");
+    let mut client = c.connect(Transport::TcpSsl, "app");
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_900_000_000_123_456);
+    let cases: Vec<(&str, Box<dyn postgres::types::ToSql + Sync>, Type)> = vec![
+        ("text", Box::new("héllo wörld"), Type::TEXT),
+        ("bytea", Box::new(vec![0u8, 1, 255]), Type::BYTEA),
+        ("int8", Box::new(1i64 << 40), Type::INT8),
+        ("int8", Box::new(7i32), Type::INT4),
+        ("numeric", Box::new(5.5f64), Type::FLOAT8),
+        ("timestamptz", Box::new(at), Type::TIMESTAMPTZ),
+    ];
+    for (i, (plain, value, ty)) in cases.iter().enumerate() {
+        let (p, e) = (format!("rp{i}"), format!("re{i}"));
+        client.batch_execute(&format!("CREATE TABLE {p} (id int PRIMARY KEY, v {plain}); CREATE TABLE {e} (id int PRIMARY KEY, v encrypted_{plain})")).unwrap();
+        for t in [&p, &e] {
+            // Named in the SQL ...
+            client.execute(&format!("INSERT INTO {t} VALUES (1, $1::{})", ty.name()), &[value.as_ref()]).unwrap_or_else(|x| panic!("{plain} into {t}: {x}"));
+            // ... or with prepare_typed, for an insert, an update and an upsert.
+            let ins = client.prepare_typed(&format!("INSERT INTO {t} VALUES (2, $1)"), &[ty.clone()]).unwrap();
+            client.execute(&ins, &[value.as_ref()]).unwrap();
+            let upd = client.prepare_typed(&format!("UPDATE {t} SET v = $1 WHERE id = 2"), &[ty.clone()]).unwrap();
+            client.execute(&upd, &[value.as_ref()]).unwrap();
+            let ups = client.prepare_typed(&format!("INSERT INTO {t} VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"), &[ty.clone()]).unwrap();
+            client.execute(&ups, &[value.as_ref()]).unwrap();
+        }
+        let same: bool = client
+            .query_one(&format!("SELECT array_agg(v::text ORDER BY id) = (SELECT array_agg(decrypt(v)::text ORDER BY id) FROM {e}) FROM {p}"), &[])
+            .unwrap()
+            .get(0);
+        assert!(same, "{plain} from {ty}");
+        // Unnamed, the crate refuses the Rust value before anything is sent (as it would for
+        // any type it does not know); nothing is written.
+        let refused = client.execute(&format!("INSERT INTO {e} VALUES (3, $1)"), &[value.as_ref()]).unwrap_err();
+        let why = format!("{refused:?}");
+        assert!(refused.as_db_error().is_none() && why.contains("WrongType") && why.contains("encrypted_"), "{why}");
+        let Raw(read) = client.query_one(&format!("SELECT v FROM {e} WHERE id = 1"), &[]).unwrap().get(0);
+        assert_eq!(&read[..4], b"\xCC\xCCcc");
+    }
+}
