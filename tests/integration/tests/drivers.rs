@@ -264,3 +264,53 @@ fn the_postgres_crate_writes_and_reads_with_the_plain_type_named() {
         assert_eq!(&read[..4], b"\xCC\xCCcc");
     }
 }
+
+/// sqlx types each parameter by the Rust value bound to it (Parse carries its type), so plain
+/// Rust values go into encrypted columns with no setup, by the assignment casts, as into plain
+/// columns: an insert, an update and an upsert, read back with decrypt() and as the envelope.
+#[test]
+fn sqlx_writes_and_reads_encrypted_columns_as_plain_ones() {
+    let c = Cluster::start("sqlx", &[]);
+    c.database_with_extension("app");
+    let url = format!("postgres://postgres@127.0.0.1:{}/app?sslmode=require", c.port);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        let mut checks = 0;
+        macro_rules! case {
+            ($plain:expr, $first:expr, $second:expr) => {{
+                let (p, e) = (format!("sx_p_{}", checks), format!("sx_e_{}", checks));
+                sqlx::raw_sql(&format!("CREATE TABLE {p} (id int PRIMARY KEY, v {}); CREATE TABLE {e} (id int PRIMARY KEY, v encrypted_{})", $plain, $plain))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                for t in [&p, &e] {
+                    for id in [1, 2] {
+                        sqlx::query(&format!("INSERT INTO {t} VALUES ($1, $2)")).bind(id).bind($first).execute(&mut conn).await
+                            .unwrap_or_else(|x| panic!("{} into {t}: {x}", $plain));
+                    }
+                    sqlx::query(&format!("UPDATE {t} SET v = $1 WHERE id = 2")).bind($second).execute(&mut conn).await.unwrap();
+                    sqlx::query(&format!("INSERT INTO {t} VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v")).bind($second).execute(&mut conn).await.unwrap();
+                }
+                let same: bool = sqlx::query_scalar(&format!(
+                    "SELECT array_agg(v::text ORDER BY id) = (SELECT array_agg(decrypt(v)::text ORDER BY id) FROM {e}) FROM {p}"
+                ))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                assert!(same, "{}", $plain);
+                let envelope: String = sqlx::query_scalar(&format!("SELECT format($$%s$$, v) FROM {e} WHERE id = 1")).fetch_one(&mut conn).await.unwrap();
+                assert!(envelope.starts_with("$cc$"), "{envelope}");
+                checks += 1;
+            }};
+        }
+        case!("text", "héllo wörld", String::from("second"));
+        case!("bytea", vec![0u8, 1, 255], vec![0xccu8, 0xcc]);
+        case!("int8", 7i16, 1i64 << 40);
+        case!("int8", 7i32, -1i64);
+        case!("numeric", 5.5f64, 7i32);
+        case!("numeric", 1i64 << 40, 0.25f32);
+        assert_eq!(checks, 6);
+    });
+}
