@@ -792,7 +792,14 @@ unsafe fn assign_path(flinfo: *mut pg_sys::FmgrInfo) -> AssignPath {
     path
 }
 
-v1_function!(pg_finfo_cellcrypt_assign, cellcrypt_assign, |fcinfo| {
+v1_function!(pg_finfo_cellcrypt_assign, cellcrypt_assign, |fcinfo| { assign(fcinfo) });
+// The symbols the integer casts of earlier builds name (their install scripts created them
+// with these); the same function now.
+v1_function!(pg_finfo_cellcrypt_int4_to_encrypted_int8, cellcrypt_int4_to_encrypted_int8, |fcinfo| { assign(fcinfo) });
+v1_function!(pg_finfo_cellcrypt_int8_to_encrypted_numeric, cellcrypt_int8_to_encrypted_numeric, |fcinfo| { assign(fcinfo) });
+v1_function!(pg_finfo_cellcrypt_int4_to_encrypted_numeric, cellcrypt_int4_to_encrypted_numeric, |fcinfo| { assign(fcinfo) });
+
+unsafe fn assign(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
     let path = assign_path((*fcinfo).flinfo);
     let value = arg(fcinfo, 0);
     let plain = match path.conversion {
@@ -804,7 +811,7 @@ v1_function!(pg_finfo_cellcrypt_assign, cellcrypt_assign, |fcinfo| {
         }
     };
     encrypt_plain_datum(path.kind, plain)
-});
+}
 
 kind_functions!(Kind::Text, pg_finfo_cellcrypt_encrypt_text, cellcrypt_encrypt_text, pg_finfo_cellcrypt_decrypt_text, cellcrypt_decrypt_text);
 kind_functions!(Kind::Bytea, pg_finfo_cellcrypt_encrypt_bytea, cellcrypt_encrypt_bytea, pg_finfo_cellcrypt_decrypt_bytea, cellcrypt_decrypt_bytea);
