@@ -51,8 +51,9 @@ install-majors: setup
 
 ## The drivers of the driver matrix, from PyPI, npm and Debian (scripts/drivers.sh; kept in
 ## target/drivers and tests/drivers/node/node_modules, reinstalled when their pins change).
+## A registry that cannot be reached fails the driver matrix only: the other suites still run.
 install-drivers: setup
-	@scripts/drivers.sh
+	-@scripts/drivers.sh
 
 ## Real clusters driven over TCP (with and without SSL) and Unix sockets.
 test-integration: install-dev install-majors install-drivers

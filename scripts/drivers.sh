@@ -10,6 +10,11 @@ cd "$(dirname "$0")/.."
 out=target/drivers
 mkdir -p "$out"
 
+for tool in python3 node npm javac; do
+    command -v "$tool" >/dev/null || { echo "drivers: $tool is missing (this machine kind provides Python 3 with pip and Node.js with npm; javac comes with make setup)" >&2; exit 1; }
+done
+[ -f /usr/share/java/postgresql.jar ] || { echo "drivers: /usr/share/java/postgresql.jar is missing: run make setup (Debian's libpostgresql-jdbc-java)" >&2; exit 1; }
+
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 
 sum=$(sha256sum tests/drivers/python/requirements.txt | cut -d' ' -f1)
@@ -17,7 +22,7 @@ if ! stamp_ok "$out/venv.stamp" "$sum"; then
     echo "drivers: installing the Python drivers from PyPI"
     rm -rf "$out/venv"
     python3 -m venv "$out/venv"
-    "$out/venv/bin/pip" install -q --disable-pip-version-check -r tests/drivers/python/requirements.txt
+    "$out/venv/bin/pip" install -q --disable-pip-version-check --no-deps -r tests/drivers/python/requirements.txt
     echo "$sum" >"$out/venv.stamp"
 fi
 

@@ -59,6 +59,17 @@ pub fn invalid_plaintext(type_name: &str, plain_type: &str) -> ! {
     )
 }
 
+/// Binary plaintext the plain type's receive function refused: 22P03, its reason not shown (it
+/// may quote the value).
+pub fn invalid_binary_plaintext(type_name: &str, plain_type: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_BINARY_REPRESENTATION,
+        format!("invalid binary value for type {type_name}: not a valid {plain_type} in binary format, nor an envelope"),
+        Some("The value is not shown, so it cannot leak into the server log. In binary, an encrypted value is the four bytes CC CC 63 63 followed by the envelope; anything else is taken as plaintext in the plain type's binary format."),
+        Some(&format!("Send the value as type {plain_type} in binary format, or in text format.")),
+    )
+}
+
 /// Not allowed to decrypt: 42501.
 pub fn decrypt_denied() -> ! {
     raise(

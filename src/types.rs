@@ -632,6 +632,16 @@ v1_function!(pg_finfo_cellcrypt_out, cellcrypt_out, |fcinfo| {
 /// The four bytes that start the binary form of an envelope.
 pub const BINARY_MAGIC: &[u8; 4] = b"\xCC\xCCcc";
 
+/// True when `bytes` is a well-formed envelope that opens under this database's keys as a
+/// value of `kind`.
+unsafe fn opens_here(kind: Kind, bytes: &[u8]) -> bool {
+    let Ok(env) = Envelope::parse(bytes) else { return false };
+    let Ok(keys) = keys::try_loaded() else { return false };
+    let Some(cipher) = keys.ring.get(env.key_id()) else { return false };
+    let mut out = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
+    with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut out)).is_ok()
+}
+
 // typsend(encrypted) → bytea: the magic, then the envelope.
 v1_function!(pg_finfo_cellcrypt_send, cellcrypt_send, |fcinfo| {
     let env = varlena_bytes(arg(fcinfo, 0));
@@ -656,10 +666,20 @@ v1_function!(pg_finfo_cellcrypt_recv, cellcrypt_recv, |fcinfo| {
         }
         buf.cursor = buf.len;
         new_varlena(env.len(), |out| out.copy_from_slice(env))
+    } else if opens_here(kind, bytes) {
+        // A bare envelope, as builds before the magic sent them (binary COPY files, a
+        // publisher of a binary subscription): taken as the envelope only when it opens under
+        // this database's keys as this type, which plaintext cannot do short of a GCM forgery.
+        buf.cursor = buf.len;
+        new_varlena(bytes.len(), |out| out.copy_from_slice(bytes))
     } else {
         let (mut receive, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
         pg_sys::getTypeBinaryInputInfo(kind.plain_oid(), &mut receive, &mut ioparam);
-        let plain = pg_sys::OidReceiveFunctionCall(receive, buf, ioparam, -1);
+        let buf: *mut pg_sys::StringInfoData = buf;
+        // The receive function's message may quote the value (jsonb's, text's): not shown.
+        let plain = PgTryBuilder::new(|| Datum::from(pg_sys::OidReceiveFunctionCall(receive, buf, ioparam, -1).value()))
+            .catch_others(|_| errors::invalid_binary_plaintext(kind.type_name(), kind.plain_name()))
+            .execute();
         encrypt_plain_datum(kind, plain)
     };
     if kind == Kind::Text { bind_to_column(d, typmod) } else { d }
@@ -742,7 +762,9 @@ macro_rules! kind_functions {
 /// How a source type becomes the plain type.
 #[derive(Clone, Copy)]
 enum Conversion {
-    Function(Oid),
+    /// The cast function and its number of arguments (a length-coercing one takes the typmod,
+    /// -1 here, and whether the cast is explicit, false).
+    Function(Oid, i32),
     Relabel,
     ViaIo { output: Oid, input: Oid, ioparam: Oid },
 }
@@ -766,7 +788,14 @@ unsafe fn assign_path(flinfo: *mut pg_sys::FmgrInfo) -> AssignPath {
     let plain = kind.plain_oid();
     let mut func = pg_sys::InvalidOid;
     let conversion = match pg_sys::find_coercion_pathway(plain, source, pg_sys::CoercionContext::COERCION_ASSIGNMENT, &mut func) {
-        pg_sys::CoercionPathType::COERCION_PATH_FUNC => Conversion::Function(func),
+        pg_sys::CoercionPathType::COERCION_PATH_FUNC => {
+            // The caller needs EXECUTE on the cast function, as when PostgreSQL runs the cast.
+            let acl = pg_sys::pg_proc_aclcheck(func, pg_sys::GetUserId(), pg_sys::ACL_EXECUTE as pg_sys::AclMode);
+            if acl != pg_sys::AclResult::ACLCHECK_OK {
+                pg_sys::aclcheck_error(acl, pg_sys::ObjectType::OBJECT_FUNCTION, pg_sys::get_func_name(func));
+            }
+            Conversion::Function(func, pg_sys::get_func_nargs(func))
+        }
         pg_sys::CoercionPathType::COERCION_PATH_RELABELTYPE => Conversion::Relabel,
         pg_sys::CoercionPathType::COERCION_PATH_COERCEVIAIO => {
             let (mut output, mut varlena, mut input, mut ioparam) = (pg_sys::InvalidOid, false, pg_sys::InvalidOid, pg_sys::InvalidOid);
@@ -803,11 +832,16 @@ unsafe fn assign(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
     let path = assign_path((*fcinfo).flinfo);
     let value = arg(fcinfo, 0);
     let plain = match path.conversion {
-        Conversion::Function(f) => pg_sys::OidFunctionCall1Coll(f, (*fcinfo).fncollation, value),
+        Conversion::Function(f, 1) => pg_sys::OidFunctionCall1Coll(f, (*fcinfo).fncollation, value),
+        Conversion::Function(f, 2) => pg_sys::OidFunctionCall2Coll(f, (*fcinfo).fncollation, value, Datum::from(-1i32)),
+        Conversion::Function(f, _) => pg_sys::OidFunctionCall3Coll(f, (*fcinfo).fncollation, value, Datum::from(-1i32), Datum::from(false)),
         Conversion::Relabel => value,
         Conversion::ViaIo { output, input, ioparam } => {
+            // The input function's message may quote the value (jsonb_in does): not shown.
             let text = pg_sys::OidOutputFunctionCall(output, value);
-            pg_sys::OidInputFunctionCall(input, text, ioparam, -1)
+            PgTryBuilder::new(|| Datum::from(pg_sys::OidInputFunctionCall(input, text, ioparam, -1).value()))
+                .catch_others(|_| errors::invalid_plaintext(path.kind.type_name(), path.kind.plain_name()))
+                .execute()
         }
     };
     encrypt_plain_datum(path.kind, plain)
