@@ -369,3 +369,41 @@ pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> postgres::
         Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("not a server error: {e}")),
     }
 }
+
+/// A literal of each plain type and of each type pg_cast lets PostgreSQL assign to one of them
+/// (by `format_type` name): what the cast tests (`drivers.rs`, `security.rs`) cast.
+pub const SAMPLES: &[(&str, &str)] = &[
+    ("text", "'text value'"),
+    ("bytea", "'\\x00ff'"),
+    ("jsonb", "'{\"k\": 1}'"),
+    ("character varying", "'varchar value'"),
+    ("character", "'bpchar value  '"),
+    ("name", "'a name'"),
+    ("boolean", "true"),
+    ("xml", "'<a>x</a>'"),
+    ("cidr", "'10.0.0.0/8'"),
+    ("inet", "'10.1.2.3/16'"),
+    ("json", "'{\"b\": [1, 2], \"a\": 1}'"),
+    ("real", "5.5"),
+    ("double precision", "1234567.125"),
+    ("money", "'12.34'"),
+    ("numeric", "42.7"),
+    ("timestamp without time zone", "'2030-03-10 02:30'"),
+    ("timestamp with time zone", "'2030-03-10 02:30+00'"),
+    ("date", "'2030-03-10'"),
+    ("bigint", "9007199254740993"),
+    ("integer", "-7"),
+    ("smallint", "7"),
+    ("oid", "4000000000"),
+    ("regproc", "'1'"),
+    ("regprocedure", "'1'"),
+    ("regoper", "'1'"),
+    ("regoperator", "'1'"),
+    ("regclass", "'1'"),
+    ("regtype", "'1'"),
+    ("regconfig", "'1'"),
+    ("regdictionary", "'1'"),
+    ("regnamespace", "'1'"),
+    ("regrole", "'1'"),
+    ("regcollation", "'1'"),
+];

@@ -1,42 +1,9 @@
 //! What drivers send, as the server sees it: parameters typed as something other than the
 //! column's plain type, and the assignment casts that take them (derived from pg_cast).
 
-use cellcrypt_integration::{Cluster, Transport};
+use cellcrypt_integration::{Cluster, Transport, SAMPLES};
 use postgres::types::Type;
 
-/// A literal of each source type pg_cast lets PostgreSQL assign to one of the plain types.
-const SAMPLES: &[(&str, &str)] = &[
-    ("character varying", "'varchar value'"),
-    ("character", "'bpchar value  '"),
-    ("name", "'a name'"),
-    ("boolean", "true"),
-    ("xml", "'<a>x</a>'"),
-    ("cidr", "'10.0.0.0/8'"),
-    ("inet", "'10.1.2.3/16'"),
-    ("json", "'{\"b\": [1, 2], \"a\": 1}'"),
-    ("real", "5.5"),
-    ("double precision", "1234567.125"),
-    ("money", "'12.34'"),
-    ("numeric", "42.7"),
-    ("timestamp without time zone", "'2030-03-10 02:30'"),
-    ("timestamp with time zone", "'2030-03-10 02:30+00'"),
-    ("date", "'2030-03-10'"),
-    ("bigint", "9007199254740993"),
-    ("integer", "-7"),
-    ("smallint", "7"),
-    ("oid", "4000000000"),
-    ("regproc", "'1'"),
-    ("regprocedure", "'1'"),
-    ("regoper", "'1'"),
-    ("regoperator", "'1'"),
-    ("regclass", "'1'"),
-    ("regtype", "'1'"),
-    ("regconfig", "'1'"),
-    ("regdictionary", "'1'"),
-    ("regnamespace", "'1'"),
-    ("regrole", "'1'"),
-    ("regcollation", "'1'"),
-];
 
 /// Every type with an implicit or assignment cast to a plain type (pg_cast, as the extension
 /// reads it) can be assigned to the encrypted type, in a time zone with a daylight-saving gap:

@@ -562,7 +562,13 @@ fn schema_ddl_in_a_users_transaction_never_deadlocks_with_the_worker() {
 
 /// `pg_restore` of `file` into `db` with `args`; the caller checks the outcome.
 fn restore(c: &Cluster, db: &str, args: &[&str], file: &std::path::Path) -> std::process::Output {
+    restore_with(c, db, args, file, "")
+}
+
+/// As [`restore`], with `PGOPTIONS` set to `options` for the restoring sessions.
+fn restore_with(c: &Cluster, db: &str, args: &[&str], file: &std::path::Path, options: &str) -> std::process::Output {
     std::process::Command::new(c.bin.join("pg_restore"))
+        .env("PGOPTIONS", options)
         .args(["-U", "postgres", "--exit-on-error", "-h"])
         .arg(&c.dir)
         .arg("-p")
@@ -634,16 +640,7 @@ fn a_data_only_restore_never_replaces_a_keyring_its_data_needs() {
     c.createdb("fresh_rr");
     let out = restore(&c, "fresh_rr", &["--schema-only"], &other_dump);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new(c.bin.join("pg_restore"))
-        .env("PGOPTIONS", "-c default_transaction_isolation=repeatable\\ read")
-        .args(["-U", "postgres", "--exit-on-error", "--data-only", "-h"])
-        .arg(&c.dir)
-        .arg("-p")
-        .arg(c.port.to_string())
-        .args(["-d", "fresh_rr"])
-        .arg(&other_dump)
-        .output()
-        .unwrap();
+    let out = restore_with(&c, "fresh_rr", &["--data-only"], &other_dump, "-c default_transaction_isolation=repeatable\\ read");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in a REPEATABLE READ or SERIALIZABLE transaction"), "{err}");

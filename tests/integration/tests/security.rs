@@ -452,42 +452,6 @@ fn privileges_matrix() {
 
     // Every cast the extension defines, each way: casts to an encrypted type (encrypting) are
     // anyone's, casts from one (decrypting) readers' and superusers' only.
-    let samples = [
-        ("text", "'x'"),
-        ("character varying", "'x'"),
-        ("character", "'x'"),
-        ("name", "'x'"),
-        ("\"char\"", "'x'"),
-        ("boolean", "true"),
-        ("xml", "'<a/>'"),
-        ("cidr", "'10.0.0.0/8'"),
-        ("inet", "'10.0.0.1'"),
-        ("bytea", "'\\x00'"),
-        ("jsonb", "'{}'"),
-        ("json", "'{}'"),
-        ("numeric", "1.5"),
-        ("real", "1.5"),
-        ("double precision", "1.5"),
-        ("money", "1.5"),
-        ("date", "'2030-01-01'"),
-        ("timestamp with time zone", "'2030-01-01 00:00+00'"),
-        ("timestamp without time zone", "'2030-01-01 00:00'"),
-        ("bigint", "7"),
-        ("integer", "7"),
-        ("smallint", "7"),
-        ("oid", "7"),
-        ("regproc", "'1'"),
-        ("regprocedure", "'1'"),
-        ("regoper", "'1'"),
-        ("regoperator", "'1'"),
-        ("regclass", "'1'"),
-        ("regtype", "'1'"),
-        ("regconfig", "'1'"),
-        ("regdictionary", "'1'"),
-        ("regnamespace", "'1'"),
-        ("regrole", "'1'"),
-        ("regcollation", "'1'"),
-    ];
     let casts = c.psql(
         "app",
         "SELECT format_type(castsource, NULL) || '|' || format_type(casttarget, NULL) FROM pg_cast \
@@ -496,7 +460,7 @@ fn privileges_matrix() {
     let mut n = 0;
     for line in casts.lines().filter(|l| !l.is_empty()) {
         let (source, target) = line.split_once('|').unwrap();
-        let sample = |ty: &str| samples.iter().find(|(t, _)| *t == ty).map(|(_, v)| format!("{v}::{ty}"));
+        let sample = |ty: &str| cellcrypt_integration::SAMPLES.iter().find(|(t, _)| *t == ty).map(|(_, v)| format!("{v}::{ty}"));
         let (probe, expected) = if source == "encrypted_text" && target == "encrypted_text" {
             // The length coercion to a registered column's encrypted_text(<id>): it binds the
             // value to the column, so copying an existing envelope there needs the reader role.
