@@ -237,6 +237,9 @@ fn the_postgres_crate_writes_and_reads_with_the_plain_type_named() {
         ("int8", Box::new(7i32), Type::INT4),
         ("numeric", Box::new(5.5f64), Type::FLOAT8),
         ("timestamptz", Box::new(at), Type::TIMESTAMPTZ),
+        ("timestamptz", Box::new(chrono::DateTime::<chrono::Utc>::from_timestamp(1_900_000_000, 123_456_000).unwrap()), Type::TIMESTAMPTZ),
+        ("date", Box::new(chrono::NaiveDate::from_ymd_opt(2030, 3, 10).unwrap()), Type::DATE),
+        ("jsonb", Box::new(serde_json::json!({"a": [1, 2.5, "x"], "b": null})), Type::JSONB),
     ];
     for (i, (plain, value, ty)) in cases.iter().enumerate() {
         let (p, e) = (format!("rp{i}"), format!("re{i}"));
@@ -269,7 +272,8 @@ fn the_postgres_crate_writes_and_reads_with_the_plain_type_named() {
 
 /// sqlx types each parameter by the Rust value bound to it (Parse carries its type), so plain
 /// Rust values go into encrypted columns with no setup, by the assignment casts, as into plain
-/// columns: an insert, an update and an upsert, read back with decrypt() and as the envelope.
+/// columns: for every encrypted type (strings, bytes, integers, floats, chrono dates and times,
+/// `Json`), an insert, an update and an upsert, read back with decrypt() and as the envelope.
 #[test]
 fn sqlx_writes_and_reads_encrypted_columns_as_plain_ones() {
     let c = Cluster::start("sqlx", &[]);
@@ -313,6 +317,13 @@ fn sqlx_writes_and_reads_encrypted_columns_as_plain_ones() {
         case!("int8", 7i32, -1i64);
         case!("numeric", 5.5f64, 7i32);
         case!("numeric", 1i64 << 40, 0.25f32);
-        assert_eq!(checks, 6);
+        case!("date", chrono::NaiveDate::from_ymd_opt(2030, 3, 10).unwrap(), chrono::NaiveDate::from_ymd_opt(1999, 12, 31).unwrap());
+        case!(
+            "timestamptz",
+            chrono::DateTime::<chrono::Utc>::from_timestamp(1_900_000_000, 123_456_000).unwrap(),
+            chrono::DateTime::<chrono::Utc>::from_timestamp(1_000_000_000, 0).unwrap()
+        );
+        case!("jsonb", sqlx::types::Json(serde_json::json!({"a": [1, 2.5, "x"]})), sqlx::types::Json(serde_json::json!({"b": null})));
+        assert_eq!(checks, 9);
     });
 }
