@@ -176,6 +176,24 @@ fn binary_parameters_carry_plaintext_or_envelopes() {
     let said = format!("{} {:?} {:?} {:?}", db.message(), db.detail(), db.hint(), db.where_());
     assert!(!said.contains("123-45-6789"), "{said}");
     assert!(!c.server_log().contains("123-45-6789"), "the value reached the server log");
+    // Into a column registered for a blind index, binary plaintext is bound to the column (the
+    // lookup finds it), as text plaintext is; binary COPY keeps the bound envelopes.
+    client
+        .batch_execute("CREATE TABLE reg (id int, email encrypted_text); INSERT INTO reg VALUES (0, 'seed@example.com'); SELECT register_blind_index('reg', 'email', 'lower_trim')")
+        .unwrap();
+    client.execute("INSERT INTO reg VALUES (1, $1)", &[&Raw(b"Alice@Example.com".to_vec())]).unwrap();
+    let found: String = client
+        .query_one("SELECT string_agg(id::text, ',' ORDER BY id) FROM reg WHERE blind_index(email) = blind_index(' alice@example.com', 'reg', 'email')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(found, "1", "binary plaintext bound to the registered column");
+    let bin = c.dir.join("reg.bin");
+    client.batch_execute(&format!("COPY reg TO '{}' (FORMAT binary); CREATE TABLE reg2 (LIKE reg); COPY reg2 FROM '{}' (FORMAT binary)", bin.display(), bin.display())).unwrap_or_else(|e| panic!("{e}"));
+    let same: bool = client
+        .query_one("SELECT array_agg(format('%s', email) ORDER BY id) = (SELECT array_agg(format('%s', email) ORDER BY id) FROM reg2) FROM reg", &[])
+        .unwrap()
+        .get(0);
+    assert!(same, "binary COPY of a registered column keeps its envelopes");
     // Plaintext that is not the plain type's binary format is refused as the plain type refuses it.
     client.batch_execute("CREATE TABLE i (v encrypted_int8)").unwrap();
     let e = client.execute("INSERT INTO i VALUES ($1)", &[&Raw(vec![0; 9])]).unwrap_err();
