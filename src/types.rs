@@ -790,7 +790,10 @@ unsafe fn assign_path(flinfo: *mut pg_sys::FmgrInfo) -> AssignPath {
     let conversion = match pg_sys::find_coercion_pathway(plain, source, pg_sys::CoercionContext::COERCION_ASSIGNMENT, &mut func) {
         pg_sys::CoercionPathType::COERCION_PATH_FUNC => {
             // The caller needs EXECUTE on the cast function, as when PostgreSQL runs the cast.
+            #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
             let acl = pg_sys::pg_proc_aclcheck(func, pg_sys::GetUserId(), pg_sys::ACL_EXECUTE as pg_sys::AclMode);
+            #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+            let acl = pg_sys::object_aclcheck(pg_sys::ProcedureRelationId, func, pg_sys::GetUserId(), pg_sys::ACL_EXECUTE as pg_sys::AclMode);
             if acl != pg_sys::AclResult::ACLCHECK_OK {
                 pg_sys::aclcheck_error(acl, pg_sys::ObjectType::OBJECT_FUNCTION, pg_sys::get_func_name(func));
             }
