@@ -262,8 +262,6 @@ unsafe fn redact(e: &mut pg_sys::ErrorData) {
     if (named || redact_all) && e.elevel >= pg_sys::PGERROR as i32 {
         hide_activity(pg_sys::debug_query_string);
     }
-    // Our own messages never carry a key (see errors.rs) and are left whole; PostgreSQL's own
-    // (the logged statement, its parameters, a syntax error) are redacted.
     // Our own message, detail and hint never carry a key (see errors.rs) and are left whole;
     // PostgreSQL's own (the logged statement, its parameters, a syntax error) are redacted, and
     // so are the context and the internal query of every message, ours included: PostgreSQL

@@ -227,9 +227,7 @@ pub extern "C" fn pg_finfo_cellcrypt_refuse_restore_over_live_data() -> &'static
 
 #[unsafe(no_mangle)]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // The restoring session (pid@start): its rows, like every restored row, are not live.
-    let _me = pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0).unwrap_or_default();
+pub unsafe extern "C-unwind" fn cellcrypt_refuse_restore_over_live_data(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // One restoring session at a time, each looking with the latest snapshot, not its COPY's:
     // with pg_restore -j, the keyring may have been replaced by another session of the same
     // restore after this statement began, and a value written after it began must be seen.
@@ -573,9 +571,7 @@ fn require_command_prints(new_key: &AdminKey, current: &KeyRow, new_version: u32
     let current_version = current.version;
     let printed = providers::command::keys().unwrap_or_else(|e| KeyUnavailable::ProviderError(e).raise());
     let prints_new = printed.iter().any(|(v, text)| *v == Some(new_version) && AdminKey::parse(text).is_ok_and(|k| k.same_as(new_key)));
-    let prints_current = || {
-        printed.iter().any(|(v, text)| *v == Some(current_version) && AdminKey::parse(text).is_ok_and(|k| keys::verify(current, &k).is_ok()))
-    };
+    let prints_current = || keys::is_key_of(current, printed.iter().filter(|(v, _)| *v == Some(current_version)).map(|(_, text)| text.as_str()));
     // Both: until the change commits (or if it rolls back) the current key is still the one in use.
     if !(prints_new && prints_current()) {
         policy::refuse("set_data_encryption_key()", "pg_cellcrypt.key_command does not print the new key yet");
@@ -604,15 +600,17 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
         policy::refuse("set_data_encryption_key()", "key with a control character");
         weak_key("it contains a control character (a line break, a tab)");
     }
+    // The key file as it is, read once (no other key call can write it: this one holds the
+    // key-change lock).
+    let file_before = (providers::current() == KeyProvider::File).then(|| providers::file::read_all().unwrap_or_else(|e| key_io_error(e)));
     // Setting the key that is already current changes nothing: the given key, run through
     // Argon2id with the current version's salt, has its fingerprint. (Neither the shared cache
     // nor this backend holds the current key's text to compare with.)
     if keys::verify(current, &new_key).is_ok() {
         // A key file that lost the current key (overwritten, or deleted, while the server ran)
         // gets it back: this is how an administrator repairs it with the copy they kept.
-        if providers::current() == KeyProvider::File {
-            let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
-            if !keys::file_holds_current_key(&before) {
+        if let Some(before) = file_before {
+            if !keys::file_holds_key(current, &before) {
                 store_key_file(before.clone(), &with_key(before, current.version, new_key.as_str()));
                 audit::record(&Event {
                     action: "change",
@@ -638,10 +636,7 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
     }
     let loaded = keys::assemble(keys::keyring_relid(), keys::generation_now(), rows, old);
     // Above every version the keyring, the rows a restore replaced and the key file know.
-    let in_file = match providers::current() {
-        KeyProvider::File => providers::file::read_all().unwrap_or_else(|e| key_io_error(e)).iter().map(|(v, _)| *v).max().unwrap_or(0),
-        _ => 0,
-    };
+    let in_file = file_before.iter().flatten().map(|(v, _)| *v).max().unwrap_or(0);
     let new_version = crate::store::max_key_version().unwrap_or(current.version).max(current.version).max(in_file) + 1;
     if new_version > cellcrypt_core::envelope::MAX_KEY_VERSION {
         errors::raise(
@@ -656,15 +651,14 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
     if providers::current() == KeyProvider::Command {
         require_command_prints(&new_key, current, new_version);
     }
-    let mut lost_note = None;
-    if providers::current() == KeyProvider::File {
-        let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
+    let mut notes = Vec::new();
+    if let Some(before) = &file_before {
         // The file must still hold the key being replaced, verified: backups and point-in-
         // time recovery from before the change need it, and no memory holds its text. A
         // file that lost it (overwritten or deleted while the server ran) is repaired by
         // setting the current key again; only when that key is lost too may a superuser
         // let the change go on (it re-encrypts everything from the keys in memory).
-        if !keys::file_holds_current_key(&before) {
+        if !keys::file_holds_key(current, before) {
             if !crate::gucs::CHANGE_WITH_LOST_KEY.get() {
                 policy::refuse("set_data_encryption_key()", "the key file does not hold the current key");
                 errors::raise(
@@ -683,7 +677,7 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
                 "pg_cellcrypt: the key file had lost key version {} (the key being replaced); backups taken before this change cannot be read without it",
                 current.version
             );
-            lost_note = Some(format!("the key file had lost key version {}", current.version));
+            notes.push(format!("the key file had lost key version {}", current.version));
         }
     }
     let (salt, params, master) = derive_new(&new_key);
@@ -700,16 +694,12 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
     insert_key_row(new_version, &salt, &params, &master);
     drop(master);
 
-    let mut notes = Vec::new();
     match providers::current() {
         KeyProvider::File => {
             // The file gains the new version before commit and keeps every older one after it:
             // a crash at any point finds the version the keyring says is current, and a backup
             // or point-in-time recovery from before the change finds the key it needs.
-            let before = providers::file::read_all().unwrap_or_else(|e| key_io_error(e));
-            if let Some(note) = &lost_note {
-                notes.push(note.clone());
-            }
+            let before = file_before.expect("read above with the file provider");
             let after = with_key(before.clone(), new_version, new_key.as_str());
             store_key_file(before, &after);
             crate::fault::point("change:key_file_written");

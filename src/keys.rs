@@ -249,11 +249,17 @@ pub fn read_key_rows() -> Vec<KeyRow> {
 /// with Argon2id against its fingerprint.
 pub fn file_holds_current_key(entries: &[(u32, zeroize::Zeroizing<String>)]) -> bool {
     let rows = read_key_rows();
-    let Some(current) = rows.first().filter(|r| r.state == "current") else { return false };
-    entries
-        .iter()
-        .filter(|(v, _)| *v == current.version)
-        .any(|(_, text)| AdminKey::parse(text).is_ok_and(|k| verify(current, &k).is_ok()))
+    rows.first().filter(|r| r.state == "current").is_some_and(|current| file_holds_key(current, entries))
+}
+
+/// True when `entries` (a key file's) hold the key of `row`'s version.
+pub fn file_holds_key(row: &KeyRow, entries: &[(u32, zeroize::Zeroizing<String>)]) -> bool {
+    is_key_of(row, entries.iter().filter(|(v, _)| *v == row.version).map(|(_, text)| text.as_str()))
+}
+
+/// True when one of `texts` is `row`'s key: verified with Argon2id against its fingerprint.
+pub fn is_key_of<'a>(row: &KeyRow, mut texts: impl Iterator<Item = &'a str>) -> bool {
+    texts.any(|text| AdminKey::parse(text).is_ok_and(|k| verify(row, &k).is_ok()))
 }
 
 /// Derives `key`'s master key with the row's salt and parameters and checks it against the
@@ -529,8 +535,8 @@ REVOKE ALL ON cellcrypt.replaced_key_row FROM PUBLIC;
 COMMENT ON TABLE cellcrypt.replaced_key_row IS 'Key table rows that a restore from a dump replaced (kept, never used)';
 CREATE FUNCTION cellcrypt._keyring_write_is_internal() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_keyring_write_is_internal' LANGUAGE c VOLATILE;
-CREATE FUNCTION cellcrypt._refuse_restore_over_live_data(text) RETURNS void
-    AS 'MODULE_PATHNAME', 'cellcrypt_refuse_restore_over_live_data' LANGUAGE c VOLATILE STRICT;
+CREATE FUNCTION cellcrypt._refuse_restore_over_live_data() RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_refuse_restore_over_live_data' LANGUAGE c VOLATILE;
 CREATE FUNCTION cellcrypt._before_insert_from_dump() RETURNS trigger LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -561,7 +567,7 @@ BEGIN
         IF FOUND THEN
             RETURN NULL;
         END IF;
-        PERFORM cellcrypt._refuse_restore_over_live_data(me);
+        PERFORM cellcrypt._refuse_restore_over_live_data();
         EXECUTE pg_catalog.format(
             'WITH gone AS (DELETE FROM %I.%I k WHERE k.restored_by IS DISTINCT FROM %L RETURNING k.*) '
             'INSERT INTO cellcrypt.replaced_key_row (table_name, key_row) SELECT %L, pg_catalog.to_jsonb(gone) FROM gone',
@@ -574,7 +580,7 @@ END
 $$;
 REVOKE ALL ON FUNCTION cellcrypt._before_insert_from_dump() FROM PUBLIC;
 REVOKE ALL ON FUNCTION cellcrypt._keyring_write_is_internal() FROM PUBLIC;
-REVOKE ALL ON FUNCTION cellcrypt._refuse_restore_over_live_data(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cellcrypt._refuse_restore_over_live_data() FROM PUBLIC;
 CREATE TRIGGER keyring_before_insert BEFORE INSERT ON cellcrypt.keyring
     FOR EACH ROW EXECUTE FUNCTION cellcrypt._before_insert_from_dump();
 CREATE TRIGGER index_key_before_insert BEFORE INSERT ON cellcrypt.index_key

@@ -296,9 +296,6 @@ pub mod file {
 pub mod command {
     use super::*;
 
-    /// How long the command may take.
-
-
     /// The keys the command prints: either one bare key (the current one), or, when its output
     /// starts with a line beginning `# pg_cellcrypt`, the key file format (`<version> <key>` per
     /// line), which can hold the current key and the next one while a change is made.

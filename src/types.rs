@@ -624,22 +624,28 @@ v1_function!(pg_finfo_cellcrypt_out, cellcrypt_out, |fcinfo| {
 // [`BINARY_MAGIC`] followed by the envelope bytes. Anything else a client sends in binary is
 // the plaintext in the plain type's own binary format (a driver that sends a bytea parameter
 // as binary, an int8 as 8 bytes), received by the plain type's receive function and encrypted.
-// The one ambiguity, as `$cc$` is for text: a bytea plaintext that starts with the magic and
-// continues as a well-formed envelope is taken for an envelope. No valid text, jsonb or numeric
-// binary value starts with the magic (0xCC 0xCC is not UTF-8, not a jsonb version, not a digit
-// count), and the fixed-size types are too short to hold an envelope.
+// The ambiguity, as `$cc$` is for text: a plaintext that starts with the magic and continues as
+// a well-formed envelope is taken for an envelope. A bytea can; a text can only in a client
+// encoding where 0xCC 0xCC is valid (it is not UTF-8); no jsonb or numeric binary value can
+// (0xCC is neither a jsonb version nor a positive digit count), and the fixed-size types are
+// too short to hold an envelope.
 
 /// The four bytes that start the binary form of an envelope.
 pub const BINARY_MAGIC: &[u8; 4] = b"\xCC\xCCcc";
 
 /// True when `bytes` is a well-formed envelope that opens under this database's keys as a
 /// value of `kind`.
-unsafe fn opens_here(kind: Kind, bytes: &[u8]) -> bool {
+fn opens_here(kind: Kind, bytes: &[u8]) -> bool {
     let Ok(env) = Envelope::parse(bytes) else { return false };
-    let Ok(keys) = keys::try_loaded() else { return false };
+    keys::try_loaded().is_ok_and(|keys| opens_with(&keys, kind, &env))
+}
+
+/// True when `env` opens under `keys` as a value of `kind` (the plaintext, in a zeroized buffer,
+/// is dropped at once).
+fn opens_with(keys: &keys::LoadedKeys, kind: Kind, env: &Envelope) -> bool {
     let Some(cipher) = keys.ring.get(env.key_id()) else { return false };
     let mut out = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
-    with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut out)).is_ok()
+    with_context(kind, |ctx| cipher.open_into(env, ctx, &mut out)).is_ok()
 }
 
 // typsend(encrypted) → bytea: the magic, then the envelope.
@@ -735,11 +741,7 @@ v1_function!(pg_finfo_cellcrypt_opens, cellcrypt_opens, |fcinfo| {
     let Ok(keys) = keys::try_loaded() else {
         return Datum::from(true);
     };
-    let Some(cipher) = keys.ring.get(env.key_id()) else {
-        return Datum::from(false);
-    };
-    let mut buf = zeroize::Zeroizing::new(vec![0u8; env.plaintext_len()]);
-    Datum::from(with_context(kind, |ctx| cipher.open_into(&env, ctx, &mut buf).is_ok()))
+    Datum::from(opens_with(&keys, kind, &env))
 });
 
 macro_rules! kind_functions {
@@ -777,8 +779,8 @@ struct AssignPath {
 
 /// The conversion of this cast function, from its own signature; cached in `fn_extra`.
 unsafe fn assign_path(flinfo: *mut pg_sys::FmgrInfo) -> AssignPath {
-    if !(*flinfo).fn_extra.is_null() {
-        return *((*flinfo).fn_extra as *const AssignPath);
+    if let Some(path) = fn_extra::<AssignPath>(flinfo) {
+        return path;
     }
     let mut argtypes: *mut Oid = std::ptr::null_mut();
     let mut nargs = 0;
@@ -818,9 +820,7 @@ unsafe fn assign_path(flinfo: *mut pg_sys::FmgrInfo) -> AssignPath {
         ),
     };
     let path = AssignPath { kind, conversion };
-    let cached = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<AssignPath>()) as *mut AssignPath;
-    cached.write(path);
-    (*flinfo).fn_extra = cached.cast();
+    set_fn_extra(flinfo, path);
     path
 }
 
