@@ -201,7 +201,10 @@ fn binary_parameters_carry_plaintext_or_envelopes() {
     assert_eq!(c.psql("app", "SELECT count(*) FROM i").trim(), "0");
 }
 
-/// Runs one driver program of `tests/drivers` against `c`'s database `app` and returns the
+/// The role the driver programs connect as.
+const APP_ROLE: &str = "app_writer";
+
+/// Runs one driver program of `tests/drivers` against `c`'s database `app`, as [`APP_ROLE`], and returns the
 /// number of checks it reports after `label`.
 fn run_matrix(c: &Cluster, label: &str, program: &str, args: &[&str]) -> usize {
     let repo = cellcrypt_integration::repo();
@@ -211,7 +214,7 @@ fn run_matrix(c: &Cluster, label: &str, program: &str, args: &[&str]) -> usize {
         .env("PGHOST", "127.0.0.1")
         .env("PGPORT", c.port.to_string())
         .env("PGDATABASE", "app")
-        .env("PGUSER", "postgres")
+        .env("PGUSER", APP_ROLE)
         .output()
         .unwrap_or_else(|e| panic!("{program} (make install-drivers installs it): {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -221,7 +224,8 @@ fn run_matrix(c: &Cluster, label: &str, program: &str, args: &[&str]) -> usize {
     line.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line}"))
 }
 
-/// The driver matrix, on an SSL cluster, each driver installed from its ordinary registry by
+/// The driver matrix, on an SSL cluster, as an application's role (no superuser), each driver
+/// installed from its ordinary registry by
 /// `make install-drivers`: psycopg 3 (text and binary cursors), psycopg2, asyncpg (with the
 /// README's codec setup), SQLAlchemy, node-postgres, knex and pgJDBC (every setter), each
 /// inserting, updating and upserting a native value of every encrypted type through
@@ -231,11 +235,14 @@ fn run_matrix(c: &Cluster, label: &str, program: &str, args: &[&str]) -> usize {
 fn every_driver_writes_and_reads_encrypted_columns_as_plain_ones() {
     let c = Cluster::start("drivers", &[]);
     c.database_with_extension("app");
+    // An application's role, not a superuser: it creates its tables and reads plaintext as a
+    // member of data_encryption_reader, nothing more.
+    c.psql("app", &format!("CREATE ROLE {APP_ROLE} LOGIN IN ROLE data_encryption_reader; GRANT CREATE ON SCHEMA public TO {APP_ROLE}"));
     let python = run_matrix(&c, "python drivers:", "target/drivers/venv/bin/python", &["tests/drivers/python/matrix.py"]);
     assert!(python >= 140, "{python} Python checks");
     let node = run_matrix(&c, "node drivers:", "/usr/bin/env", &["node", "tests/drivers/node/matrix.js"]);
     assert!(node >= 49, "{node} Node.js checks");
-    let java = run_matrix(&c, "java drivers:", "/usr/bin/env", &["java", "-cp", "/usr/share/java/postgresql.jar:target/drivers/java", "Matrix", "127.0.0.1", &c.port.to_string(), "app", "postgres"]);
+    let java = run_matrix(&c, "java drivers:", "/usr/bin/env", &["java", "-cp", "/usr/share/java/postgresql.jar:target/drivers/java", "Matrix", "127.0.0.1", &c.port.to_string(), "app", APP_ROLE]);
     assert!(java >= 51, "{java} JDBC checks");
 }
 
