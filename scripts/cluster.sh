@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL 15 clusters for the demo and the integration tests.
+# Throwaway PostgreSQL clusters for the demo and the integration tests (PGBIN: the server's bin/,
+# Debian's PostgreSQL 15 by default).
 #
 #   scripts/cluster.sh start DIR PORT [extra postgresql.conf lines...]
 #   scripts/cluster.sh standby PRIMARY_DIR DIR PORT [extra postgresql.conf lines...]
@@ -37,7 +38,8 @@ start)
     mkdir -p "$dir"
     chown postgres:postgres "$dir"
     chmod 700 "$dir"
-    as_postgres "$PGBIN/initdb" -D "$dir/data" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log"
+    # shellcheck disable=SC2086 # INITDB_OPTS: extra initdb options, split on spaces
+    as_postgres "$PGBIN/initdb" -D "$dir/data" --auth=trust --encoding=UTF8 --locale=C.UTF-8 ${INITDB_OPTS:-} >"$dir/initdb.log"
     (
         cd "$dir/data"
         openssl req -new -x509 -days 2 -nodes -subj /CN=localhost \

@@ -6,7 +6,9 @@ dir=${DEMO_DIR:-$here/.demo}
 port=${DEMO_PORT:-55440}
 
 "$here/scripts/cluster.sh" start "$dir" "$port"
-psql_demo() { psql -X -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+export PGBIN
+psql_demo() { "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
 psql_demo -q -c "CREATE DATABASE demo"
 
 echo
@@ -32,8 +34,8 @@ SQL
 cat <<MSG
 
 The demo cluster keeps running. Connect with:
-    psql -h $dir -p $port -U postgres demo                       (Unix socket)
-    psql "host=127.0.0.1 port=$port user=postgres dbname=demo sslmode=require"   (TCP with SSL)
+    $PGBIN/psql -h $dir -p $port -U postgres demo                       (Unix socket)
+    $PGBIN/psql "host=127.0.0.1 port=$port user=postgres dbname=demo sslmode=require"   (TCP with SSL)
 Stop it with:
     make demo-stop
 MSG

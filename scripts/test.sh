@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# Runs every test layer in order, stops at the first failing one, and ends with one closing
-# line that sums the layers: "make test: N passed, N failed".
+# Runs the test layers, stops at the first failing one, and ends with one closing line that
+# sums them: "make test: N passed, N failed".
+#
+# MATRIX=yes (plain `make test`): the crypto core once; every layer (the #[pg_test]s and all
+# integration suites) on PostgreSQL 15 (Debian's) and 18; the #[pg_test]s and the smoke suites
+# on 14, 16 and 17. Otherwise (`make test PG=N`): every layer on PG.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-for layer in test-core test-pg test-integration; do
-    echo "==> make $layer"
-    make -C "$here" --no-print-directory "$layer" 2>&1 | tee -a "$log"
+if [ "${MATRIX:-}" = yes ]; then
+    steps=("test-core" "test-pg PG=15" "test-integration PG=15" "test-pg PG=18" "test-integration PG=18")
+    for major in 14 16 17; do steps+=("test-pg PG=$major" "test-smoke PG=$major"); done
+else
+    steps=("test-core" "test-pg PG=${PG:-15}" "test-integration PG=${PG:-15}")
+fi
+start=$SECONDS
+for step in "${steps[@]}"; do
+    t0=$SECONDS
+    echo "==> make $step"
+    # shellcheck disable=SC2086 # a step is a target and its PG=N
+    make -C "$here" --no-print-directory $step 2>&1 | tee -a "$log"
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then
         status=1
-        echo "==> make $layer FAILED"
+        echo "==> make $step FAILED"
         break
     fi
+    echo "==> make $step: $((SECONDS - t0)) s"
 done
 passed=$(grep -oE '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')
 [ "$status" -eq 0 ] && [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ] || status=1
-echo "make test: $passed passed, $failed failed"
+echo "make test: $passed passed, $failed failed ($((SECONDS - start)) s)"
 exit "$status"

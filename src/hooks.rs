@@ -108,7 +108,8 @@ unsafe extern "C-unwind" fn masked_utility(pstmt: *mut pg_sys::PlannedStmt, quer
         bytes[start..end].hash(&mut h);
         stmt = pg_sys::palloc(std::mem::size_of::<pg_sys::PlannedStmt>()) as *mut pg_sys::PlannedStmt;
         std::ptr::copy_nonoverlapping(pstmt, stmt, 1);
-        (*stmt).queryId = h.finish() | 1;
+        // (u64 up to PostgreSQL 17, i64 from 18: the same 64 bits either way.)
+        (*stmt).queryId = (h.finish() | 1) as _;
     }
     Masked { pstmt: stmt, query_string: copy as *const c_char }
 }

@@ -77,9 +77,12 @@ fn pin_search_path() {
 
 /// Ends this worker with exit code 1, so that PostgreSQL starts it again (after its restart
 /// time) when it was terminated while the server runs; exit code 0 would unregister it.
+/// (PostgreSQL 18's headers mark `proc_exit` noreturn in a way bindgen does not carry over.)
+#[allow(unreachable_code)]
 fn exit_to_be_restarted() -> ! {
     // SAFETY: ends this background worker.
-    unsafe { pg_sys::proc_exit(1) }
+    unsafe { pg_sys::proc_exit(1) };
+    unreachable!("proc_exit returned")
 }
 
 /// The databases that accept connections, read from the shared catalog like autovacuum does.

@@ -1,4 +1,5 @@
-//! The integration harness: throwaway PostgreSQL 15 clusters (via `scripts/cluster.sh`) with
+//! The integration harness: throwaway PostgreSQL clusters (Debian's 15, or the major in
+//! `CELLCRYPT_PGBIN`) (via `scripts/cluster.sh`) with
 //! pg_cellcrypt preloaded and SSL on, reached over TCP with and without SSL and over the Unix
 //! socket through a real client library, plus psql and pg_dump for what they do best.
 //!
@@ -18,7 +19,18 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
-pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
+/// The `bin/` of the PostgreSQL the suites run against: `CELLCRYPT_PGBIN` (set by `make
+/// test-integration PG=N` to that major's build), or Debian's PostgreSQL 15.
+pub fn pgbin() -> PathBuf {
+    PathBuf::from(std::env::var("CELLCRYPT_PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()))
+}
+
+/// The major version of [`pgbin`]'s server (14 to 18).
+pub fn pg_major() -> u32 {
+    let out = Command::new(pgbin().join("pg_config")).arg("--version").output().expect("pg_config");
+    let v = String::from_utf8_lossy(&out.stdout);
+    v.split_whitespace().nth(1).and_then(|v| v.split('.').next()).and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("pg_config --version: {v}"))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -66,16 +78,23 @@ impl Cluster {
 
     /// Starts a fresh cluster; `extra` lines are appended to postgresql.conf.
     pub fn start(name: &str, extra: &[&str]) -> Cluster {
-        Cluster::start_on(Path::new(PGBIN), name, extra)
+        Cluster::start_on(&pgbin(), name, extra)
     }
 
     /// As [`Cluster::start`], with the server in `bin` (another PostgreSQL build, see
     /// `scripts/pg-major.sh`).
     pub fn start_on(bin: &Path, name: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_with_initdb(bin, name, extra, "")
+    }
+
+    /// As [`Cluster::start_on`], with extra `initdb` options (`--no-data-checksums` for a
+    /// PostgreSQL 18 cluster that pg_upgrade fills from a cluster without checksums).
+    pub fn start_with_initdb(bin: &Path, name: &str, extra: &[&str], initdb_options: &str) -> Cluster {
         let (dir, port) = Cluster::place(name);
         std::fs::create_dir_all("/tmp/pg_cellcrypt-it").unwrap();
         let out = Command::new(repo().join("scripts/cluster.sh"))
             .env("PGBIN", bin)
+            .env("INITDB_OPTS", initdb_options)
             .arg("start")
             .arg(&dir)
             .arg(port.to_string())

@@ -6,6 +6,28 @@ use cellcrypt_integration::*;
 use postgres::error::SqlState;
 use postgres::types::Type;
 
+/// The suites run against the major `make test-integration PG=N` chose (CELLCRYPT_PGBIN), with
+/// this source tree's build of the extension in it, and the server says so.
+#[test]
+fn the_server_is_the_major_under_test_with_this_build() {
+    let c = Cluster::start("major", &[]);
+    let num: u32 = c.psql("postgres", "SHOW server_version_num").trim().parse().unwrap();
+    assert_eq!(num / 10000, pg_major(), "server {num}, pg_config of {}", pgbin().display());
+    if let Ok(want) = std::env::var("CELLCRYPT_EXPECT_MAJOR") {
+        assert_eq!((num / 10000).to_string(), want, "make asked for PostgreSQL {want}");
+    }
+    let toml = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let version = toml.lines().find(|l| l.starts_with("version = ")).unwrap().trim_start_matches("version = ").trim_matches('"').to_owned();
+    c.createdb("v");
+    c.psql("v", "CREATE EXTENSION pg_cellcrypt");
+    assert_eq!(c.psql("v", "SELECT extversion FROM pg_extension WHERE extname = 'pg_cellcrypt'").trim(), version);
+    // Its hooks and shared memory are this major's: the key cache answers, and a key call's
+    // text is masked in pg_stat_activity (the utility and log hooks are exercised by the
+    // security and keys suites).
+    assert_eq!(c.psql("v", "SELECT is_data_encryption_active()").trim(), "t");
+    assert_eq!(c.psql("v", "SELECT decrypt('x'::text::encrypted_text)").trim(), "x");
+}
+
 #[test]
 fn library_must_be_preloaded() {
     let c = Cluster::start("nopreload", &["shared_preload_libraries = ''"]);

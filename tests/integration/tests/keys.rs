@@ -336,7 +336,7 @@ fn dump_into_another_database_of_the_same_cluster_gives_identical_plaintext() {
     let key = key_of(&c, "app");
     for (target, format) in [("copy_plain", "p"), ("copy_custom", "c")] {
         let file = c.dir.join(format!("{target}.dump"));
-        let out = std::process::Command::new(format!("{}/pg_dump", cellcrypt_integration::PGBIN))
+        let out = std::process::Command::new(cellcrypt_integration::pgbin().join("pg_dump"))
             .args(["-U", "postgres", "-h"])
             .arg(&c.dir)
             .args(["-p", &c.port.to_string(), "-F", format, "-f"])

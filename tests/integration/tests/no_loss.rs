@@ -186,7 +186,7 @@ fn drop_and_create_extension_keep_the_key_as_pg_restore_clean_does() {
     let key = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
     let digest = c.psql("app", DIGEST);
     let dump = c.dir.join("app.dump");
-    let out = std::process::Command::new(format!("{}/pg_dump", cellcrypt_integration::PGBIN))
+    let out = std::process::Command::new(cellcrypt_integration::pgbin().join("pg_dump"))
         .args(["-U", "postgres", "-Fc", "-h"])
         .arg(&c.dir)
         .arg("-p")
@@ -197,7 +197,7 @@ fn drop_and_create_extension_keep_the_key_as_pg_restore_clean_does() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new(format!("{}/pg_restore", cellcrypt_integration::PGBIN))
+    let out = std::process::Command::new(cellcrypt_integration::pgbin().join("pg_restore"))
         .args(["-U", "postgres", "--clean", "--if-exists", "--exit-on-error", "-h"])
         .arg(&c.dir)
         .arg("-p")

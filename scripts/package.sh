@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make package PG=N`: the release build for one PostgreSQL major as an installable tree
+# (cargo pgrx package) and a tarball of it:
+#
+#   target/package/pg_cellcrypt-<version>-pg<N>/        lib/ and share/ under the paths pg_config gives
+#   target/package/pg_cellcrypt-<version>-pg<N>-linux-x86_64.tar.gz
+#
+# Install the tarball with `tar xzf ... -C /` on a server whose `pg_config --pkglibdir` and
+# `--sharedir` are those paths (Debian's and PGDG's packages of that major), or copy
+# `lib/.../pg_cellcrypt.so` and `share/.../extension/*` into the directories your `pg_config`
+# names. The tree holds the control file, the install script of this version and every upgrade
+# script in sql/.
+set -euo pipefail
+major=${1:?usage: package.sh <major> <pg_config>}
+pg_config=${2:?pg_config}
+here=$(cd "$(dirname "$0")/.." && pwd)
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)
+name="pg_cellcrypt-$version-pg$major"
+out="$here/target/package/$name"
+target=$here/target
+[ "$major" = 15 ] || target=$here/target/pg$major
+rm -rf "$out"
+(cd "$here" && CARGO_TARGET_DIR="$target" cargo pgrx package --pg-config "$pg_config" \
+    --no-default-features --features "pg$major" --out-dir "$out")
+# The tree holds what an install needs, and the library was built for this major.
+so=$(find "$out" -name pg_cellcrypt.so)
+ctl=$(find "$out" -name pg_cellcrypt.control)
+[ -n "$so" ] && [ -n "$ctl" ] && [ -f "$(dirname "$ctl")/pg_cellcrypt--$version.sql" ] || { echo "package: incomplete tree in $out" >&2; exit 1; }
+for up in "$here"/sql/pg_cellcrypt--*--*.sql; do
+    [ -e "$up" ] || continue
+    [ -f "$(dirname "$ctl")/$(basename "$up")" ] || { echo "package: $(basename "$up") missing from $out" >&2; exit 1; }
+done
+tar czf "$out-linux-x86_64.tar.gz" -C "$out" .
+echo "package: $out"
+echo "package: $out-linux-x86_64.tar.gz ($(du -h "$out-linux-x86_64.tar.gz" | cut -f1))"
