@@ -19,7 +19,7 @@ else
 export PGRX_HOME := $(PG_MAJORS_DIR)/pgrx-home-$(PG)
 # Recursive: fetched (once) only when a recipe needs it.
 PG_CONFIG = $(shell scripts/pg-major.sh $(PG))/bin/pg_config
-PGRX_TARGET := CARGO_TARGET_DIR=$(CURDIR)/target/pg$(PG)
+PGRX_TARGET := CARGO_TARGET_DIR=$(CURDIR)/target/majors
 endif
 PGRX_FEATURES := --no-default-features --features pg$(PG)
 PG_BIN = $(dir $(PG_CONFIG))

@@ -18,7 +18,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)
 name="pg_cellcrypt-$version-pg$major"
 out="$here/target/package/$name"
 target=$here/target
-[ "$major" = 15 ] || target=$here/target/pg$major
+[ "$major" = 15 ] || target=$here/target/majors
 rm -rf "$out"
 (cd "$here" && CARGO_TARGET_DIR="$target" cargo pgrx package --pg-config "$pg_config" \
     --no-default-features --features "pg$major" --out-dir "$out")

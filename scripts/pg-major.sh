@@ -9,8 +9,10 @@
 #
 # A major (14 to 18) means the version this project tested for it (the SHA256 table below).
 # Where: $PG_MAJORS_DIR (default /opt/pg_cellcrypt-pg). Each major has its own PGRX_HOME
-# (pgrx-home-N there) and cargo target directory (target/pgN), so that builds for different
-# majors never rebuild each other, nor the default (Debian's PostgreSQL 15) build.
+# (pgrx-home-N there). The upstream majors share one cargo target directory, target/majors:
+# their pgrx crates differ by feature (pg14 ... pg18), so cargo keeps one copy per major and
+# builds the crates that do not depend on PostgreSQL once. Debian's PostgreSQL 15 (the default
+# build) keeps target/, as its pg15 would otherwise rebuild upstream 15's each time.
 set -euo pipefail
 dev=no
 if [ "${1:-}" = "--dev" ]; then dev=yes; shift; fi
@@ -72,7 +74,7 @@ if [ "$dev" = yes ]; then
     newest=$(find "$here/src" "$here/core/src" "$here/sql" "$here/Cargo.toml" "$here/pg_cellcrypt.control" -newer "$stamp" -print -quit 2>/dev/null || true)
     if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
         echo "pg-major: building pg_cellcrypt (dev) for PostgreSQL $v" >&2
-        (cd "$here" && PGRX_HOME="$pgrx_home" CARGO_TARGET_DIR="$here/target/pg$major" \
+        (cd "$here" && PGRX_HOME="$pgrx_home" CARGO_TARGET_DIR="$here/target/majors" \
             cargo pgrx install --pg-config "$dest/bin/pg_config" --no-default-features --features "pg$major fault_injection" >&2)
         touch "$stamp"
     fi
