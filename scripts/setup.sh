@@ -5,7 +5,14 @@ set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
-packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo openssl libssl-dev pkg-config gdb libpostgresql-jdbc-java openjdk-17-jdk-headless)
+if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
+    # Not Debian or Ubuntu: building needs clang, libclang, the server headers of your major and
+    # cargo-pgrx 0.18.1 (README, "Building for your own PostgreSQL"); the tests need Debian.
+    echo "setup: not a Debian system; install the build requirements yourself (README)" >&2
+    command -v cargo-pgrx >/dev/null || cargo pgrx --version >/dev/null 2>&1 || { echo "setup: cargo-pgrx 0.18.1 is missing" >&2; exit 1; }
+    exit 0
+fi
+packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo openssl libssl-dev pkg-config gdb libpostgresql-jdbc-java openjdk-17-jdk-headless python3-pip)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,4 +26,10 @@ fi
 if ! cargo pgrx --version 2>/dev/null | grep -q ' 0\.18\.1$'; then
     echo "setup: installing cargo-pgrx 0.18.1 (takes a few minutes)"
     cargo install cargo-pgrx --version 0.18.1 --locked
+fi
+
+# PG=N (make ... PG=N) other than Debian's 15: the tested upstream build of that major, with
+# its pgrx settings (scripts/pg-major.sh; the builds themselves come with make install/test).
+if [ -n "${PG:-}" ] && [ "$PG" != 15 ]; then
+    "$(dirname "$0")/pg-major.sh" "$PG" >/dev/null
 fi

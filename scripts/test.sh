@@ -4,15 +4,18 @@
 #
 # MATRIX=yes (plain `make test`): the crypto core once; every layer (the #[pg_test]s and all
 # integration suites) on PostgreSQL 15 (Debian's) and 18; the #[pg_test]s and the smoke suites
-# on 14, 16 and 17. Otherwise (`make test PG=N`): every layer on PG.
+# on 14, 16 and 17; and last the pg_upgrade suite (15 -> 17 -> 18), when the dev builds it needs
+# for 17 and 18 are already installed. Otherwise (`make test PG=N`): every layer on PG (with
+# PG=15, the pg_upgrade suite too). Each step must run at least one test.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 if [ "${MATRIX:-}" = yes ]; then
-    steps=("test-core" "test-pg PG=15" "test-integration PG=15" "test-pg PG=18" "test-integration PG=18")
+    steps=("test-core" "test-pg PG=15" "test-integration PG=15 WITH_UPGRADE=no" "test-pg PG=18" "test-integration PG=18")
     for major in 14 16 17; do steps+=("test-pg PG=$major" "test-smoke PG=$major"); done
+    steps+=("test-upgrade")
 else
     steps=("test-core" "test-pg PG=${PG:-15}" "test-integration PG=${PG:-15}")
 fi
@@ -20,14 +23,19 @@ start=$SECONDS
 for step in "${steps[@]}"; do
     t0=$SECONDS
     echo "==> make $step"
+    step_log=$(mktemp)
     # shellcheck disable=SC2086 # a step is a target and its PG=N
-    make -C "$here" --no-print-directory $step 2>&1 | tee -a "$log"
-    if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+    make -C "$here" --no-print-directory $step 2>&1 | tee "$step_log"
+    rc=${PIPESTATUS[0]}
+    cat "$step_log" >>"$log"
+    ran=$(grep -oE '^test result: [a-zA-Z]+\. [0-9]+ passed' "$step_log" | awk '{s += $4} END {print s + 0}')
+    rm -f "$step_log"
+    if [ "$rc" -ne 0 ] || [ "$ran" -eq 0 ]; then
         status=1
-        echo "==> make $step FAILED"
+        echo "==> make $step FAILED ($([ "$rc" -ne 0 ] && echo "exit $rc" || echo "no test ran"))"
         break
     fi
-    echo "==> make $step: $((SECONDS - t0)) s"
+    echo "==> make $step: $ran passed, $((SECONDS - t0)) s"
 done
 passed=$(grep -oE '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '; [0-9]+ failed' "$log" | awk '{s += $2} END {print s + 0}')

@@ -426,3 +426,115 @@ pub const SAMPLES: &[(&str, &str)] = &[
     ("regrole", "'1'"),
     ("regcollation", "'1'"),
 ];
+
+/// A table `t` with a column of every encrypted type, 300 rows (with `people`, the fixture of
+/// the upgrade suites).
+pub const ALL_TYPES_FILL: &str = "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb, n encrypted_numeric, \
+     i encrypted_int8, d encrypted_date, ts encrypted_timestamptz, b encrypted_bytea); \
+     INSERT INTO t SELECT g, 'value ' || g, jsonb_build_object('g', g), g * 1.5, g::int8 * 1000000007, \
+     date '2000-01-01' + g, timestamptz '2024-02-29 12:00:00+00' + g * interval '1 hour', \
+     decode(md5(g::text), 'hex') FROM generate_series(1, 300) g; \
+     CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
+     INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 100) g";
+/// The row count and a digest of every decrypted value of `t`.
+pub const ALL_TYPES_DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(s) || '/' || decrypt(j)::text || '/' || decrypt(n) \
+     || '/' || decrypt(i) || '/' || decrypt(d) || '/' || decrypt(ts) || '/' || encode(decrypt(b), 'hex'), ',' ORDER BY id)) FROM t";
+/// The same for `people`.
+pub const PEOPLE_DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM people";
+
+/// Looks up ' USER7@example.com' in `people` through its blind index, with sequential scans
+/// off, and checks that the plan uses the index `people_email_bidx` (so that the index, not a
+/// recomputation row by row, answers). Returns the ids found.
+pub fn blind_index_lookup(c: &Cluster, db: &str) -> String {
+    let q = "SELECT id FROM people WHERE blind_index(email) = blind_index(' USER7@example.com', 'people', 'email')";
+    let plan = c.psql(db, &format!("SET enable_seqscan = off; EXPLAIN (COSTS OFF) {q}"));
+    assert!(plan.contains("people_email_bidx"), "{db}: the blind index answers: {plan}");
+    c.psql(db, &format!("SET enable_seqscan = off; {q}")).trim().to_owned()
+}
+
+/// Every object of the extension in `db`, one line each, with what defines it, by name (never
+/// by OID), so that two databases compare: functions (arguments with names and defaults,
+/// result, kind, volatility, strictness, leakproofness, parallel safety, cost, SECURITY
+/// DEFINER, settings, language, body, library symbol, privileges), casts, types (I/O and typmod
+/// functions, storage, alignment, element, default, collation, privileges), tables, views and
+/// sequences (owner, persistence, options, columns with their defaults, identity, generation,
+/// collation, storage and privileges; view text; indexes, constraints, triggers, policies;
+/// sequence parameters), schemas, event triggers, operators, the initial privileges pg_dump
+/// reads (pg_init_privs), comments, and the extension's own row (what pg_dump dumps of it).
+pub const EXTENSION_CATALOG: &str = r#"
+WITH ext AS (SELECT oid, extowner, extnamespace, extrelocatable, extconfig, extcondition FROM pg_catalog.pg_extension WHERE extname = 'pg_cellcrypt'),
+m AS (SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_depend d, ext
+      WHERE d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.refobjid = ext.oid AND d.deptype = 'e'),
+lines AS (
+  SELECT pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid) || ' | ' || coalesce(CASE m.classid
+    WHEN 'pg_catalog.pg_proc'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('(%s) -> %s kind=%s vol=%s strict=%s leakproof=%s parallel=%s cost=%s rows=%s secdef=%s config=%s lang=%s body=%s bin=%s owner=%s acl=%s',
+             pg_catalog.pg_get_function_arguments(p.oid), pg_catalog.pg_get_function_result(p.oid), p.prokind, p.provolatile, p.proisstrict,
+             p.proleakproof, p.proparallel, p.procost, p.prorows, p.prosecdef, p.proconfig, l.lanname, pg_catalog.md5(p.prosrc), p.probin,
+             p.proowner::pg_catalog.regrole, p.proacl)
+      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang WHERE p.oid = m.objid)
+    WHEN 'pg_catalog.pg_cast'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('func=%s context=%s method=%s', nullif(c.castfunc, 0)::pg_catalog.regprocedure, c.castcontext, c.castmethod)
+      FROM pg_catalog.pg_cast c WHERE c.oid = m.objid)
+    WHEN 'pg_catalog.pg_type'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('type=%s len=%s byval=%s in=%s out=%s recv=%s send=%s typmod_in=%s typmod_out=%s analyze=%s align=%s storage=%s category=%s preferred=%s elem=%s default=%s collation=%s owner=%s acl=%s',
+             t.typtype, t.typlen, t.typbyval, t.typinput, t.typoutput, t.typreceive, t.typsend, t.typmodin, t.typmodout, t.typanalyze, t.typalign, t.typstorage,
+             t.typcategory, t.typispreferred, nullif(t.typelem, 0)::pg_catalog.regtype, t.typdefault, nullif(t.typcollation, 0), t.typowner::pg_catalog.regrole, t.typacl)
+      FROM pg_catalog.pg_type t WHERE t.oid = m.objid)
+    WHEN 'pg_catalog.pg_class'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('kind=%s owner=%s persistence=%s options=%s acl=%s rls=%s/%s columns=%s view=%s indexes=%s constraints=%s triggers=%s policies=%s sequence=%s',
+             c.relkind, c.relowner::pg_catalog.regrole, c.relpersistence, c.reloptions, c.relacl, c.relrowsecurity, c.relforcerowsecurity,
+             (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s notnull=%s default=%s identity=%s generated=%s collation=%s storage=%s acl=%s',
+                                   a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_catalog.pg_get_expr(ad.adbin, ad.adrelid),
+                                   a.attidentity, a.attgenerated, nullif(a.attcollation, 0), a.attstorage, a.attacl), ', ' ORDER BY a.attnum)
+              FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+             CASE WHEN c.relkind = 'v' THEN pg_catalog.md5(pg_catalog.pg_get_viewdef(c.oid)) END,
+             (SELECT pg_catalog.string_agg(x, '; ' ORDER BY x) FROM (SELECT pg_catalog.pg_get_indexdef(i.indexrelid) AS x FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid) q),
+             (SELECT pg_catalog.string_agg(x, '; ' ORDER BY x) FROM (SELECT o.conname || ' ' || pg_catalog.pg_get_constraintdef(o.oid) AS x FROM pg_catalog.pg_constraint o WHERE o.conrelid = c.oid) q),
+             (SELECT pg_catalog.string_agg(x, '; ' ORDER BY x) FROM (SELECT pg_catalog.pg_get_triggerdef(g.oid) || ' enabled=' || g.tgenabled::text AS x FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal) q),
+             (SELECT pg_catalog.string_agg(x, '; ' ORDER BY x) FROM (SELECT pg_catalog.format('%s %s permissive=%s %s %s %s', y.polname, y.polcmd, y.polpermissive, y.polroles::pg_catalog.regrole[], pg_catalog.pg_get_expr(y.polqual, y.polrelid), pg_catalog.pg_get_expr(y.polwithcheck, y.polrelid)) AS x
+              FROM pg_catalog.pg_policy y WHERE y.polrelid = c.oid) q),
+             (SELECT pg_catalog.format('%s start=%s inc=%s min=%s max=%s cache=%s cycle=%s', q.seqtypid::pg_catalog.regtype, q.seqstart, q.seqincrement, q.seqmin, q.seqmax, q.seqcache, q.seqcycle)
+              FROM pg_catalog.pg_sequence q WHERE q.seqrelid = c.oid))
+      FROM pg_catalog.pg_class c WHERE c.oid = m.objid)
+    WHEN 'pg_catalog.pg_namespace'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('owner=%s acl=%s', n.nspowner::pg_catalog.regrole, n.nspacl) FROM pg_catalog.pg_namespace n WHERE n.oid = m.objid)
+    WHEN 'pg_catalog.pg_event_trigger'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('event=%s func=%s enabled=%s tags=%s', e.evtevent, e.evtfoid::pg_catalog.regprocedure, e.evtenabled, e.evttags)
+      FROM pg_catalog.pg_event_trigger e WHERE e.oid = m.objid)
+    WHEN 'pg_catalog.pg_operator'::pg_catalog.regclass THEN (
+      SELECT pg_catalog.format('func=%s commutator=%s negator=%s', o.oprcode, o.oprcom::pg_catalog.regoperator, o.oprnegate::pg_catalog.regoperator)
+      FROM pg_catalog.pg_operator o WHERE o.oid = m.objid)
+    END, '')
+    || ' | init_privs=' || coalesce((SELECT pg_catalog.string_agg(ip.objsubid || ':' || ip.privtype || ':' || ip.initprivs::text, ' ' ORDER BY ip.objsubid)
+                                     FROM pg_catalog.pg_init_privs ip WHERE ip.classoid = m.classid AND ip.objoid = m.objid), '')
+    || ' | comment=' || coalesce((SELECT pg_catalog.md5(ds.description) FROM pg_catalog.pg_description ds
+                                  WHERE ds.classoid = m.classid AND ds.objoid = m.objid AND ds.objsubid = 0), '') AS line
+  FROM m
+  UNION ALL
+  SELECT pg_catalog.format('extension: owner=%s schema=%s relocatable=%s dumps=%s where=%s', ext.extowner::pg_catalog.regrole, ext.extnamespace::pg_catalog.regnamespace, ext.extrelocatable,
+         (SELECT pg_catalog.string_agg(x::pg_catalog.regclass::text, ', ' ORDER BY x::pg_catalog.regclass::text) FROM pg_catalog.unnest(ext.extconfig) x),
+         pg_catalog.array_to_string(ext.extcondition, ' / '))
+  FROM ext
+)
+SELECT line FROM lines ORDER BY line
+"#;
+
+/// [`EXTENSION_CATALOG`] of `db`.
+pub fn extension_catalog(c: &Cluster, db: &str) -> Vec<String> {
+    c.psql(db, EXTENSION_CATALOG).lines().map(str::to_owned).collect()
+}
+
+/// Panics, listing the lines that differ, unless two [`extension_catalog`]s are equal.
+pub fn assert_same_catalog(what: &str, got: &[String], fresh: &[String]) {
+    assert!(fresh.len() > 100, "the catalog query sees the extension: {} lines", fresh.len());
+    let only_got: Vec<_> = got.iter().filter(|l| !fresh.contains(l)).collect();
+    let only_fresh: Vec<_> = fresh.iter().filter(|l| !got.contains(l)).collect();
+    assert!(
+        only_got.is_empty() && only_fresh.is_empty(),
+        "{what} differs from a fresh install.\nonly in {what}:\n{}\nonly in a fresh install:\n{}",
+        only_got.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
+        only_fresh.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    );
+}

