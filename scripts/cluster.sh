@@ -17,6 +17,12 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 cmd=${1:?usage: cluster.sh start DIR PORT | standby PRIMARY_DIR DIR PORT | stop DIR}
 dir=${2:?cluster directory}
 
+# An upstream build (scripts/pg-major.sh) finds its own libraries through its binaries' RUNPATH,
+# but the modules it loads do not: without this, PostgreSQL 18's walreceiver would load the
+# system's older libpq, which refuses the `sslnegotiation` option pg_basebackup -R writes.
+if [ -e "$PGBIN/../lib/libpq.so.5" ]; then
+    export LD_LIBRARY_PATH="$PGBIN/../lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 as_postgres() { runuser -u postgres -- "$@"; }
 
 # Appends the extra postgresql.conf lines given after DIR, then starts the cluster in DIR/data.

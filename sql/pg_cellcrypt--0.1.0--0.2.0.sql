@@ -1,15 +1,115 @@
 -- pg_cellcrypt 0.1.0 -> 0.2.0 (ALTER EXTENSION pg_cellcrypt UPDATE).
 --
--- 0.2.0 builds and runs on PostgreSQL 14 to 18; its SQL objects (types, casts, functions,
--- tables, views, privileges) are those of 0.1.0, so this step changes no object. Install the
--- 0.2.0 package (its library replaces 0.1.0's, and keeps every C symbol 0.1.0's install script
--- names), restart the server (the library is preloaded), then run ALTER EXTENSION pg_cellcrypt
--- UPDATE in each database that has it.
+-- 0.2.0 builds and runs on PostgreSQL 14 to 18. Install the 0.2.0 package (its library replaces
+-- 0.1.0's, and keeps every C symbol 0.1.0's install script names), restart the server (the
+-- library is preloaded), then run ALTER EXTENSION pg_cellcrypt UPDATE in each database that has
+-- the extension. No data changes; keys and values are untouched.
+--
+-- What changes in SQL:
+-- * cellcrypt._check_ddl(), the event trigger that refuses encrypted values nested in arrays,
+--   domains, ranges and composite types: PostgreSQL 18 records an extension's array types (and
+--   its tables' row types) as members of the extension, so 0.1.0's trigger took an array of an
+--   encrypted type for one of the extension's own types and let `encrypted_text[]` columns
+--   through. It now counts only the extension's base types. (The library's own list of
+--   encrypted columns, for re-encryption, makes the same distinction.)
 --
 -- The test `alter_extension_update_from_0_1_0_gives_a_fresh_install_s_catalog_and_keeps_every_value`
--- (tests/integration/tests/upgrade.rs) installs 0.1.0 from its own script
+-- (tests/integration/tests/ext_update.rs) installs 0.1.0 from its own install script
 -- (sql/pg_cellcrypt--0.1.0.sql, generated from the tag v0.1.0), updates it, and compares every
--- object with a fresh 0.2.0 install: a later change to the SQL that this script does not repeat
--- fails it.
+-- object with a fresh 0.2.0 install: a change to the install SQL that this script does not
+-- repeat fails it.
 
 \echo Use "ALTER EXTENSION pg_cellcrypt UPDATE" to load this file. \quit
+
+CREATE OR REPLACE FUNCTION cellcrypt._check_ddl() RETURNS event_trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ours oid[];
+    pattern text;
+    cmd record;
+    found text;
+BEGIN
+    -- The extension's encrypted types, found through pg_depend's index on the referenced
+    -- object. Only its base types: PostgreSQL 18 also records the array types and the row types
+    -- of an extension's types and tables as its members, and an array of an encrypted type is
+    -- what this trigger refuses.
+    SELECT array_agg(d.objid) INTO ours
+      FROM pg_depend d JOIN pg_type y ON y.oid = d.objid
+     WHERE d.refclassid = 'pg_extension'::regclass
+       AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_cellcrypt')
+       AND d.classid = 'pg_type'::regclass AND d.deptype = 'e'
+       AND y.typtype = 'b' AND y.typelem = 0;
+    IF ours IS NULL THEN
+        RETURN;
+    END IF;
+    -- Constants of the types themselves, or of their arrays.
+    SELECT '(' || string_agg(o::text, '|') || ')' INTO pattern
+      FROM (SELECT unnest(ours) AS o UNION SELECT typarray FROM pg_type WHERE oid = ANY (ours)) t;
+    pattern := ':consttype ' || pattern || ' [^{}]*:constisnull false';
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        SELECT string_agg(what, ', ') INTO found FROM (
+            SELECT format('the default of column %I of %s', a.attname, c.adrelid::regclass) AS what
+              FROM pg_attrdef c JOIN pg_attribute a ON a.attrelid = c.adrelid AND a.attnum = c.adnum
+             WHERE c.adrelid = cmd.objid AND c.adbin::text ~ pattern
+            UNION ALL
+            SELECT format('rule %I of %s', r.rulename, r.ev_class::regclass) FROM pg_rewrite r
+             WHERE (r.ev_class = cmd.objid OR r.oid = cmd.objid) AND r.ev_action::text ~ pattern
+            UNION ALL
+            SELECT format('function %s', p.oid::regprocedure) FROM pg_proc p
+             WHERE p.oid = cmd.objid AND p.prosqlbody::text ~ pattern
+            UNION ALL
+            SELECT format('the default of domain %s', t.oid::regtype) FROM pg_type t
+             WHERE t.oid = cmd.objid AND t.typdefaultbin::text ~ pattern
+            UNION ALL
+            SELECT format('constraint %I', k.conname) FROM pg_constraint k
+             WHERE (k.conrelid = cmd.objid OR k.contypid = cmd.objid OR k.oid = cmd.objid) AND k.conbin::text ~ pattern
+            UNION ALL
+            SELECT format('policy %I', o.polname) FROM pg_policy o
+             WHERE (o.polrelid = cmd.objid OR o.oid = cmd.objid) AND (o.polqual::text ~ pattern OR o.polwithcheck::text ~ pattern)
+            UNION ALL
+            SELECT format('index %s', i.indexrelid::regclass) FROM pg_index i
+             WHERE (i.indrelid = cmd.objid OR i.indexrelid = cmd.objid) AND (i.indexprs::text ~ pattern OR i.indpred::text ~ pattern)
+            UNION ALL
+            SELECT format('trigger %I', g.tgname) FROM pg_trigger g
+             WHERE (g.tgrelid = cmd.objid OR g.oid = cmd.objid) AND g.tgqual::text ~ pattern
+        ) s;
+        IF found IS NOT NULL THEN
+            RAISE EXCEPTION 'pg_cellcrypt: % would keep an encrypted value in the catalog', found
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = 'A value of an encrypted type written in an expression is encrypted once, when the statement is parsed, and stored with the expression: it would outlive the key it was sealed under.',
+                      HINT = 'Write the value in its plain type, e.g. DEFAULT ''none''::text: it is then encrypted for each row.';
+        END IF;
+        SELECT string_agg(what, ', ') INTO found FROM (
+            SELECT format('column %I of %s (type %s)', a.attname, a.attrelid::regclass, format_type(a.atttypid, a.atttypmod)) AS what
+              FROM pg_attribute a
+             WHERE a.attrelid = cmd.objid AND a.attnum > 0 AND NOT a.attisdropped
+               AND NOT a.atttypid = ANY (ours) AND cellcrypt._holds_encrypted(a.atttypid, ours)
+            UNION ALL
+            SELECT format('type %s', t.oid::regtype) FROM pg_type t
+             WHERE t.oid = cmd.objid AND NOT t.oid = ANY (ours) AND cellcrypt._holds_encrypted(t.oid, ours)
+            UNION ALL
+            -- A composite type (ALTER TYPE ... ADD ATTRIBUTE) is a pg_class entry.
+            SELECT format('type %s', c.reltype::regtype) FROM pg_class c
+             WHERE c.oid = cmd.objid AND c.relkind = 'c' AND cellcrypt._holds_encrypted(c.reltype, ours)
+            UNION ALL
+            -- A table given encrypted columns while its row type (or an array of it) is a column
+            -- of another table, a domain's base or a composite's attribute: those values would
+            -- nest encrypted ones.
+            SELECT format('table %s, whose row type is used by %s', c.oid::regclass, pg_describe_object(d.classid, d.objid, d.objsubid))
+              FROM pg_class c
+              JOIN pg_type r ON r.oid = c.reltype
+              JOIN pg_depend d ON d.refclassid = 'pg_type'::regclass AND d.refobjid IN (r.oid, r.typarray) AND d.deptype = 'n'
+                              AND ((d.classid = 'pg_class'::regclass AND d.objsubid > 0 AND d.objid <> c.oid) OR d.classid = 'pg_type'::regclass)
+             WHERE c.oid = cmd.objid AND c.relkind <> 'c'
+               AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                                       AND cellcrypt._holds_encrypted(a.atttypid, ours))
+        ) s;
+        IF found IS NOT NULL THEN
+            RAISE EXCEPTION 'pg_cellcrypt: % would hold encrypted values inside an array, a domain, a range or a composite type', found
+                USING ERRCODE = 'feature_not_supported',
+                      DETAIL = 'A key change re-encrypts the columns of the encrypted types themselves; values nested in other types would keep the old key and become unreadable when it is retired.',
+                      HINT = 'Store each encrypted value in a column of an encrypted type (encrypted_text, encrypted_jsonb, ...).';
+        END IF;
+    END LOOP;
+END
+$$;

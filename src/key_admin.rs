@@ -811,12 +811,16 @@ DECLARE
     cmd record;
     found text;
 BEGIN
-    -- The extension's types, found through pg_depend's index on the referenced object.
+    -- The extension's encrypted types, found through pg_depend's index on the referenced
+    -- object. Only its base types: PostgreSQL 18 also records the array types and the row types
+    -- of an extension's types and tables as its members, and an array of an encrypted type is
+    -- what this trigger refuses.
     SELECT array_agg(d.objid) INTO ours
-      FROM pg_depend d
+      FROM pg_depend d JOIN pg_type y ON y.oid = d.objid
      WHERE d.refclassid = 'pg_extension'::regclass
        AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_cellcrypt')
-       AND d.classid = 'pg_type'::regclass AND d.deptype = 'e';
+       AND d.classid = 'pg_type'::regclass AND d.deptype = 'e'
+       AND y.typtype = 'b' AND y.typelem = 0;
     IF ours IS NULL THEN
         RETURN;
     END IF;

@@ -622,15 +622,19 @@ fn job_error(what: &'static str) -> impl Fn(pgrx::spi::Error) -> String {
 }
 
 /// The columns of encrypted types, per relation of the given kinds, as `SELECT relid, columns`.
+/// The encrypted types are the extension's member types that are base types: PostgreSQL 18
+/// also records the array and row types of an extension's types and tables as its members.
 fn encrypted_columns_sql(relkinds: &str) -> String {
     format!(
         "SELECT c.oid, pg_catalog.array_agg(pg_catalog.quote_ident(a.attname) ORDER BY a.attnum) \
          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
          WHERE a.atttypid OPERATOR(pg_catalog.=) ANY (SELECT d.objid FROM pg_catalog.pg_depend d \
+                              JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) d.objid \
                               WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
                                 AND d.refobjid OPERATOR(pg_catalog.=) $2 \
                                 AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
-                                AND d.deptype OPERATOR(pg_catalog.=) 'e') \
+                                AND d.deptype OPERATOR(pg_catalog.=) 'e' \
+                                AND y.typtype OPERATOR(pg_catalog.=) 'b' AND y.typelem OPERATOR(pg_catalog.=) 0) \
            AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{{relkinds}}}'::pg_catalog.\"char\"[]) \
            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND c.relispopulated \
          GROUP BY c.oid"

@@ -461,29 +461,42 @@ pub fn blind_index_lookup(c: &Cluster, db: &str) -> String {
 /// collation, storage and privileges; view text; indexes, constraints, triggers, policies;
 /// sequence parameters), schemas, event triggers, operators, the initial privileges pg_dump
 /// reads (pg_init_privs), comments, and the extension's own row (what pg_dump dumps of it).
+/// Privileges are compared as they take effect: an ACL or initial ACL that is absent counts as
+/// the default one (`acldefault`). pg_upgrade from 15 to 17 or 18 leaves the tables whose ACL
+/// was the owner's own privileges with no ACL at all, which grants exactly the same, while a
+/// fresh install writes the same privileges out.
 pub const EXTENSION_CATALOG: &str = r#"
 WITH ext AS (SELECT oid, extowner, extnamespace, extrelocatable, extconfig, extcondition FROM pg_catalog.pg_extension WHERE extname = 'pg_cellcrypt'),
 m AS (SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_depend d, ext
-      WHERE d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.refobjid = ext.oid AND d.deptype = 'e'),
+      WHERE d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.refobjid = ext.oid AND d.deptype = 'e'
+        -- Array types and tables' row types: PostgreSQL 18 records them as members, earlier
+        -- majors (and so databases pg_upgrade brought from them) do not; their element type or
+        -- table is compared.
+        AND NOT EXISTS (SELECT FROM pg_catalog.pg_type y WHERE d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND y.oid = d.objid
+                                                          AND (y.typcategory = 'A' OR y.typtype = 'c'))),
 lines AS (
   SELECT pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid) || ' | ' || coalesce(CASE m.classid
     WHEN 'pg_catalog.pg_proc'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('(%s) -> %s kind=%s vol=%s strict=%s leakproof=%s parallel=%s cost=%s rows=%s secdef=%s config=%s lang=%s body=%s bin=%s owner=%s acl=%s',
+      SELECT pg_catalog.format('(%s) -> %s kind=%s vol=%s strict=%s leakproof=%s parallel=%s cost=%s rows=%s secdef=%s config=%s lang=%s body=%s bin=%s owner=%s acl=%s init_privs=%s',
              pg_catalog.pg_get_function_arguments(p.oid), pg_catalog.pg_get_function_result(p.oid), p.prokind, p.provolatile, p.proisstrict,
              p.proleakproof, p.proparallel, p.procost, p.prorows, p.prosecdef, p.proconfig, l.lanname, pg_catalog.md5(p.prosrc), p.probin,
-             p.proowner::pg_catalog.regrole, p.proacl)
+             p.proowner::pg_catalog.regrole, coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner)),
+             coalesce((SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip WHERE ip.classoid = m.classid AND ip.objoid = m.objid AND ip.objsubid = 0), pg_catalog.acldefault('f', p.proowner)))
       FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang WHERE p.oid = m.objid)
     WHEN 'pg_catalog.pg_cast'::pg_catalog.regclass THEN (
       SELECT pg_catalog.format('func=%s context=%s method=%s', nullif(c.castfunc, 0)::pg_catalog.regprocedure, c.castcontext, c.castmethod)
       FROM pg_catalog.pg_cast c WHERE c.oid = m.objid)
     WHEN 'pg_catalog.pg_type'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('type=%s len=%s byval=%s in=%s out=%s recv=%s send=%s typmod_in=%s typmod_out=%s analyze=%s align=%s storage=%s category=%s preferred=%s elem=%s default=%s collation=%s owner=%s acl=%s',
+      SELECT pg_catalog.format('type=%s len=%s byval=%s in=%s out=%s recv=%s send=%s typmod_in=%s typmod_out=%s analyze=%s align=%s storage=%s category=%s preferred=%s elem=%s default=%s collation=%s owner=%s acl=%s init_privs=%s',
              t.typtype, t.typlen, t.typbyval, t.typinput, t.typoutput, t.typreceive, t.typsend, t.typmodin, t.typmodout, t.typanalyze, t.typalign, t.typstorage,
-             t.typcategory, t.typispreferred, nullif(t.typelem, 0)::pg_catalog.regtype, t.typdefault, nullif(t.typcollation, 0), t.typowner::pg_catalog.regrole, t.typacl)
+             t.typcategory, t.typispreferred, nullif(t.typelem, 0)::pg_catalog.regtype, t.typdefault, nullif(t.typcollation, 0), t.typowner::pg_catalog.regrole, coalesce(t.typacl, pg_catalog.acldefault('T', t.typowner)),
+             coalesce((SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip WHERE ip.classoid = m.classid AND ip.objoid = m.objid AND ip.objsubid = 0), pg_catalog.acldefault('T', t.typowner)))
       FROM pg_catalog.pg_type t WHERE t.oid = m.objid)
     WHEN 'pg_catalog.pg_class'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('kind=%s owner=%s persistence=%s options=%s acl=%s rls=%s/%s columns=%s view=%s indexes=%s constraints=%s triggers=%s policies=%s sequence=%s',
-             c.relkind, c.relowner::pg_catalog.regrole, c.relpersistence, c.reloptions, c.relacl, c.relrowsecurity, c.relforcerowsecurity,
+      SELECT pg_catalog.format('kind=%s owner=%s persistence=%s options=%s acl=%s init_privs=%s rls=%s/%s columns=%s view=%s indexes=%s constraints=%s triggers=%s policies=%s sequence=%s',
+             c.relkind, c.relowner::pg_catalog.regrole, c.relpersistence, c.reloptions,
+             coalesce(c.relacl, pg_catalog.acldefault(CASE c.relkind WHEN 'S' THEN 's'::"char" ELSE 'r'::"char" END, c.relowner)),
+             coalesce((SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip WHERE ip.classoid = m.classid AND ip.objoid = m.objid AND ip.objsubid = 0), pg_catalog.acldefault(CASE c.relkind WHEN 'S' THEN 's'::"char" ELSE 'r'::"char" END, c.relowner)), c.relrowsecurity, c.relforcerowsecurity,
              (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s notnull=%s default=%s identity=%s generated=%s collation=%s storage=%s acl=%s',
                                    a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_catalog.pg_get_expr(ad.adbin, ad.adrelid),
                                    a.attidentity, a.attgenerated, nullif(a.attcollation, 0), a.attstorage, a.attacl), ', ' ORDER BY a.attnum)
@@ -499,7 +512,8 @@ lines AS (
               FROM pg_catalog.pg_sequence q WHERE q.seqrelid = c.oid))
       FROM pg_catalog.pg_class c WHERE c.oid = m.objid)
     WHEN 'pg_catalog.pg_namespace'::pg_catalog.regclass THEN (
-      SELECT pg_catalog.format('owner=%s acl=%s', n.nspowner::pg_catalog.regrole, n.nspacl) FROM pg_catalog.pg_namespace n WHERE n.oid = m.objid)
+      SELECT pg_catalog.format('owner=%s acl=%s init_privs=%s', n.nspowner::pg_catalog.regrole, coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner)),
+             coalesce((SELECT ip.initprivs FROM pg_catalog.pg_init_privs ip WHERE ip.classoid = m.classid AND ip.objoid = m.objid AND ip.objsubid = 0), pg_catalog.acldefault('n', n.nspowner))) FROM pg_catalog.pg_namespace n WHERE n.oid = m.objid)
     WHEN 'pg_catalog.pg_event_trigger'::pg_catalog.regclass THEN (
       SELECT pg_catalog.format('event=%s func=%s enabled=%s tags=%s', e.evtevent, e.evtfoid::pg_catalog.regprocedure, e.evtenabled, e.evttags)
       FROM pg_catalog.pg_event_trigger e WHERE e.oid = m.objid)
@@ -507,8 +521,6 @@ lines AS (
       SELECT pg_catalog.format('func=%s commutator=%s negator=%s', o.oprcode, o.oprcom::pg_catalog.regoperator, o.oprnegate::pg_catalog.regoperator)
       FROM pg_catalog.pg_operator o WHERE o.oid = m.objid)
     END, '')
-    || ' | init_privs=' || coalesce((SELECT pg_catalog.string_agg(ip.objsubid || ':' || ip.privtype || ':' || ip.initprivs::text, ' ' ORDER BY ip.objsubid)
-                                     FROM pg_catalog.pg_init_privs ip WHERE ip.classoid = m.classid AND ip.objoid = m.objid), '')
     || ' | comment=' || coalesce((SELECT pg_catalog.md5(ds.description) FROM pg_catalog.pg_description ds
                                   WHERE ds.classoid = m.classid AND ds.objoid = m.objid AND ds.objsubid = 0), '') AS line
   FROM m

@@ -796,7 +796,19 @@ fn create_extension_refuses_preexisting_roles_it_did_not_create() {
     c.psql("postgres", "CREATE ROLE carol LOGIN CREATEROLE");
     c.createdb("app");
     let mut carol = c.connect_as(Transport::Unix, "postgres", "carol");
-    ok(carol.batch_execute("CREATE ROLE data_encryption_admin; GRANT data_encryption_admin TO carol WITH ADMIN OPTION"), "carol's role");
+    // Up to PostgreSQL 15 a CREATEROLE role grants itself what it likes; from 16 its creator
+    // holds ADMIN OPTION on a role it creates, and may not grant that to itself again.
+    let major: u32 = c.psql("postgres", "SHOW server_version_num").trim().parse::<u32>().unwrap() / 10000;
+    if major <= 15 {
+        ok(carol.batch_execute("CREATE ROLE data_encryption_admin; GRANT data_encryption_admin TO carol WITH ADMIN OPTION"), "carol's role");
+    } else {
+        ok(carol.batch_execute("CREATE ROLE data_encryption_admin"), "carol's role");
+    }
+    assert_eq!(
+        c.psql("postgres", "SELECT bool_or(admin_option) FROM pg_auth_members WHERE roleid = 'data_encryption_admin'::regrole AND member = 'carol'::regrole").trim(),
+        "t",
+        "carol holds ADMIN OPTION on the role she made"
+    );
     // CREATE EXTENSION with the default search_path (the pinned one would name pg_catalog).
     let mut su = c.connect(Transport::Unix, "app");
     let no_extension = "SELECT count(*) FROM pg_extension WHERE extname = 'pg_cellcrypt'";
