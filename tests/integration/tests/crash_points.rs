@@ -40,8 +40,13 @@ fn arm(c: &Cluster, point: &str) {
 fn crashed_at(c: &Cluster, point: &str) {
     let started = Instant::now();
     loop {
+        // The kill and the recovery after this point's message (an earlier crash of the same
+        // test left "terminated by signal 9" in the log already).
         let log = c.server_log();
-        let seen = log.contains(&format!("pg_cellcrypt: crash point {point}")) && log.contains("terminated by signal 9");
+        let seen = log
+            .rfind(&format!("pg_cellcrypt: crash point {point}"))
+            .map(|at| &log[at..])
+            .is_some_and(|after| after.contains("terminated by signal 9") && after.contains("database system is ready to accept connections"));
         if seen && c.psql_raw("app", "SELECT 1").status.success() {
             break;
         }
