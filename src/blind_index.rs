@@ -340,19 +340,29 @@ const BLIND_INDEX_FUNCTIONS: &str = "SELECT p.oid FROM pg_catalog.pg_proc p JOIN
      JOIN pg_catalog.pg_extension x ON x.oid OPERATOR(pg_catalog.=) e.refobjid \
      WHERE x.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt' AND p.proname OPERATOR(pg_catalog.=) 'blind_index'";
 
-/// A rotation rebuilds indexes; a stored generated column computed with `blind_index` would
-/// keep hashes under the old key and silently stop matching, so the rotation is refused.
+/// A rotation rebuilds indexes; a stored generated column (or a default) computed with
+/// `blind_index` would keep hashes under the old key and silently stop matching, so the
+/// rotation is refused. The expression's dependency on the function is recorded for its
+/// pg_attrdef entry, or on PostgreSQL 14 for a generated column, for the column itself.
 fn refuse_generated_columns() {
     let columns: Option<String> = store::as_extension_owner(|| {
         Spi::get_one::<String>(&format!(
-            "SELECT pg_catalog.string_agg(pg_catalog.format('%s.%I', a.adrelid::pg_catalog.regclass, t.attname), ', ') \
-             FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_attrdef a ON a.oid OPERATOR(pg_catalog.=) d.objid \
-             JOIN pg_catalog.pg_attribute t ON t.attrelid OPERATOR(pg_catalog.=) a.adrelid AND t.attnum OPERATOR(pg_catalog.=) a.adnum \
-             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_attrdef'::pg_catalog.regclass \
-               AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.refobjid OPERATOR(pg_catalog.=) ANY ({BLIND_INDEX_FUNCTIONS})"
+            "SELECT pg_catalog.string_agg(pg_catalog.format('%s.%I', t.attrelid::pg_catalog.regclass, t.attname), ', ' ORDER BY t.attrelid, t.attnum) \
+             FROM (SELECT a.adrelid AS relid, a.adnum AS attnum FROM pg_catalog.pg_depend d \
+                     JOIN pg_catalog.pg_attrdef a ON a.oid OPERATOR(pg_catalog.=) d.objid \
+                    WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_attrdef'::pg_catalog.regclass \
+                      AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+                      AND d.refobjid OPERATOR(pg_catalog.=) ANY ({BLIND_INDEX_FUNCTIONS}) \
+                   UNION \
+                   SELECT d.objid, d.objsubid::pg_catalog.int2 FROM pg_catalog.pg_depend d \
+                    WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                      AND d.objsubid OPERATOR(pg_catalog.>) 0 \
+                      AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+                      AND d.refobjid OPERATOR(pg_catalog.=) ANY ({BLIND_INDEX_FUNCTIONS})) c \
+             JOIN pg_catalog.pg_attribute t ON t.attrelid OPERATOR(pg_catalog.=) c.relid AND t.attnum OPERATOR(pg_catalog.=) c.attnum"
         ))
-        .ok()
-        .flatten()
+        // A check that cannot run refuses (an error here must not let the rotation through).
+        .unwrap_or_else(|e| pgrx::error!("pg_cellcrypt: cannot check for stored blind indexes: {e}"))
     });
     if let Some(columns) = columns {
         errors::raise(
