@@ -15,7 +15,8 @@
 --
 -- * The assignment casts derived from pg_cast leave out PostgreSQL's internal types
 --   (pg_node_tree and the statistics types) on PostgreSQL 14 too, where they are not yet in
---   category Z: the casts 0.1.0 would have made for them there are dropped.
+--   category Z: the casts 0.1.0 would have made for them there (into encrypted_text and
+--   encrypted_bytea) are dropped.
 --
 -- The test `alter_extension_update_from_0_1_0_gives_a_fresh_install_s_catalog_and_keeps_every_value`
 -- (tests/integration/tests/ext_update.rs) installs 0.1.0 from its own install script
@@ -118,12 +119,21 @@ BEGIN
 END
 $$;
 
--- PostgreSQL 14's internal types: no assignment cast into encrypted_text (see above).
+-- PostgreSQL 14's internal types: no assignment cast into encrypted_text or encrypted_bytea
+-- (see above).
 DROP CAST IF EXISTS (pg_catalog.pg_node_tree AS @extschema@.encrypted_text);
 DROP FUNCTION IF EXISTS cellcrypt.pg_node_tree_to_encrypted_text(pg_catalog.pg_node_tree);
+DROP CAST IF EXISTS (pg_catalog.pg_node_tree AS @extschema@.encrypted_bytea);
+DROP FUNCTION IF EXISTS cellcrypt.pg_node_tree_to_encrypted_bytea(pg_catalog.pg_node_tree);
 DROP CAST IF EXISTS (pg_catalog.pg_ndistinct AS @extschema@.encrypted_text);
 DROP FUNCTION IF EXISTS cellcrypt.pg_ndistinct_to_encrypted_text(pg_catalog.pg_ndistinct);
+DROP CAST IF EXISTS (pg_catalog.pg_ndistinct AS @extschema@.encrypted_bytea);
+DROP FUNCTION IF EXISTS cellcrypt.pg_ndistinct_to_encrypted_bytea(pg_catalog.pg_ndistinct);
 DROP CAST IF EXISTS (pg_catalog.pg_dependencies AS @extschema@.encrypted_text);
 DROP FUNCTION IF EXISTS cellcrypt.pg_dependencies_to_encrypted_text(pg_catalog.pg_dependencies);
+DROP CAST IF EXISTS (pg_catalog.pg_dependencies AS @extschema@.encrypted_bytea);
+DROP FUNCTION IF EXISTS cellcrypt.pg_dependencies_to_encrypted_bytea(pg_catalog.pg_dependencies);
 DROP CAST IF EXISTS (pg_catalog.pg_mcv_list AS @extschema@.encrypted_text);
 DROP FUNCTION IF EXISTS cellcrypt.pg_mcv_list_to_encrypted_text(pg_catalog.pg_mcv_list);
+DROP CAST IF EXISTS (pg_catalog.pg_mcv_list AS @extschema@.encrypted_bytea);
+DROP FUNCTION IF EXISTS cellcrypt.pg_mcv_list_to_encrypted_bytea(pg_catalog.pg_mcv_list);

@@ -1676,6 +1676,12 @@ fn a_database_owner_renaming_schemas_under_the_worker_gains_nothing() {
 #[test]
 fn a_database_reusing_a_dropped_databases_oid_does_not_get_its_key() {
     let c = start("adv-oid-reuse", &[]);
+    // CREATE DATABASE ... OID (what makes the reuse happen at once) exists from PostgreSQL 15;
+    // on 14 an OID comes back only after the counter wraps around, which a test cannot force.
+    if c.psql("postgres", "SHOW server_version_num").trim().parse::<u32>().unwrap() < 150000 {
+        eprintln!("PostgreSQL 14: CREATE DATABASE ... OID does not exist; the reuse cannot be forced");
+        return;
+    }
     c.psql("postgres", "CREATE ROLE mallory LOGIN");
     c.database_with_extension("victim");
     c.psql("victim", "CREATE TABLE s (id int, c encrypted_text); INSERT INTO s VALUES (1, 'victim secret')");
