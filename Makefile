@@ -63,7 +63,7 @@ package: setup
 	@scripts/package.sh "$(PG)" "$(PG_CONFIG)"
 
 demo: install
-	@PGBIN=$(PG_BIN) scripts/demo.sh
+	@PGBIN=$(PG_BIN) $(if $(filter-out 15,$(PG)),PG=$(PG)) scripts/demo.sh
 
 demo-stop:
 	@PGBIN=$(PG_BIN) scripts/cluster.sh stop $(CURDIR)/.demo

@@ -7,6 +7,7 @@ port=${DEMO_PORT:-55440}
 
 "$here/scripts/cluster.sh" start "$dir" "$port"
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+PGBIN=${PGBIN%/}
 export PGBIN
 psql_demo() { "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
 psql_demo -q -c "CREATE DATABASE demo"
@@ -37,5 +38,5 @@ The demo cluster keeps running. Connect with:
     $PGBIN/psql -h $dir -p $port -U postgres demo                       (Unix socket)
     $PGBIN/psql "host=127.0.0.1 port=$port user=postgres dbname=demo sslmode=require"   (TCP with SSL)
 Stop it with:
-    make demo-stop
+    make demo-stop${PG:+ PG=$PG}
 MSG
