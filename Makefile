@@ -16,7 +16,7 @@ PG ?= 15
 PG_MAJORS_DIR ?= /opt/pg_cellcrypt-pg
 export PG_MAJORS_DIR
 PGRX_PGDATA ?= /tmp/pg_cellcrypt-pgrx-pgdata
-SMOKE_SUITES := foundation reencryption security keys
+SMOKE_SUITES := foundation reencryption security keys no_loss
 WITH_UPGRADE ?= yes
 ifeq ($(PG),15)
 export PGRX_HOME := $(CURDIR)/pgrx-config

@@ -21,7 +21,8 @@ dir=${2:?cluster directory}
 # but the modules it loads do not: without this, PostgreSQL 18's walreceiver would load the
 # system's older libpq, which refuses the `sslnegotiation` option pg_basebackup -R writes.
 if [ -e "$PGBIN/../lib/libpq.so.5" ]; then
-    export LD_LIBRARY_PATH="$PGBIN/../lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    LD_LIBRARY_PATH="$(cd "$PGBIN/../lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH
 fi
 as_postgres() { runuser -u postgres -- "$@"; }
 

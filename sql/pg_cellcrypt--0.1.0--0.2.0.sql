@@ -7,16 +7,18 @@
 --
 -- What changes in SQL:
 -- * cellcrypt._check_ddl(), the event trigger that refuses encrypted values nested in arrays,
---   domains, ranges and composite types: PostgreSQL 18 records an extension's array types (and
+--   domains, ranges and composite types: PostgreSQL 17 and later record an extension's array types (and
 --   its tables' row types) as members of the extension, so 0.1.0's trigger took an array of an
 --   encrypted type for one of the extension's own types and let `encrypted_text[]` columns
 --   through. It now counts only the extension's base types. (The library's own list of
 --   encrypted columns, for re-encryption, makes the same distinction.)
 --
--- * The assignment casts derived from pg_cast leave out PostgreSQL's internal types
---   (pg_node_tree and the statistics types) on PostgreSQL 14 too, where they are not yet in
+-- * The assignment casts derived from pg_cast leave out PostgreSQL's internal types ("char",
+--   pg_node_tree and the statistics types) on PostgreSQL 14 too, where they are not yet in
 --   category Z: the casts 0.1.0 would have made for them there (into encrypted_text and
 --   encrypted_bytea) are dropped.
+-- * On PostgreSQL 17 and 18, a 0.1.0 database may already have columns that nest encrypted
+--   values in arrays (or domains or composite types over them): the update warns, naming them.
 --
 -- The test `alter_extension_update_from_0_1_0_gives_a_fresh_install_s_catalog_and_keeps_every_value`
 -- (tests/integration/tests/ext_update.rs) installs 0.1.0 from its own install script
@@ -35,9 +37,9 @@ DECLARE
     found text;
 BEGIN
     -- The extension's encrypted types, found through pg_depend's index on the referenced
-    -- object. Only its base types: PostgreSQL 18 also records the array types and the row types
-    -- of an extension's types and tables as its members, and an array of an encrypted type is
-    -- what this trigger refuses.
+    -- object. Only its base types: PostgreSQL 17 and later also record the array types and the
+    -- row types of an extension's types and tables as its members, and an array of an
+    -- encrypted type is what this trigger refuses.
     SELECT array_agg(d.objid) INTO ours
       FROM pg_depend d JOIN pg_type y ON y.oid = d.objid
      WHERE d.refclassid = 'pg_extension'::regclass
@@ -121,6 +123,8 @@ $$;
 
 -- PostgreSQL 14's internal types: no assignment cast into encrypted_text or encrypted_bytea
 -- (see above).
+DROP CAST IF EXISTS (pg_catalog."char" AS @extschema@.encrypted_text);
+DROP FUNCTION IF EXISTS cellcrypt.char_to_encrypted_text(pg_catalog."char");
 DROP CAST IF EXISTS (pg_catalog.pg_node_tree AS @extschema@.encrypted_text);
 DROP FUNCTION IF EXISTS cellcrypt.pg_node_tree_to_encrypted_text(pg_catalog.pg_node_tree);
 DROP CAST IF EXISTS (pg_catalog.pg_node_tree AS @extschema@.encrypted_bytea);
@@ -137,3 +141,33 @@ DROP CAST IF EXISTS (pg_catalog.pg_mcv_list AS @extschema@.encrypted_text);
 DROP FUNCTION IF EXISTS cellcrypt.pg_mcv_list_to_encrypted_text(pg_catalog.pg_mcv_list);
 DROP CAST IF EXISTS (pg_catalog.pg_mcv_list AS @extschema@.encrypted_bytea);
 DROP FUNCTION IF EXISTS cellcrypt.pg_mcv_list_to_encrypted_bytea(pg_catalog.pg_mcv_list);
+
+-- Columns that 0.1.0 let through on PostgreSQL 17 and 18: encrypted values nested in arrays,
+-- domains or composite types, which re-encryption does not rewrite. Named in a warning, with
+-- what to do, before a key change makes them unreadable.
+DO $$
+DECLARE
+    ours oid[];
+    found text;
+BEGIN
+    SELECT pg_catalog.array_agg(d.objid) INTO ours
+      FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) d.objid
+     WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+       AND d.refobjid OPERATOR(pg_catalog.=) (SELECT x.oid FROM pg_catalog.pg_extension x WHERE x.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt')
+       AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype OPERATOR(pg_catalog.=) 'e'
+       AND y.typtype OPERATOR(pg_catalog.=) 'b' AND y.typelem OPERATOR(pg_catalog.=) 0;
+    SELECT pg_catalog.string_agg(pg_catalog.format('%s.%I (%s)', a.attrelid::pg_catalog.regclass, a.attname,
+                                                   pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ')
+      INTO found
+      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+     WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p,m,f}'::pg_catalog."char"[])
+       AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+       AND NOT a.atttypid OPERATOR(pg_catalog.=) ANY (ours)
+       AND cellcrypt._holds_encrypted(a.atttypid, ours);
+    IF found IS NOT NULL THEN
+        RAISE WARNING 'pg_cellcrypt: these columns hold encrypted values nested in other types: %', found
+            USING DETAIL = 'A key change re-encrypts the columns of the encrypted types themselves; values nested in arrays, domains or composite types keep the old key and become unreadable when it is retired.',
+                  HINT = 'Before the next key change, move each value into a column of an encrypted type (for an array: a table with one row per element), then drop these columns.';
+    END IF;
+END
+$$;

@@ -338,7 +338,9 @@ fn rotate_blind_index_key() -> String {
 /// The `blind_index` functions of this extension, as a SQL subquery of their OIDs.
 const BLIND_INDEX_FUNCTIONS: &str = "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_depend e ON e.objid OPERATOR(pg_catalog.=) p.oid \
      JOIN pg_catalog.pg_extension x ON x.oid OPERATOR(pg_catalog.=) e.refobjid \
-     WHERE x.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt' AND p.proname OPERATOR(pg_catalog.=) 'blind_index'";
+     WHERE x.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt' AND p.proname OPERATOR(pg_catalog.=) 'blind_index' \
+       AND e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+       AND e.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass AND e.deptype OPERATOR(pg_catalog.=) 'e'";
 
 /// A rotation rebuilds indexes; a stored generated column (or a default) computed with
 /// `blind_index` would keep hashes under the old key and silently stop matching, so the

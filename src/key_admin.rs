@@ -812,9 +812,9 @@ DECLARE
     found text;
 BEGIN
     -- The extension's encrypted types, found through pg_depend's index on the referenced
-    -- object. Only its base types: PostgreSQL 18 also records the array types and the row types
-    -- of an extension's types and tables as its members, and an array of an encrypted type is
-    -- what this trigger refuses.
+    -- object. Only its base types: PostgreSQL 17 and later also record the array types and the
+    -- row types of an extension's types and tables as its members, and an array of an
+    -- encrypted type is what this trigger refuses.
     SELECT array_agg(d.objid) INTO ours
       FROM pg_depend d JOIN pg_type y ON y.oid = d.objid
      WHERE d.refclassid = 'pg_extension'::regclass

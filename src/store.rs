@@ -622,7 +622,7 @@ fn job_error(what: &'static str) -> impl Fn(pgrx::spi::Error) -> String {
 }
 
 /// The columns of encrypted types, per relation of the given kinds, as `SELECT relid, columns`.
-/// The encrypted types are the extension's member types that are base types: PostgreSQL 18
+/// The encrypted types are the extension's member types that are base types: PostgreSQL 17+
 /// also records the array and row types of an extension's types and tables as its members.
 fn encrypted_columns_sql(relkinds: &str) -> String {
     format!(

@@ -932,7 +932,7 @@ CREATE CAST (@extschema@.encrypted_text AS @extschema@.encrypted_text)
 -- numeric; date and timestamp to timestamptz; json to jsonb; ...) may be assigned to the
 -- encrypted type too, converted as the plain cast converts it, then sealed (cellcrypt_assign,
 -- a C function: a SQL body would be parsed with the caller's search_path). Internal types
--- (category Z: pg_node_tree, statistics; named, as PostgreSQL 14 files them under S) and types
+-- (category Z: "char", pg_node_tree, statistics; named, as PostgreSQL 14 files them under S) and types
 -- outside pg_catalog are left out. The automatic I/O conversion of any type
 -- to text, which pg_cast does not list, is not mirrored: cast to text first.
 DO $$
@@ -947,7 +947,7 @@ BEGIN
          WHERE c.castcontext OPERATOR(pg_catalog.=) ANY ('{a,i}'::pg_catalog."char"[])
            AND c.castsource OPERATOR(pg_catalog.<>) c.casttarget
            AND s.typtype OPERATOR(pg_catalog.=) 'b' AND s.typcategory OPERATOR(pg_catalog.<>) 'Z'
-           AND s.typname OPERATOR(pg_catalog.<>) ALL ('{pg_node_tree,pg_ndistinct,pg_dependencies,pg_mcv_list}'::pg_catalog.name[])
+           AND s.typname OPERATOR(pg_catalog.<>) ALL ('{char,pg_node_tree,pg_ndistinct,pg_dependencies,pg_mcv_list}'::pg_catalog.name[])
            AND s.typnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace
          ORDER BY 3, 2
     LOOP

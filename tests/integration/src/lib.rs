@@ -425,8 +425,6 @@ pub const SAMPLES: &[(&str, &str)] = &[
     ("regnamespace", "'1'"),
     ("regrole", "'1'"),
     ("regcollation", "'1'"),
-    // PostgreSQL 14 lets "char" be assigned to text.
-    ("\"char\"", "'c'"),
 ];
 
 /// A table `t` with a column of every encrypted type, 300 rows (with `people`, the fixture of
@@ -471,11 +469,12 @@ pub const EXTENSION_CATALOG: &str = r#"
 WITH ext AS (SELECT oid, extowner, extnamespace, extrelocatable, extconfig, extcondition FROM pg_catalog.pg_extension WHERE extname = 'pg_cellcrypt'),
 m AS (SELECT d.classid, d.objid, d.objsubid FROM pg_catalog.pg_depend d, ext
       WHERE d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.refobjid = ext.oid AND d.deptype = 'e'
-        -- Array types and tables' row types: PostgreSQL 18 records them as members, earlier
-        -- majors (and so databases pg_upgrade brought from them) do not; their element type or
-        -- table is compared.
+        -- Array types and tables' row types: PostgreSQL 17 and later record them as members
+        -- (pg_upgrade into 17 adds them), earlier majors do not; their element type or table
+        -- is compared.
         AND NOT EXISTS (SELECT FROM pg_catalog.pg_type y WHERE d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND y.oid = d.objid
-                                                          AND (y.typcategory = 'A' OR y.typtype = 'c'))),
+                                                          AND (y.typcategory = 'A'
+                                                               OR EXISTS (SELECT FROM pg_catalog.pg_class r WHERE r.oid = y.typrelid AND r.relkind <> 'c')))),
 lines AS (
   SELECT pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid) || ' | ' || coalesce(CASE m.classid
     WHEN 'pg_catalog.pg_proc'::pg_catalog.regclass THEN (

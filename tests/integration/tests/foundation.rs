@@ -24,6 +24,18 @@ fn the_server_is_the_major_under_test_with_this_build() {
     // The library loads and works in this major (its hooks, shared memory and log redaction
     // are exercised by the keys, security and reencryption suites).
     assert_eq!(c.psql("v", "SELECT is_data_encryption_active()").trim(), "t");
+    // What the DDL check and re-encryption count as the encrypted types (the extension's member
+    // base types; 17+ also lists array and row types as members): exactly the seven.
+    assert_eq!(
+        c.psql(
+            "v",
+            "SELECT string_agg(y.typname, ',' ORDER BY y.typname) FROM pg_depend d JOIN pg_type y ON y.oid = d.objid \
+             WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_cellcrypt') \
+               AND d.classid = 'pg_type'::regclass AND d.deptype = 'e' AND y.typtype = 'b' AND y.typelem = 0"
+        )
+        .trim(),
+        "encrypted_bytea,encrypted_date,encrypted_int8,encrypted_jsonb,encrypted_numeric,encrypted_text,encrypted_timestamptz"
+    );
     assert_eq!(c.psql("v", "SELECT decrypt('x'::text::encrypted_text)").trim(), "x");
 }
 
