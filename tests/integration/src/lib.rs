@@ -25,6 +25,13 @@ pub fn pgbin() -> PathBuf {
     PathBuf::from(std::env::var("CELLCRYPT_PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()))
 }
 
+/// The version of this repository's extension (Cargo.toml's package version).
+pub fn cargo_version() -> String {
+    let toml = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let line = toml.lines().find(|l| l.starts_with("version = ")).expect("the package version");
+    line.trim_start_matches("version = ").trim_matches('"').to_owned()
+}
+
 /// The major version of [`pgbin`]'s server (14 to 18).
 pub fn pg_major() -> u32 {
     let out = Command::new(pgbin().join("pg_config")).arg("--version").output().expect("pg_config");
@@ -274,6 +281,11 @@ impl Cluster {
         }
     }
 
+    /// The running server's major version (`server_version_num` / 10000).
+    pub fn server_major(&self) -> u32 {
+        self.psql("postgres", "SHOW server_version_num").trim().parse::<u32>().unwrap() / 10000
+    }
+
     /// The server log so far.
     pub fn server_log(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(self.dir.join("server.log")).unwrap_or_default()).into_owned()
@@ -436,6 +448,11 @@ pub const ALL_TYPES_FILL: &str = "CREATE TABLE t (id int PRIMARY KEY, s encrypte
      decode(md5(g::text), 'hex') FROM generate_series(1, 300) g; \
      CREATE TABLE people (id int PRIMARY KEY, email encrypted_text); \
      INSERT INTO people SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 100) g";
+/// [`ALL_TYPES_DIGEST`] and [`PEOPLE_DIGEST`] of `db`.
+pub fn all_types_digests(c: &Cluster, db: &str) -> (String, String) {
+    (c.psql(db, ALL_TYPES_DIGEST), c.psql(db, PEOPLE_DIGEST))
+}
+
 /// The row count and a digest of every decrypted value of `t`.
 pub const ALL_TYPES_DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(s) || '/' || decrypt(j)::text || '/' || decrypt(n) \
      || '/' || decrypt(i) || '/' || decrypt(d) || '/' || decrypt(ts) || '/' || encode(decrypt(b), 'hex'), ',' ORDER BY id)) FROM t";

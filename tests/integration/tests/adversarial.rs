@@ -798,8 +798,7 @@ fn create_extension_refuses_preexisting_roles_it_did_not_create() {
     let mut carol = c.connect_as(Transport::Unix, "postgres", "carol");
     // Up to PostgreSQL 15 a CREATEROLE role grants itself what it likes; from 16 its creator
     // holds ADMIN OPTION on a role it creates, and may not grant that to itself again.
-    let major: u32 = c.psql("postgres", "SHOW server_version_num").trim().parse::<u32>().unwrap() / 10000;
-    if major <= 15 {
+    if c.server_major() <= 15 {
         ok(carol.batch_execute("CREATE ROLE data_encryption_admin; GRANT data_encryption_admin TO carol WITH ADMIN OPTION"), "carol's role");
     } else {
         ok(carol.batch_execute("CREATE ROLE data_encryption_admin"), "carol's role");
@@ -1678,7 +1677,7 @@ fn a_database_reusing_a_dropped_databases_oid_does_not_get_its_key() {
     let c = start("adv-oid-reuse", &[]);
     // CREATE DATABASE ... OID (what makes the reuse happen at once) exists from PostgreSQL 15;
     // on 14 an OID comes back only after the counter wraps around, which a test cannot force.
-    if c.psql("postgres", "SHOW server_version_num").trim().parse::<u32>().unwrap() < 150000 {
+    if c.server_major() < 15 {
         eprintln!("PostgreSQL 14: CREATE DATABASE ... OID does not exist; the reuse cannot be forced");
         return;
     }

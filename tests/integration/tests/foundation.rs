@@ -11,13 +11,12 @@ use postgres::types::Type;
 #[test]
 fn the_server_is_the_major_under_test_with_this_build() {
     let c = Cluster::start("major", &[]);
-    let num: u32 = c.psql("postgres", "SHOW server_version_num").trim().parse().unwrap();
-    assert_eq!(num / 10000, pg_major(), "server {num}, pg_config of {}", pgbin().display());
+    let major = c.server_major();
+    assert_eq!(major, pg_major(), "server {major}, pg_config of {}", pgbin().display());
     if let Ok(want) = std::env::var("CELLCRYPT_EXPECT_MAJOR") {
-        assert_eq!((num / 10000).to_string(), want, "make asked for PostgreSQL {want}");
+        assert_eq!(major.to_string(), want, "make asked for PostgreSQL {want}");
     }
-    let toml = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
-    let version = toml.lines().find(|l| l.starts_with("version = ")).unwrap().trim_start_matches("version = ").trim_matches('"').to_owned();
+    let version = cargo_version();
     c.createdb("v");
     c.psql("v", "CREATE EXTENSION pg_cellcrypt");
     assert_eq!(c.psql("v", "SELECT extversion FROM pg_extension WHERE extname = 'pg_cellcrypt'").trim(), version);

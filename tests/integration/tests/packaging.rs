@@ -1,13 +1,7 @@
 //! What a release ships agrees with itself: META.json (PGXN), Cargo.toml, the control file and
 //! the install and upgrade scripts in sql/.
 
-use cellcrypt_integration::repo;
-
-fn cargo_version() -> String {
-    let toml = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
-    let line = toml.lines().find(|l| l.starts_with("version = ")).expect("the package version");
-    line.trim_start_matches("version = ").trim_matches('"').to_owned()
-}
+use cellcrypt_integration::{cargo_version, repo};
 
 #[test]
 fn meta_json_control_file_and_upgrade_scripts_agree_with_cargo_toml() {

@@ -9,22 +9,18 @@
 //! cluster's key file under the new name, as `cellcrypt.key_location` (copied by pg_upgrade,
 //! never by pg_dump) says.
 
-use cellcrypt_integration::{repo, Cluster};
+use cellcrypt_integration::{
+    all_types_digests as digests, assert_same_catalog, blind_index_lookup, extension_catalog, repo, Cluster, ALL_TYPES_DIGEST as T, ALL_TYPES_FILL,
+    PEOPLE_DIGEST as PEOPLE,
+};
 use std::path::PathBuf;
 use std::process::Command;
-
 
 /// The `bin/` of an upstream PostgreSQL build with pg_cellcrypt installed (built if needed).
 fn major(version: &str) -> PathBuf {
     let out = Command::new(repo().join("scripts/pg-major.sh")).arg("--dev").arg(version).output().unwrap();
     assert!(out.status.success(), "pg-major.sh {version}: {}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin")
-}
-
-use cellcrypt_integration::{assert_same_catalog, blind_index_lookup, extension_catalog, ALL_TYPES_DIGEST as T, ALL_TYPES_FILL, PEOPLE_DIGEST as PEOPLE};
-
-fn digests(c: &Cluster, db: &str) -> (String, String) {
-    (c.psql(db, T), c.psql(db, PEOPLE))
 }
 
 fn sysid(c: &Cluster) -> String {
@@ -152,7 +148,7 @@ fn pg_upgrade_from_15_to_17_and_17_to_18_keeps_every_value_readable_without_a_ma
     // Started, the upgraded cluster reads everything at once: no key was restored by hand. The
     // interrupted change is still in the middle, with both versions readable.
     new.start_again();
-    assert_eq!(new.psql("app", "SELECT current_setting('server_version_num')::int / 10000").trim(), "17");
+    assert_eq!(new.server_major(), 17);
     all_read_back(&new, &before, &keys);
     assert_interrupted(&new, "second");
     for db in DBS {
@@ -190,7 +186,7 @@ fn pg_upgrade_from_15_to_17_and_17_to_18_keeps_every_value_readable_without_a_ma
     third.stop();
     pg_upgrade(&new, &third);
     third.start_again();
-    assert_eq!(third.psql("app", "SELECT current_setting('server_version_num')::int / 10000").trim(), "18");
+    assert_eq!(third.server_major(), 18);
     all_read_back(&third, &before, &keys);
     assert_interrupted(&third, "app");
     assert_eq!(blind_index_lookup(&third, "app"), "7");
