@@ -4,17 +4,19 @@
 //! `HKDF-SHA256(salt = "pg_cellcrypt v2", ikm = data key, info = "pg_cellcrypt value key" ||
 //! first 12 nonce bytes)`, 32 bytes, with the last 12 nonce bytes as the GCM nonce (the shape
 //! of XAES-256-GCM, built from HKDF so that no primitive is our own). The HKDF extract step is
-//! done once per data key; each value costs one HKDF expand (two SHA-256 blocks) and one AES
-//! key schedule. Version 1 values are opened with the data key itself.
+//! done once per data key; each value costs one HKDF expand (aws-lc's `HKDF_expand`: the HMAC
+//! key set-up and one output block, four SHA-256 blocks) and one AES-GCM key set-up (an
+//! `EVP_AEAD_CTX`). Version 1 values are opened with the data key itself.
+//!
+//! The primitives are AWS-LC's, through `aws-lc-rs` (AES-256-GCM, HKDF-SHA256, HMAC-SHA256).
 
 use crate::envelope::{self, Envelope, CIPHERTEXT_OFFSET, FORMAT_V1, GCM_NONCE_LEN, HEADER_LEN, TAG_LEN};
 use crate::error::{DecryptionFailed, EnvelopeError};
 use crate::nonce::NonceSource;
 use crate::secret::SecretKey;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use hkdf::Hkdf;
-use sha2::Sha256;
+use aws_lc_rs::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM};
+use aws_lc_rs::hkdf::{self, Prk, HKDF_SHA256};
+use aws_lc_rs::hmac;
 use std::fmt;
 use zeroize::Zeroizing;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,44 +30,79 @@ pub const VALUE_KEY_SALT: &[u8] = b"pg_cellcrypt v2";
 /// The start of HKDF's `info` for a value key; the first 12 nonce bytes follow.
 pub const VALUE_KEY_INFO: &[u8] = b"pg_cellcrypt value key";
 
-/// The HKDF state of one data key (its pseudorandom key, as keyed HMAC state), overwritten
-/// when dropped.
-struct ValueKeys(Hkdf<Sha256>);
+/// The HKDF state of one data key: its pseudorandom key, held by aws-lc-rs's [`Prk`] (in a
+/// buffer it zeroizes on drop).
+struct ValueKeys(Prk);
 
-impl ValueKeys {
-    fn new(data_key: &SecretKey) -> Self {
-        ValueKeys(Hkdf::<Sha256>::new(Some(VALUE_KEY_SALT), data_key.expose()))
-    }
+/// HKDF output of one AES-256 key.
+struct Aes256KeyLen;
 
-    /// The AES-256-GCM cipher of the value whose nonce starts with `salt` (12 bytes).
-    fn cipher(&self, salt: &[u8]) -> Aes256Gcm {
-        let mut info = [0u8; VALUE_KEY_INFO.len() + GCM_NONCE_LEN];
-        info[..VALUE_KEY_INFO.len()].copy_from_slice(VALUE_KEY_INFO);
-        info[VALUE_KEY_INFO.len()..].copy_from_slice(salt);
-        let mut key = Zeroizing::new([0u8; 32]);
-        self.0.expand(&info, &mut key[..]).expect("32 bytes is a valid HKDF-SHA256 output length");
-        Aes256Gcm::new((&*key).into())
+impl hkdf::KeyType for Aes256KeyLen {
+    fn len(&self) -> usize {
+        32
     }
 }
 
-impl Drop for ValueKeys {
-    fn drop(&mut self) {
-        // SAFETY: Hkdf<Sha256> is plain data (block states, counters, buffers; no pointers
-        // or drop glue), so an all-zero bit pattern is never read again before it is freed.
-        #[allow(unsafe_code)]
-        unsafe {
-            zeroize::zeroize_flat_type(&mut self.0)
-        }
+impl ValueKeys {
+    /// HKDF-Extract, once per data key: `PRK = HMAC-SHA256(salt, data key)` (RFC 5869, 2.2).
+    /// aws-lc-rs's own `Salt::extract` defers the extraction and repeats it on every expansion,
+    /// which would double the cost of a small value; the PRK passes through a zeroizing buffer.
+    fn new(data_key: &SecretKey) -> Self {
+        let mut prk = Zeroizing::new([0u8; 32]);
+        hmac::sign_to_buffer(&hmac::Key::new(hmac::HMAC_SHA256, VALUE_KEY_SALT), data_key.expose(), &mut prk[..])
+            .expect("a 32-byte buffer holds an HMAC-SHA256 tag");
+        ValueKeys(Prk::new_less_safe(HKDF_SHA256, &prk[..]))
     }
+
+    /// The AES-256-GCM key of the value whose nonce starts with `salt` (12 bytes). The derived
+    /// key bytes live only in a zeroizing buffer; the AEAD context aws-lc keeps is cleansed
+    /// when it is freed.
+    fn cipher(&self, salt: &[u8]) -> LessSafeKey {
+        let info = [VALUE_KEY_INFO, salt];
+        let mut key = Zeroizing::new([0u8; 32]);
+        self.0
+            .expand(&info, Aes256KeyLen)
+            .and_then(|okm| okm.fill(&mut key[..]))
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        aes_256_gcm(&key[..])
+    }
+}
+
+/// An AES-256-GCM key object (aws-lc's `EVP_AEAD_CTX`, cleansed when freed).
+fn aes_256_gcm(key: &[u8]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is valid for AES-256-GCM"))
+}
+
+fn nonce(bytes: &[u8]) -> Result<aead::Nonce, DecryptionFailed> {
+    aead::Nonce::try_assume_unique_for_key(bytes).map_err(|_| DecryptionFailed)
+}
+
+/// Encrypts `buf` in place under `key`, returning the tag.
+fn gcm_seal(key: &LessSafeKey, nonce_bytes: &[u8], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+    let tag = key
+        .seal_in_place_separate_tag(nonce(nonce_bytes).expect("a GCM nonce is 12 bytes"), aead::Aad::from(aad), buf)
+        .expect("AES-GCM refuses only inputs above 64 GiB, which PostgreSQL values cannot reach");
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Verifies `tag` and decrypts `ciphertext` into `out` (of the same length) under `key`. On
+/// failure `out` holds nothing of the plaintext (aws-lc clears it), and callers zero it too.
+fn gcm_open(key: &LessSafeKey, nonce_bytes: &[u8], aad: &[u8], ciphertext: &[u8], tag: &[u8], out: &mut [u8]) -> Result<(), DecryptionFailed> {
+    if nonce_bytes.len() != GCM_NONCE_LEN || tag.len() != TAG_LEN || ciphertext.len() != out.len() {
+        return Err(DecryptionFailed);
+    }
+    key.open_separate_gather(nonce(nonce_bytes)?, aead::Aad::from(aad), ciphertext, tag, out).map_err(|_| DecryptionFailed)
 }
 
 /// One key, ready to use. Values are sealed under keys derived from it (see the module docs);
 /// the AES key schedule of the data key itself is kept for opening version 1 values and for
-/// the raw known-answer tests. The cipher states are zeroized on drop (aes-gcm's `zeroize`
-/// feature, and [`ValueKeys`]).
+/// the raw known-answer tests. The cipher states are zeroized on drop (aws-lc cleanses its
+/// AEAD contexts and aws-lc-rs its HKDF secret).
 pub struct DataCipher {
     key_id: u32,
-    aead: Aes256Gcm,
+    aead: LessSafeKey,
     values: ValueKeys,
     sealed: AtomicU64,
 }
@@ -74,7 +111,7 @@ impl DataCipher {
     pub fn new(key_id: u32, key: &SecretKey) -> Self {
         DataCipher {
             key_id,
-            aead: Aes256Gcm::new(key.expose().into()),
+            aead: aes_256_gcm(key.expose()),
             values: ValueKeys::new(key),
             sealed: AtomicU64::new(0),
         }
@@ -113,11 +150,7 @@ impl DataCipher {
         let (body, tag_out) = rest.split_at_mut(rest.len() - TAG_LEN);
         let aad = Aad::new(&head[..HEADER_LEN], context);
         let (salt, nonce) = head[HEADER_LEN..].split_at(GCM_NONCE_LEN);
-        let tag = self
-            .values
-            .cipher(salt)
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad.as_slice(), body)
-            .expect("AES-GCM refuses only inputs above 64 GiB, which PostgreSQL values cannot reach");
+        let tag = gcm_seal(&self.values.cipher(salt), nonce, aad.as_slice(), body);
         tag_out.copy_from_slice(&tag);
         self.sealed.fetch_add(1, Ordering::Relaxed);
     }
@@ -127,18 +160,19 @@ impl DataCipher {
     /// Callers outside this crate need it only for known-answer tests; values are sealed with
     /// [`DataCipher::seal_into`], which draws the nonce and derives the value's key.
     pub fn gcm_encrypt_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-        let tag = self
-            .aead
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
-            .expect("AES-GCM refuses only inputs above 64 GiB, which PostgreSQL values cannot reach");
-        tag.into()
+        gcm_seal(&self.aead, nonce, aad, buf)
     }
 
     /// The raw AES-256-GCM primitive that opening a version 1 value uses: verifies `tag` and
-    /// decrypts `buf` in place under the data key. On failure `buf` is left as ciphertext (the
-    /// tag is checked before decrypting).
+    /// decrypts `buf` in place under the data key. On failure `buf` is zeroed: nothing of a
+    /// failed decryption is ever visible.
     pub fn gcm_decrypt_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), DecryptionFailed> {
-        gcm_open(&self.aead, nonce, aad, buf, tag)
+        let ciphertext = buf.to_vec();
+        let opened = gcm_open(&self.aead, nonce, aad, &ciphertext, tag, buf);
+        if opened.is_err() {
+            buf.fill(0);
+        }
+        opened
     }
 
     /// Moves a value from `old` to this cipher without a second buffer: the ciphertext is opened
@@ -183,13 +217,12 @@ impl DataCipher {
             out.fill(0);
             return Err(DecryptionFailed);
         }
-        out.copy_from_slice(env.ciphertext());
         let aad = Aad::new(env.header(), context);
         let opened = if env.version() == FORMAT_V1 {
-            gcm_open(&self.aead, env.nonce(), aad.as_slice(), out, env.tag())
+            gcm_open(&self.aead, env.nonce(), aad.as_slice(), env.ciphertext(), env.tag(), out)
         } else {
             let (salt, nonce) = env.nonce().split_at(GCM_NONCE_LEN);
-            gcm_open(&self.values.cipher(salt), nonce, aad.as_slice(), out, env.tag())
+            gcm_open(&self.values.cipher(salt), nonce, aad.as_slice(), env.ciphertext(), env.tag(), out)
         };
         if opened.is_err() {
             out.fill(0);
@@ -197,13 +230,6 @@ impl DataCipher {
         }
         Ok(())
     }
-}
-
-fn gcm_open(aead: &Aes256Gcm, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), DecryptionFailed> {
-    if nonce.len() != GCM_NONCE_LEN || tag.len() != TAG_LEN {
-        return Err(DecryptionFailed);
-    }
-    aead.decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag)).map_err(|_| DecryptionFailed)
 }
 
 /// The additional authenticated data: the envelope header followed by the caller's context,

@@ -13,9 +13,8 @@
 use crate::admin_key::AdminKey;
 use crate::secret::SecretKey;
 use argon2::{Algorithm, Argon2, Params, Version};
-use hkdf::Hkdf;
+use aws_lc_rs::hkdf::{KeyType, Prk, HKDF_SHA256};
 use rand::TryRngCore;
-use sha2::Sha256;
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -86,9 +85,19 @@ impl MasterKey {
         self.0.expose()
     }
 
+    /// HKDF-SHA256-Expand with the master key as the pseudorandom key (aws-lc-rs keeps its
+    /// copy of the PRK in a buffer it zeroizes on drop).
     fn expand(&self, info: &[u8], out: &mut [u8]) {
-        let hk = Hkdf::<Sha256>::from_prk(self.0.expose()).expect("a 32-byte PRK is valid for HKDF-SHA256");
-        hk.expand(info, out).expect("HKDF output length is within limits");
+        struct Len(usize);
+        impl KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let prk = Prk::new_less_safe(HKDF_SHA256, self.0.expose());
+        prk.expand(&[info], Len(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .expect("HKDF output length is within limits");
     }
 
     /// The key that seals cell values.
@@ -191,6 +200,22 @@ mod tests {
         let fp = a.fingerprint().to_string();
         assert_eq!(fp.len(), 35);
         assert_eq!(fp.parse::<Fingerprint>().unwrap(), a.fingerprint());
+    }
+
+    /// The sub-keys of a fixed master key against HKDF-SHA256-Expand computed by another
+    /// implementation (Python's hmac: T(1) = HMAC(master, info || 0x01)). Stored fingerprints
+    /// and every key derived from a master key depend on these bytes.
+    #[test]
+    fn sub_keys_known_answers() {
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = i as u8 + 1;
+        }
+        let m = MasterKey::from_bytes(bytes);
+        assert_eq!(hex(m.data_key().expose()), "f671199861ff044cfc4b45dd4962b86583883b2b94558d4ba6c47109e9370364");
+        assert_eq!(hex(m.wrap_key().expose()), "77f7920829d1b19fe170f72972ed05d11ed771245e3684da789c3e9a7852a6ca");
+        assert_eq!(hex(&m.fingerprint().0), "23146036d276604af6377c96e286c7cf");
     }
 
     #[test]
