@@ -104,9 +104,17 @@ log "PostgreSQL $server, $lib (sha256 $lib_sha...), fsync $(q -c 'SHOW fsync'), 
 # Milliseconds of one statement, as psql's \timing reports it. Each statement runs in a new
 # session: a warm-up encrypts and decrypts one value first (untimed), so that what a session
 # does once (loading the key) falls on neither side.
+# A failed statement stops the script (ms is always called as `x=$(ms ...)`).
 ms() {
-    q -c "SELECT length(decrypt(encrypt('\\x00'::bytea)))" -c '\timing on' -c "$1" |
-        sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1
+    local out t
+    # psql reports a time for a failed statement too: its exit status tells.
+    if ! out=$(q -c "SELECT length(decrypt(encrypt('\\x00'::bytea)))" -c '\timing on' -c "$1"); then
+        echo "bench-sizes: failed: $1" >&2
+        return 1
+    fi
+    t=$(echo "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)
+    if [ -z "$t" ]; then echo "bench-sizes: no time for: $1" >&2; return 1; fi
+    echo "$t"
 }
 # The smaller of two times; the first may be empty.
 min() { if [ -z "$1" ] || awk -v t="$2" -v b="$1" 'BEGIN{exit !(t<b)}'; then echo "$2"; else echo "$1"; fi; }
@@ -164,9 +172,9 @@ for size in $sizes; do
     t_plain='' t_enc=''
     for _ in $(seq "$reps"); do
         q -c "TRUNCATE plain" -c "CHECKPOINT"
-        t_plain=$(min "$t_plain" "$(ms "INSERT INTO plain SELECT v FROM staging")")
+        t=$(ms "INSERT INTO plain SELECT v FROM staging"); t_plain=$(min "$t_plain" "$t")
         q -c "TRUNCATE enc" -c "CHECKPOINT"
-        t_enc=$(min "$t_enc" "$(ms "INSERT INTO enc SELECT v FROM staging")")
+        t=$(ms "INSERT INTO enc SELECT v FROM staging"); t_enc=$(min "$t_enc" "$t")
     done
     q -c "VACUUM (FREEZE, ANALYZE) plain, enc" -c "CHECKPOINT"
     # The same values on both sides, stored uncompressed.
@@ -185,8 +193,8 @@ for size in $sizes; do
     # get_byte() detoasts it, as reading the value does (and as decrypt() must).
     s_plain='' s_enc=''
     for _ in $(seq "$scans"); do
-        s_plain=$(min "$s_plain" "$(ms "SELECT sum(get_byte(c, 0)) FROM plain")")
-        s_enc=$(min "$s_enc" "$(ms "SELECT sum(length(decrypt(c))) FROM enc")")
+        t=$(ms "SELECT sum(get_byte(c, 0)) FROM plain"); s_plain=$(min "$s_plain" "$t")
+        t=$(ms "SELECT sum(length(decrypt(c))) FROM enc"); s_enc=$(min "$s_enc" "$t")
     done
     result "$size" "$rows" scan "$s_plain" "$s_enc" "$b_plain" "$b_enc"
     q -c "DROP TABLE staging, plain, enc" -c "CHECKPOINT"
