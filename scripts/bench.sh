@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# make bench: pg_cellcrypt against plaintext and pgcrypto, in one run on one tuned cluster.
-# Prints a table of times and ratios, and writes BENCHMARKS.md and bench/results.csv.
-# BENCH_ROWS (default 1000000) scales the row counts for a quick look.
+# make bench: pg_cellcrypt against plaintext and pgcrypto, in one run on one tuned cluster, then
+# the value-size sweep (scripts/bench-sizes.sh) on a tuned and on a durable cluster of its own.
+# Prints a table of times and ratios, and writes BENCHMARKS.md, bench/results.csv and
+# bench/sweep.csv (the sweep's own CSV).
+# BENCH_ROWS (default 1000000) scales the row counts, BENCH_SWEEP_MB (default 64) the sweep's
+# MiB of values per size, for a quick look.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dir=${BENCH_DIR:-/tmp/pg_cellcrypt-bench}
@@ -102,15 +105,20 @@ t_dec_b=$(best "SELECT count(decrypt(b)) FROM big_enc")
 t_read_j=$(best "SELECT sum(jsonb_array_length(j)) FROM big_plain")
 t_enc_j=$(best "SELECT count(encrypt(j)) FROM big_plain")
 t_dec_j=$(best "SELECT count(decrypt(j)) FROM big_enc")
-for kind in b j; do
-    name=$([ $kind = b ] && echo encrypted_bytea || echo encrypted_jsonb)
-    bytes=$([ $kind = b ] && echo "$bbytes" || echo "$jbytes")
-    tr=$(eval echo \$t_read_$kind); te=$(eval echo \$t_enc_$kind); td=$(eval echo \$t_dec_$kind)
+# NAME BYTES READ_MS ENCRYPT_MS DECRYPT_MS: throughput against the core's, and time against
+# reading the same plain values through SQL.
+big_rows_of() {
+    local name=$1 bytes=$2 tr=$3 te=$4 td=$5 enc_mbs dec_mbs
     enc_mbs=$(mbs "$bytes" "$te"); dec_mbs=$(mbs "$bytes" "$td")
     row "64 KiB $name: encrypt through SQL" "$enc_mbs" "MB/s" "$(ratio "$enc_mbs" "$core_seal")" "of the core's seal MB/s, target >= 0.70"
     row "64 KiB $name: decrypt through SQL" "$dec_mbs" "MB/s" "$(ratio "$dec_mbs" "$core_open")" "of the core's open MB/s, target >= 0.70"
     row "64 KiB $name: reading the plain values alone" "$(mbs "$bytes" "$tr")" "MB/s" "" "detoasting, which both directions include"
-done
+    row "64 KiB $name: reading the plain values, time" "$tr" "ms" "1.00" "baseline"
+    row "64 KiB $name: encrypt through SQL, time" "$te" "ms" "$(ratio "$te" "$tr")" "target <= 1.3 x reading the plain values"
+    row "64 KiB $name: decrypt through SQL, time" "$td" "ms" "$(ratio "$td" "$tr")" "target <= 1.3 x reading the plain values"
+}
+big_rows_of encrypted_bytea "$bbytes" "$t_read_b" "$t_enc_b" "$t_dec_b"
+big_rows_of encrypted_jsonb "$jbytes" "$t_read_j" "$t_enc_j" "$t_dec_j"
 
 echo "== 5. Key change: re-encryption of $rows rows vs UPDATE t SET c = c"
 # Only the measured table may hold encrypted columns: a key change re-encrypts them all.
@@ -123,7 +131,7 @@ q -c "VACUUM plain" -c "CHECKPOINT"
 fresh_enc() { q -c "TRUNCATE enc" -c "INSERT INTO enc SELECT c FROM plain" -c "VACUUM ANALYZE enc" -c "CHECKPOINT"; }
 batch=10000
 q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = $batch" -c "SELECT pg_reload_conf()" >/dev/null
-t_update_enc= t_reenc= t_after=
+t_update_enc='' t_reenc='' t_after=''
 size() { q -c "SELECT pg_relation_size('enc') / 1048576"; }
 for _ in $(seq "$reps"); do
     # The same rewrite of the same encrypted rows, without the crypto: the baseline of the change.
@@ -163,7 +171,7 @@ cells() { q -c "SELECT coalesce(sum(cells_done), 0) FROM data_encryption_progres
 q -c "ALTER SYSTEM SET pg_cellcrypt.reencrypt_batch_size = 1000" >/dev/null
 pause 60s
 q -c "SELECT set_data_encryption_key(generate_data_encryption_key())" >/dev/null
-tps_alone= tps_during= cells_held=0 cells_run=0
+tps_alone='' tps_during='' cells_held=0 cells_run=0
 for _ in 1 2 3; do
     c0=$(cells); tps_alone="$tps_alone $(pgb 3)"; c1=$(cells)
     pause 10ms; tps_during="$tps_during $(pgb 3)"; c2=$(cells); pause 60s
@@ -196,6 +204,18 @@ row "lookup by blind index ($lookups lookups)" "$t_lookup_bidx" "ms" "$(ratio "$
 row "one lookup by WHERE decrypt(c) = \$1, no index" "$t_lookup_scan" "ms" "$(awk -v s="$t_lookup_scan" -v b="$t_lookup_bidx" -v n=$lookups 'BEGIN{printf "%.0f", s/(b/n)}')" "x one blind-index lookup"
 row "CREATE INDEX on blind_index(email)" "$t_bidx_build" "ms" "$(ratio "$t_bidx_build" "$t_btree_build")" "x a btree on the plaintext"
 
+echo "== 7. Value-size sweep, 16 B to 1 MiB, on a tuned and on a durable cluster"
+# scripts/bench-sizes.sh starts a cluster of its own for each kind. This one stays up (the
+# reports read its version), checkpointed first so that it writes nothing meanwhile.
+q -c "CHECKPOINT"
+sweep_csv="$here/bench/sweep.csv"
+mkdir -p "$here/bench"
+rm -f "$sweep_csv"
+for kind in tuned durable; do
+    sweep=$(PGBIN=$bin BENCH_SWEEP_FORMAT=rows BENCH_SWEEP_CSV=$sweep_csv "$here/scripts/bench-sizes.sh" "$kind")
+    while IFS='|' read -r a b c d e; do row "$a" "$b" "$c" "$d" "$e"; done <<<"$sweep"
+done
+
 # ---- reports
 mkdir -p "$here/bench"
 echo "== callgrind profiles of the hot paths"
@@ -211,8 +231,19 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo
     echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d): $cpu, $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM,"
     echo "$(uname -sr), PostgreSQL $(q -c 'SHOW server_version' | cut -d' ' -f1), $(rustc --version | cut -d' ' -f1-2), release build."
-    echo "Cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off, no parallel query;"
-    echo "$rows rows of 100-byte values; times are the best of $reps runs (pgbench: the mean of three alternating windows)."
+    echo "Every case but the sweep runs on one tuned cluster: shared_buffers 2GB, synchronous_commit off, fsync off, autovacuum off,"
+    echo "no parallel query; $rows rows of 100-byte values; times are the best of $reps runs (pgbench: the mean of three alternating windows)."
+    echo
+    echo "The value-size sweep (\`scripts/bench-sizes.sh\`, the \"sweep tuned ...\" and \"sweep durable ...\" rows) compares"
+    echo "\`encrypted_bytea\` with the same incompressible bytes in a plain \`bytea\` column (both STORAGE external, so nothing is"
+    echo "compressed), for values of 16 B to 1 MiB, ${BENCH_SWEEP_MB:-64} MiB of values per size (at most ${BENCH_SWEEP_MAX_ROWS:-1000000} rows), on two clusters of"
+    echo "its own: *tuned*, with the settings above, and *durable*, with fsync, synchronous_commit and full_page_writes on and"
+    echo "the default shared_buffers (128MB) and checkpoint settings, as an ordinary installation has them (both without"
+    echo "autovacuum, JIT or parallel query). INSERT: \`INSERT INTO t SELECT v FROM staging\` (values generated beforehand),"
+    echo "best of ${BENCH_SWEEP_REPS:-3} alternating runs, each after TRUNCATE and CHECKPOINT. Scan: \`sum(length(decrypt(c)))\` against"
+    echo "\`sum(get_byte(c, 0))\` on the plain column (which reads each value, TOAST included), best of ${BENCH_SWEEP_SCANS:-7} alternating runs."
+    echo "Each row's ratio is encrypted / plain; the plain time is in its note. Per-size CSV: \`bench/sweep.csv\`."
+    echo
     echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."
     echo
     echo "| case | value | unit | ratio | note |"
