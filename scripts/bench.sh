@@ -53,6 +53,9 @@ row "crypto core: seal 64 KiB" "$core_seal" "MB/s" "" ""
 row "crypto core: open 64 KiB" "$core_open" "MB/s" "" ""
 row "crypto core: seal 100 B" "$(echo "$core" | awk -F, '$1=="core_seal_100b"{print $2}')" "ns" "" ""
 row "crypto core: open 100 B" "$(echo "$core" | awk -F, '$1=="core_open_100b"{print $2}')" "ns" "" ""
+row "crypto core: open 100 B, every value its own salt" "$(echo "$core" | awk -F, '$1=="core_open_100b_own_salt"{print $2}')" "ns" "" "a value key derived per value (values written one per process, or before 0.2.0)"
+row "crypto core: seal 1 KiB" "$(echo "$core" | awk -F, '$1=="core_seal_1k"{print $2}')" "ns" "" ""
+row "crypto core: open 1 KiB" "$(echo "$core" | awk -F, '$1=="core_open_1k"{print $2}')" "ns" "" ""
 
 # 100-byte values: three md5 hex strings and 4 characters.
 val="repeat(md5(g::text), 3) || 'abcd'"
@@ -215,6 +218,34 @@ for kind in tuned durable; do
     sweep=$(PGBIN=$bin BENCH_SWEEP_FORMAT=rows BENCH_SWEEP_CSV=$sweep_csv "$here/scripts/bench-sizes.sh" "$kind")
     while IFS='|' read -r a b c d e; do row "$a" "$b" "$c" "$d" "$e"; done <<<"$sweep"
 done
+
+echo "== 8. The FIPS build against the default build: the tuned sweep on each"
+# The FIPS build (make install FIPS=1, a release build of its own) runs the tuned sweep; the
+# default build goes back in before the reports. Each case compares the two builds' ratios
+# (encrypted / plain, each measured in its own run), target <= 1.10. BENCH_FIPS=no skips it.
+if [ "${BENCH_FIPS:-yes}" != no ]; then
+    fips_csv="$here/bench/sweep-fips.csv"
+    rm -f "$fips_csv"
+    make -C "$here" --no-print-directory install FIPS=1 PG="${PG:-15}" >&2
+    PGBIN=$bin BENCH_LABEL=fips BENCH_SWEEP_FORMAT=rows BENCH_SWEEP_CSV=$fips_csv "$here/scripts/bench-sizes.sh" tuned >/dev/null
+    make -C "$here" --no-print-directory install PG="${PG:-15}" >&2
+    cmp=$(python3 - "$sweep_csv" "$fips_csv" <<'PY'
+import csv, sys
+def load(path):
+    return {(r["cluster"], int(r["size_bytes"]), r["operation"]): r for r in csv.DictReader(open(path)) if r["cluster"] == "tuned"}
+default, fips = load(sys.argv[1]), load(sys.argv[2])
+for key in sorted(default):
+    if key not in fips:
+        continue
+    d, f = default[key], fips[key]
+    size = key[1]
+    name = f"{size // 1048576} MiB" if size >= 1048576 else f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+    rel = float(f["ratio"]) / float(d["ratio"])
+    print(f"FIPS build vs default: tuned {name} {key[2]}|{float(f['encrypted_ms']):.1f}|ms|{rel:.2f}|target <= 1.10: FIPS ratio {float(f['ratio']):.2f} x plain against the default build's {float(d['ratio']):.2f}")
+PY
+)
+    while IFS='|' read -r a b c d e; do row "$a" "$b" "$c" "$d" "$e"; done <<<"$cmp"
+fi
 
 # ---- reports
 mkdir -p "$here/bench"

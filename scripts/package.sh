@@ -21,9 +21,11 @@ name="pg_cellcrypt-$version-pg$major"
 out="$here/target/package/$name"
 target=$here/target
 [ "$major" = 15 ] || target=$here/target/majors
+# The FIPS build (CRYPTO=fips, make package FIPS=1) has target directories of its own, as in the Makefile.
+[ "${CRYPTO:-aws-lc}" != fips ] || { [ "$major" = 15 ] && target=$here/target/fips || target=$here/target/majors-fips; }
 rm -rf "$out"
 (cd "$here" && CARGO_TARGET_DIR="$target" cargo pgrx package --pg-config "$pg_config" \
-    --no-default-features --features "pg$major" --out-dir "$out")
+    --no-default-features --features "pg$major ${CRYPTO:-aws-lc}" --out-dir "$out")
 # The tree holds what an install needs, and the library was built for this major.
 so=$(find "$out" -name pg_cellcrypt.so)
 ctl=$(find "$out" -name pg_cellcrypt.control)

@@ -80,7 +80,7 @@ if [ "$dev" = yes ]; then
     if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
         echo "pg-major: building pg_cellcrypt (dev) for PostgreSQL $v" >&2
         (cd "$here" && PGRX_HOME="$pgrx_home" CARGO_TARGET_DIR="$here/target/majors" \
-            cargo pgrx install --pg-config "$dest/bin/pg_config" --no-default-features --features "pg$major fault_injection" >&2)
+            cargo pgrx install --pg-config "$dest/bin/pg_config" --no-default-features --features "pg$major aws-lc fault_injection" >&2)
         touch "$stamp"
     fi
 fi

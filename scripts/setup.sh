@@ -13,6 +13,9 @@ if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
     exit 0
 fi
 packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo openssl libssl-dev pkg-config gdb libpostgresql-jdbc-java openjdk-17-jdk-headless python3-pip)
+# The FIPS build (FIPS=1, and `make test`, which runs test-fips): AWS-LC's FIPS module builds
+# with cmake, Go and Perl.
+packages+=(cmake golang-go perl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

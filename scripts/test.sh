@@ -6,7 +6,8 @@
 # integration suites) on PostgreSQL 15 (Debian's) and 18; the #[pg_test]s and the smoke suites
 # on 14, 16 and 17; and last the pg_upgrade suite (15 -> 17 -> 18), when the dev builds it needs
 # for 17 and 18 are already installed. Otherwise (`make test PG=N`): every layer on PG (with
-# PG=15, the pg_upgrade suite too). Each step must run at least one test.
+# PG=15, the pg_upgrade suite too). The matrix ends with the FIPS build on 15 (make test-fips;
+# FIPS_IN_TEST=no leaves it out). Each step must run at least one test.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log=$(mktemp)
@@ -16,6 +17,8 @@ if [ "${MATRIX:-}" = yes ]; then
     steps=("test-core" "test-pg PG=15" "test-integration PG=15 WITH_UPGRADE=no" "test-pg PG=18" "test-integration PG=18")
     for major in 14 16 17; do steps+=("test-pg PG=$major" "test-smoke PG=$major"); done
     steps+=("test-upgrade")
+    # The FIPS build (AWS-LC's FIPS module) on 15: its core, #[pg_test]s and suites.
+    [ "${FIPS_IN_TEST:-yes}" = no ] || steps+=("test-fips PG=15")
 else
     steps=("test-core" "test-pg PG=${PG:-15}" "test-integration PG=${PG:-15}")
 fi

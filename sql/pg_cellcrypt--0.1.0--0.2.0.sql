@@ -17,6 +17,11 @@
 --   pg_node_tree and the statistics types) on PostgreSQL 14 too, where they are not yet in
 --   category Z: the casts 0.1.0 would have made for them there (into encrypted_text and
 --   encrypted_bytea) are dropped.
+-- * data_encryption_status (the function and its view) gains two columns: crypto_module (which
+--   AWS-LC the library links: the FIPS 140-3 module or not) and fips_mode. A function's result
+--   columns cannot change in place, so the view and the function are dropped and made again
+--   (with the same privileges). A view of your own over data_encryption_status makes the update
+--   fail with a dependency error: drop it, update, and make it again.
 -- * On PostgreSQL 17 and 18, a 0.1.0 database may already have columns that nest encrypted
 --   values in arrays (or domains or composite types over them): the update warns, naming them.
 --
@@ -171,3 +176,25 @@ BEGIN
     END IF;
 END
 $$;
+
+-- data_encryption_status: two new columns (crypto_module, fips_mode).
+DROP VIEW @extschema@.data_encryption_status;
+DROP FUNCTION @extschema@.data_encryption_status();
+CREATE  FUNCTION @extschema@."data_encryption_status"() RETURNS TABLE (
+	"active" bool,  /* bool */
+	"key_version" INT,  /* Option < i32 > */
+	"fingerprint" TEXT,  /* Option < String > */
+	"set_at" timestamp with time zone,  /* Option < pgrx :: datum :: TimestampWithTimeZone > */
+	"set_by" TEXT,  /* Option < String > */
+	"provider" TEXT,  /* String */
+	"previous_key_versions" INT[],  /* Vec < i32 > */
+	"reencryption" TEXT,  /* String */
+	"reencrypted_values" bigint,  /* Option < i64 > */
+	"crypto_module" TEXT,  /* String */
+	"fips_mode" bool  /* bool */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'data_encryption_status_wrapper';
+CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();
+GRANT SELECT ON @extschema@.data_encryption_status TO PUBLIC;

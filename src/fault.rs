@@ -36,3 +36,23 @@ pub fn point(name: &str) {
 #[cfg(not(feature = "fault_injection"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+/// The self-test to fail on purpose at the next start (fault-injection builds only): the name
+/// in `<data_directory>/pg_cellcrypt.break_self_test`, e.g. `AES-256-GCM`. The file stays (the
+/// test removes it), so every start fails while it is there.
+#[cfg(feature = "fault_injection")]
+pub fn broken_self_test() -> Option<String> {
+    // SAFETY: DataDir is set before shared_preload_libraries are loaded.
+    let dir = unsafe { pgrx::pg_sys::DataDir };
+    if dir.is_null() {
+        return None;
+    }
+    let dir = unsafe { std::ffi::CStr::from_ptr(dir) }.to_string_lossy().into_owned();
+    std::fs::read_to_string(std::path::Path::new(&dir).join("pg_cellcrypt.break_self_test")).ok().map(|s| s.trim().to_owned())
+}
+
+#[cfg(not(feature = "fault_injection"))]
+#[inline(always)]
+pub fn broken_self_test() -> Option<String> {
+    None
+}

@@ -309,9 +309,11 @@ fn kdf_params_from_settings() -> KdfParams {
     }
 }
 
+/// A new key version of `key`: HKDF for a generated key, Argon2id with the settings for a
+/// passphrase (see cellcrypt_core::kdf).
 fn derive_new(key: &AdminKey) -> ([u8; 16], KdfParams, MasterKey) {
     let salt = new_salt();
-    let params = kdf_params_from_settings();
+    let params = KdfParams::for_new_version(key, kdf_params_from_settings());
     let master = MasterKey::derive(key, &salt, &params).unwrap_or_else(|e| {
         errors::raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None, Some("Check pg_cellcrypt.kdf_memory_kib and pg_cellcrypt.kdf_iterations."))
     });
@@ -422,7 +424,11 @@ fn weak_key(reason: &str) -> ! {
     errors::raise(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
         format!("the key is not acceptable: {reason}"),
-        Some("A key is either a generated key (from generate_data_encryption_key()) or a passphrase of at least 20 characters, with at least 80 bits of estimated entropy, that a strength estimator (zxcvbn) cannot guess in fewer than 10^10 tries."),
+        Some(if cellcrypt_core::fips::ENABLED {
+            "This is a FIPS build: a key is a generated key (from generate_data_encryption_key()), 256 random bits from the FIPS module."
+        } else {
+            "A key is either a generated key (from generate_data_encryption_key()) or a passphrase of at least 20 characters, with at least 80 bits of estimated entropy, that a strength estimator (zxcvbn) cannot guess in fewer than 10^10 tries."
+        }),
         Some("Use SELECT generate_data_encryption_key(); to get a strong key."),
     )
 }
@@ -512,7 +518,26 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     let current = &rows[0];
     let master = match keys::verify(current, &key) {
         Ok(m) => m,
-        Err(given) => {
+        Err(keys::VerifyError::NotDerivable(why)) => {
+            audit::record(&Event {
+                action: "restore",
+                outcome: "refused",
+                key_version: Some(current.version),
+                fingerprint: Some(&current.fingerprint),
+                detail: &why,
+            });
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("this key cannot restore this database's key here: {why}; nothing was changed"),
+                None,
+                Some(if cellcrypt_core::fips::ENABLED {
+                    "A FIPS build cannot derive key versions made with a passphrase (Argon2id). Move the database to a generated key with a default build first (see the README's FIPS section)."
+                } else {
+                    "Give the generated key (CCK1-...) this key version was made with."
+                }),
+            )
+        }
+        Err(keys::VerifyError::Mismatch(given)) => {
             audit::record(&Event {
                 action: "restore",
                 outcome: "refused",
@@ -750,6 +775,8 @@ fn data_encryption_status() -> TableIterator<
         name!(previous_key_versions, Vec<i32>),
         name!(reencryption, String),
         name!(reencrypted_values, Option<i64>),
+        name!(crypto_module, String),
+        name!(fips_mode, bool),
     ),
 > {
     policy::require_admin("data_encryption_status()");
@@ -769,7 +796,19 @@ fn data_encryption_status() -> TableIterator<
         _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),
         _ => "complete".to_owned(),
     };
-    TableIterator::once((active, cur.0, cur.1, cur.2, cur.3, providers::name(providers::current()).to_owned(), previous, reencryption, cur.4))
+    TableIterator::once((
+        active,
+        cur.0,
+        cur.1,
+        cur.2,
+        cur.3,
+        providers::name(providers::current()).to_owned(),
+        previous,
+        reencryption,
+        cur.4,
+        cellcrypt_core::fips::module().to_owned(),
+        cellcrypt_core::fips::fips_mode(),
+    ))
 }
 
 // Runs last: grants on the key functions, the admin views, and the first key.

@@ -262,13 +262,23 @@ pub fn is_key_of<'a>(row: &KeyRow, mut texts: impl Iterator<Item = &'a str>) -> 
     texts.any(|text| AdminKey::parse(text).is_ok_and(|k| verify(row, &k).is_ok()))
 }
 
+/// Why a key is not the key of a key version.
+pub enum VerifyError {
+    /// It is another key: the fingerprint it has.
+    Mismatch(String),
+    /// The version's master key cannot be derived from it here: a passphrase for an HKDF
+    /// version, or an Argon2id version in a FIPS build. No secret is in the text.
+    NotDerivable(String),
+}
+
 /// Derives `key`'s master key with the row's salt and parameters and checks it against the
-/// row's fingerprint. On a mismatch, returns the fingerprint the key has.
-pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, String> {
-    let master = MasterKey::derive(key, &row.salt, &row.params).map_err(|e| e.to_string())?;
+/// row's fingerprint.
+pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, VerifyError> {
+    let master = MasterKey::derive(key, &row.salt, &row.params)
+        .map_err(|e| VerifyError::NotDerivable(format!("key version {}: {}", row.version, e.0)))?;
     let found = master.fingerprint().to_string();
     if found != row.fingerprint {
-        return Err(found);
+        return Err(VerifyError::Mismatch(found));
     }
     Ok(master)
 }
@@ -379,8 +389,11 @@ fn from_provider(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<Stri
         };
         match verify(current, &key) {
             Ok(master) => return Ok((master, zeroize::Zeroizing::new(key.as_str().to_owned()))),
-            Err(found) => {
+            Err(VerifyError::Mismatch(found)) => {
                 failure = Some(KeyUnavailable::FingerprintMismatch { version: current.version, expected: current.fingerprint.clone(), found });
+            }
+            Err(VerifyError::NotDerivable(why)) => {
+                failure = Some(KeyUnavailable::ProviderError(why));
             }
         }
     }

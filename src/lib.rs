@@ -74,13 +74,15 @@ pub extern "C-unwind" fn _PG_init() {
             Some("Add pg_cellcrypt to shared_preload_libraries in postgresql.conf, e.g. shared_preload_libraries = 'pg_cellcrypt', and restart the server."),
         );
     }
-    #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
-    if !(std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")) {
+    // The crypto's known-answer tests, and in a FIPS build the module's FIPS mode (its power-on
+    // self-tests and integrity check): the library refuses to load when one fails, so the server
+    // does not start with it.
+    if let Err(e) = cellcrypt_core::fips::self_test(fault::broken_self_test().as_deref()) {
         errors::raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "this build of pg_cellcrypt needs a CPU with the AES-NI and PCLMULQDQ instructions",
-            Some("It was compiled with them enabled (.cargo/config.toml) for speed."),
-            Some("Rebuild it without the rustflags in .cargo/config.toml for this machine."),
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            format!("pg_cellcrypt refuses to load: {e}"),
+            Some(&format!("Crypto module: {}.", cellcrypt_core::fips::module())),
+            Some("The crypto library failed its known-answer tests; nothing was encrypted or decrypted. Reinstall pg_cellcrypt from a trusted build, and report this if it persists."),
         );
     }
     // No message carries a Rust backtrace (pgrx attaches one to an error's DETAIL whenever the

@@ -33,6 +33,26 @@ fn measure(size: usize, min_bytes: usize) -> (f64, f64) {
     (seal_s / iters as f64, open_s / iters as f64)
 }
 
+/// Opening values that each have a salt of their own (values sealed by many processes, or
+/// before 0.2.0's value-key reuse): every open derives a value key. Values from
+/// `2 * OPEN_CACHE` ciphers of the same key, each its own salt, opened round robin.
+fn measure_open_cold(size: usize) -> f64 {
+    let key = SecretKey::random();
+    let n_salts = 2 * cellcrypt_core::cipher::OPEN_CACHE;
+    let mut nonces = NonceSource::from_os();
+    let plain: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+    let sealed: Vec<Vec<u8>> = (0..n_salts).map(|_| DataCipher::new(1, &key).seal(&mut nonces, b"bytea", &plain)).collect();
+    let opener = DataCipher::new(1, &key);
+    let mut opened = vec![0u8; size];
+    let iters = 200_000;
+    let envs: Vec<Envelope> = sealed.iter().map(|s| Envelope::parse(s).unwrap()).collect();
+    let t = Instant::now();
+    for i in 0..iters {
+        opener.open_into(&envs[i % n_salts], b"bytea", &mut opened).unwrap();
+    }
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
 fn main() {
     let (seal, open) = measure(64 * 1024, 2 << 30);
     let mbs = |s: f64| 64.0 * 1024.0 / s / 1e6;
@@ -41,4 +61,8 @@ fn main() {
     let (seal, open) = measure(100, 200 << 20);
     println!("core_seal_100b,{:.0},ns", seal * 1e9);
     println!("core_open_100b,{:.0},ns", open * 1e9);
+    println!("core_open_100b_own_salt,{:.0},ns", measure_open_cold(100) * 1e9);
+    let (seal, open) = measure(1024, 400 << 20);
+    println!("core_seal_1k,{:.0},ns", seal * 1e9);
+    println!("core_open_1k,{:.0},ns", open * 1e9);
 }

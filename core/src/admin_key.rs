@@ -21,7 +21,6 @@
 //! of the same generated key derive the same key.
 
 use crate::error::AdminKeyError;
-use rand::TryRngCore;
 use aws_lc_rs::digest::{Context, SHA256};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
@@ -46,12 +45,11 @@ pub struct AdminKey {
 }
 
 impl AdminKey {
-    /// A fresh key in the copy-safe generated format, from the operating system's CSPRNG.
+    /// A fresh key in the copy-safe generated format: 256 bits of AWS-LC's DRBG (the FIPS
+    /// module's in a FIPS build), full entropy.
     pub fn generate() -> Self {
         let mut bytes = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng
-            .try_fill_bytes(&mut bytes[..])
-            .expect("the operating system's random number generator failed");
+        crate::nonce::random_fill(&mut bytes[..]);
         AdminKey { text: format_generated(&bytes), generated: true }
     }
 
@@ -61,6 +59,9 @@ impl AdminKey {
         if is_generated_form(trimmed) {
             let bytes = decode_generated(&trimmed[GENERATED_PREFIX.len()..])?;
             return Ok(AdminKey { text: format_generated(&bytes), generated: true });
+        }
+        if crate::fips::ENABLED {
+            return Err(AdminKeyError::PassphraseInFipsMode);
         }
         check_passphrase(trimmed)?;
         Ok(AdminKey { text: Zeroizing::new(trimmed.to_owned()), generated: false })
@@ -73,6 +74,22 @@ impl AdminKey {
 
     pub fn is_generated(&self) -> bool {
         self.generated
+    }
+
+    /// The generated key of these 32 bytes.
+    #[cfg(test)]
+    pub(crate) fn from_key_bytes_for_tests(bytes: [u8; 32]) -> Self {
+        AdminKey { text: format_generated(&bytes), generated: true }
+    }
+
+    /// The 256 key bits of a generated key (what HKDF derives its master key from); `None` for
+    /// a passphrase.
+    pub fn key_bytes(&self) -> Option<Zeroizing<[u8; 32]>> {
+        if !self.generated {
+            return None;
+        }
+        let body = &self.text[GENERATED_PREFIX.len()..];
+        Some(decode_generated(body).expect("a generated key's canonical text decodes"))
     }
 
     /// True when both are the same key: their canonical texts, which the KDF consumes, are
@@ -242,6 +259,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "fips"))] // passphrases and Argon2id do not run in a FIPS build
     fn same_as_compares_canonical_forms() {
         let k = AdminKey::generate();
         let retyped = AdminKey::parse(&k.as_str().to_lowercase()).unwrap();
@@ -269,6 +287,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "fips"))] // passphrases and Argon2id do not run in a FIPS build
     fn passphrase_rules() {
         assert!(matches!(AdminKey::parse("short"), Err(AdminKeyError::TooShort { .. })));
         assert!(matches!(AdminKey::parse("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), Err(AdminKeyError::TooLittleEntropy { .. })));

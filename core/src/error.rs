@@ -61,6 +61,8 @@ pub enum AdminKeyError {
     /// A passphrase a strength estimator (zxcvbn) guesses in fewer than 10^10 tries: words,
     /// names, dates, keyboard runs, repeats.
     Guessable { guesses_log10: u32 },
+    /// A passphrase given to a FIPS build, which takes generated keys only.
+    PassphraseInFipsMode,
 }
 
 /// The fewest guesses (log10) a passphrase must take a strength estimator: zxcvbn's top score.
@@ -91,6 +93,9 @@ impl fmt::Display for AdminKeyError {
             AdminKeyError::Guessable { guesses_log10 } => write!(
                 f,
                 "passphrase is guessable: about 10^{guesses_log10} guesses (common words, names, dates, keyboard patterns or repeats), at least 10^{MIN_GUESSES_LOG10} required"
+            ),
+            AdminKeyError::PassphraseInFipsMode => f.write_str(
+                "this is a FIPS build, which accepts only generated keys (CCK1-...), not passphrases",
             ),
         }
     }

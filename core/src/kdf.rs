@@ -1,20 +1,31 @@
 //! From an administrator's key string to key material.
 //!
 //! ```text
-//! master      = Argon2id(admin key canonical text, salt, params) -> 32 bytes
+//! generated key (CCK1-..., 256 random bits):
+//!   master    = HKDF-SHA256(salt, ikm = the key's 32 bytes, info = "pg_cellcrypt v2 master key")
+//! passphrase (default build only):
+//!   master    = Argon2id(passphrase, salt, params) -> 32 bytes
 //! data key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 data key")
 //! wrap key    = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 key wrap key")
 //! fingerprint = HKDF-SHA256-Expand(master, "pg_cellcrypt v1 fingerprint")[..16]
 //! ```
-//! Argon2id is memory-hard, so a stolen fingerprint and salt cost an attacker one Argon2id run
-//! per guess. The salt is random per database (and per key version), stored in the database
-//! next to the fingerprint: both are public.
+//! A passphrase goes through Argon2id, which is memory-hard: a stolen fingerprint and salt cost
+//! an attacker one Argon2id run per guess. A generated key has full entropy (256 bits from the
+//! DRBG), so stretching it buys nothing; from 0.2.0 its key versions are derived with HKDF
+//! ([`KdfParams::HKDF`], stored as zero costs), an approved KDF (SP 800-56C), which is what lets
+//! a FIPS build use them. Key versions made before with Argon2id keep their parameters and are
+//! derived as they were made. The salt is random per database (and per key version), stored in
+//! the database next to the fingerprint: both are public.
+//!
+//! A FIPS build runs only approved algorithms: it refuses passphrases (there is no approved
+//! password-based KDF as strong as Argon2id, and SP 800-132's PBKDF2 is not a fit for keys an
+//! attacker can test offline against the stored fingerprint) and key versions derived with
+//! Argon2id; see the README's FIPS section for moving a database to a generated key.
 
 use crate::admin_key::AdminKey;
 use crate::secret::SecretKey;
 use argon2::{Algorithm, Argon2, Params, Version};
-use aws_lc_rs::hkdf::{KeyType, Prk, HKDF_SHA256};
-use rand::TryRngCore;
+use aws_lc_rs::hkdf::{KeyType, Prk, Salt, HKDF_SHA256};
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -33,6 +44,26 @@ pub struct KdfParams {
     pub m_cost_kib: u32,
     pub t_cost: u32,
     pub p_cost: u32,
+}
+
+impl KdfParams {
+    /// The parameters stored for a key version derived with HKDF from a generated key: all
+    /// costs zero (Argon2id refuses them, so no Argon2id version can have them).
+    pub const HKDF: KdfParams = KdfParams { m_cost_kib: 0, t_cost: 0, p_cost: 0 };
+
+    pub fn is_hkdf(&self) -> bool {
+        *self == Self::HKDF
+    }
+
+    /// What a new key version of `key` is derived with: HKDF for a generated key, else
+    /// Argon2id with `argon2` (the settings).
+    pub fn for_new_version(key: &AdminKey, argon2: KdfParams) -> KdfParams {
+        if key.is_generated() {
+            Self::HKDF
+        } else {
+            argon2
+        }
+    }
 }
 
 impl Default for KdfParams {
@@ -55,16 +86,35 @@ impl std::error::Error for KdfError {}
 /// A fresh random salt.
 pub fn new_salt() -> [u8; SALT_LEN] {
     let mut s = [0u8; SALT_LEN];
-    rand::rngs::OsRng.try_fill_bytes(&mut s).expect("the operating system's random number generator failed");
+    crate::nonce::random_fill(&mut s);
     s
+}
+
+/// An HKDF output length.
+struct Len(usize);
+
+impl KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
 }
 
 /// The 256-bit master key of one key version. Zeroized on drop, no `Debug`.
 pub struct MasterKey(SecretKey);
 
 impl MasterKey {
-    /// Runs Argon2id over the key's canonical text.
+    /// The master key of `key` for a key version with `salt` and `params`: HKDF for
+    /// [`KdfParams::HKDF`] (a generated key only), else Argon2id over the key's canonical text
+    /// (not in a FIPS build).
     pub fn derive(key: &AdminKey, salt: &[u8], params: &KdfParams) -> Result<Self, KdfError> {
+        if params.is_hkdf() {
+            return Self::derive_hkdf(key, salt);
+        }
+        if crate::fips::ENABLED {
+            return Err(KdfError(
+                "this key version was derived with Argon2id, which a FIPS build does not run (only approved algorithms run in FIPS mode)".into(),
+            ));
+        }
         let p = Params::new(params.m_cost_kib, params.t_cost, params.p_cost, Some(SecretKey::LEN))
             .map_err(|e| KdfError(e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, p);
@@ -72,6 +122,22 @@ impl MasterKey {
         argon
             .hash_password_into(key.as_str().as_bytes(), salt, &mut out[..])
             .map_err(|e| KdfError(e.to_string()))?;
+        Ok(MasterKey(SecretKey::from_bytes(*out)))
+    }
+
+    fn derive_hkdf(key: &AdminKey, salt: &[u8]) -> Result<Self, KdfError> {
+        let bytes = key.key_bytes().ok_or_else(|| {
+            KdfError("this key version takes a generated key (CCK1-...), and this is a passphrase".into())
+        })?;
+        if salt.is_empty() {
+            return Err(KdfError("empty salt".into()));
+        }
+        let mut out = Zeroizing::new([0u8; 32]);
+        Salt::new(HKDF_SHA256, salt)
+            .extract(&bytes[..])
+            .expand(&[b"pg_cellcrypt v2 master key"], Len(32))
+            .and_then(|okm| okm.fill(&mut out[..]))
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
         Ok(MasterKey(SecretKey::from_bytes(*out)))
     }
 
@@ -88,12 +154,6 @@ impl MasterKey {
     /// HKDF-SHA256-Expand with the master key as the pseudorandom key (aws-lc-rs keeps its
     /// copy of the PRK in a buffer it zeroizes on drop).
     fn expand(&self, info: &[u8], out: &mut [u8]) {
-        struct Len(usize);
-        impl KeyType for Len {
-            fn len(&self) -> usize {
-                self.0
-            }
-        }
         let prk = Prk::new_less_safe(HKDF_SHA256, self.0.expose());
         prk.expand(&[info], Len(out.len()))
             .and_then(|okm| okm.fill(out))
@@ -187,6 +247,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "fips"))] // passphrases and Argon2id do not run in a FIPS build
     fn same_key_same_salt_same_fingerprint() {
         let k = AdminKey::generate();
         let spelled = AdminKey::parse(&k.as_str().to_lowercase()).unwrap();
@@ -219,6 +280,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "fips"))] // passphrases and Argon2id do not run in a FIPS build
     fn other_salt_or_key_other_fingerprint() {
         let k = AdminKey::generate();
         let a = MasterKey::derive(&k, &new_salt(), &fast()).unwrap();
@@ -227,5 +289,30 @@ mod tests {
         let c = MasterKey::derive(&AdminKey::generate(), &[1; 16], &fast()).unwrap();
         let d = MasterKey::derive(&AdminKey::generate(), &[1; 16], &fast()).unwrap();
         assert_ne!(c.fingerprint(), d.fingerprint());
+    }
+
+    /// A generated key's version from 0.2.0: HKDF-SHA256 (RFC 5869) from the key's 32 bytes,
+    /// against Python's hmac. A passphrase cannot be derived so, and a FIPS build derives no
+    /// Argon2id version.
+    #[test]
+    fn generated_keys_derive_with_hkdf() {
+        let key = AdminKey::from_key_bytes_for_tests([7; 32]);
+        let salt: Vec<u8> = (0u8..16).collect();
+        let params = KdfParams::for_new_version(&key, KdfParams::default());
+        assert!(params.is_hkdf());
+        let m = MasterKey::derive(&key, &salt, &params).unwrap();
+        assert_eq!(hex::encode(m.expose()), "8712374260cc458b4e040ad080693e6eb144bf63aa9cacc5d30e4ae29a6e4fdb");
+        assert!(MasterKey::derive(&key, &[], &params).is_err());
+        if !crate::fips::ENABLED {
+            let pass = AdminKey::parse("correct horse battery staple violet 1987 umbrella").unwrap();
+            assert!(!KdfParams::for_new_version(&pass, KdfParams::default()).is_hkdf());
+            let e = MasterKey::derive(&pass, &salt, &KdfParams::HKDF).err().unwrap();
+            assert!(e.0.contains("takes a generated key"), "{}", e.0);
+            // The same generated key under Argon2id has another master key.
+            assert_ne!(MasterKey::derive(&key, &salt, &fast()).unwrap().expose(), m.expose());
+        } else {
+            assert!(MasterKey::derive(&key, &salt, &fast()).err().unwrap().0.contains("Argon2id"));
+            assert_eq!(AdminKey::parse("correct horse battery staple violet 1987 umbrella").err(), Some(crate::AdminKeyError::PassphraseInFipsMode));
+        }
     }
 }

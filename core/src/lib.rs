@@ -6,11 +6,12 @@
 //! | module | concern |
 //! |---|---|
 //! | [`envelope`] | the versioned, self-describing ciphertext format and its text form |
-//! | [`cipher`] | AES-256-GCM sealing and opening of one value under its own HKDF-derived key; a keyring of cached ciphers |
-//! | [`nonce`] | the per-process CSPRNG that draws the 192-bit nonces (fork-safe, no syscall per value) |
+//! | [`cipher`] | AES-256-GCM sealing and opening of one value under an HKDF-derived value key; a keyring of cached ciphers |
+//! | [`nonce`] | the 192-bit nonces, from AWS-LC's DRBG in 4 KiB draws (fork-safe); every key and salt |
+//! | [`fips`] | which AWS-LC this build links (the FIPS module or not), FIPS mode, the self-tests `_PG_init` runs |
 //! | [`admin_key`] | the administrator's key string: the copy-safe generated format and passphrase rules |
 //! | [`blind`] | blind indexes: HMAC-SHA256 of a normalized plaintext under an independent index key |
-//! | [`kdf`] | Argon2id from an admin key to a master key; HKDF sub-keys; the public fingerprint |
+//! | [`kdf`] | HKDF (generated keys) or Argon2id (passphrases) from an admin key to a master key; HKDF sub-keys; the public fingerprint |
 //! | [`wrap`] | sealing an older version's data key under the current key during a key change |
 //! | [`redact`] | masking keys and quoted strings in log messages (used by the extension's log hook) |
 //! | [`secret`] | [`SecretKey`]: 256-bit key material, zeroized on drop, no `Debug` |
@@ -18,10 +19,11 @@
 //!
 //! ## No usage limit per key
 //! NIST SP 800-38D allows at most 2^32 encryptions under one AES-GCM key with random 96-bit
-//! nonces. Values are therefore not sealed under the data key itself but under a key derived for
-//! each value from 96 of its 192 random nonce bits (envelope format version 2, see
-//! [`envelope`] and [`cipher`]): the data key can seal any number of values, and no count has
-//! to be kept across backends. Values of format version 1 (sealed under the data key itself,
+//! nonces. Values are therefore not sealed under the data key itself but under value keys
+//! derived from it and from 96 of the value's 192 random nonce bits (envelope format version 2,
+//! see [`envelope`] and [`cipher`]); a process seals at most 2^16 values under one value key
+//! before it draws a new salt. The data key can seal any number of values, and no count has to
+//! be kept across backends. Values of format version 1 (sealed under the data key itself,
 //! before 0.2.0) are still opened; re-encryption and updates rewrite them in version 2.
 
 #![deny(unsafe_code)]
@@ -31,6 +33,7 @@ pub mod blind;
 pub mod cipher;
 pub mod envelope;
 pub mod error;
+pub mod fips;
 pub mod kdf;
 pub mod nonce;
 pub mod redact;

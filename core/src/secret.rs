@@ -29,13 +29,10 @@ impl SecretKey {
         Some(SecretKey(boxed))
     }
 
-    /// A fresh random key from the operating system's CSPRNG.
+    /// A fresh random key from AWS-LC's DRBG (the FIPS module's in a FIPS build).
     pub fn random() -> Self {
-        use rand::TryRngCore;
         let mut boxed = Box::new([0u8; 32]);
-        rand::rngs::OsRng
-            .try_fill_bytes(&mut boxed[..])
-            .expect("the operating system's random number generator failed");
+        crate::nonce::random_fill(&mut boxed[..]);
         SecretKey(boxed)
     }
 

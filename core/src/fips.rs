@@ -1,0 +1,86 @@
+//! Which AWS-LC this build links, and its self-tests.
+//!
+//! A default build links AWS-LC (`aws-lc-sys`); a FIPS build (cargo feature `fips`, `make
+//! install FIPS=1`) links AWS-LC's FIPS 140-3 module (`aws-lc-fips-sys`, AWS-LC-FIPS 3.0.x) and
+//! runs only approved algorithms: AES-256-GCM with the GCM nonce drawn inside the module, HKDF
+//! and HMAC with SHA-256, SHA-256, and the module's CTR_DRBG for every key, salt and nonce. It
+//! refuses passphrases and Argon2id key versions (see [`crate::kdf`]).
+
+/// True in a FIPS build.
+pub const ENABLED: bool = cfg!(feature = "fips");
+
+/// The crypto module this build links, as `data_encryption_status` shows it.
+pub fn module() -> &'static str {
+    if ENABLED {
+        "AWS-LC-FIPS 3.0 (aws-lc-fips-sys, FIPS 140-3 module)"
+    } else {
+        "AWS-LC (aws-lc-sys, not the FIPS module)"
+    }
+}
+
+/// True when the linked library runs in FIPS mode (only ever in a FIPS build, after its
+/// power-on self-tests passed).
+pub fn fips_mode() -> bool {
+    aws_lc_rs::try_fips_mode().is_ok()
+}
+
+/// Why the crypto cannot be used: a self-test failed, or a FIPS build is not in FIPS mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfTestFailed(pub String);
+
+impl std::fmt::Display for SelfTestFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Known-answer tests of what this crate runs, through its own code paths: AES-256-GCM
+/// (NIST's vector), the value-key HKDF, HMAC-SHA256 (RFC 4231), and in a FIPS build the
+/// module's FIPS mode (`FIPS_mode()`, which its power-on self-tests and integrity check
+/// decide). `_PG_init` refuses to load the library when this fails. `break_test` names a test to
+/// fail on purpose (the extension's fault-injection builds use it to test that refusal).
+pub fn self_test(break_test: Option<&str>) -> Result<(), SelfTestFailed> {
+    let fail = |name: &str, ok: bool| {
+        if ok && break_test != Some(name) {
+            Ok(())
+        } else {
+            Err(SelfTestFailed(format!("the {name} self-test failed")))
+        }
+    };
+    if ENABLED {
+        fail("FIPS mode", fips_mode())?;
+    }
+    fail("AES-256-GCM", crate::cipher::gcm_known_answer())?;
+    fail("HKDF-SHA256", crate::cipher::value_key_known_answer())?;
+    fail("HMAC-SHA256", hmac_known_answer())?;
+    Ok(())
+}
+
+/// RFC 4231, test case 2 (HMAC-SHA256).
+fn hmac_known_answer() -> bool {
+    use aws_lc_rs::hmac;
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, b"Jefe"), b"what do ya want for nothing?");
+    tag.as_ref() == hex32("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+}
+
+fn hex32(s: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_tests_pass_and_a_broken_one_is_reported() {
+        assert_eq!(self_test(None), Ok(()));
+        assert_eq!(fips_mode(), ENABLED);
+        let e = self_test(Some("AES-256-GCM")).unwrap_err();
+        assert_eq!(e.to_string(), "the AES-256-GCM self-test failed");
+        assert!(self_test(Some("HMAC-SHA256")).is_err());
+    }
+}
