@@ -28,8 +28,8 @@ export PGRX_HOME := $(PG_MAJORS_DIR)/pgrx-home-$(PG)
 PG_CONFIG ?= $(or $(shell scripts/pg-major.sh $(PG)),$(error scripts/pg-major.sh $(PG) failed: PostgreSQL $(PG) is not available))/bin/pg_config
 PGRX_TARGET := CARGO_TARGET_DIR=$(CURDIR)/target/majors
 endif
-# FIPS=1: the build links AWS-LC's FIPS 140-3 module (cargo feature `fips`; cmake and Go come
-# with `make setup FIPS=1`), in its own cargo target directory.
+# FIPS=1: the build links AWS-LC's FIPS 140-3 module (cargo feature `fips`; cmake, Go and Perl
+# come with `make setup`), in its own cargo target directory.
 FIPS ?=
 ifneq ($(filter 1 yes,$(FIPS)),)
 CRYPTO := fips
@@ -131,12 +131,14 @@ test-smoke: install-dev
 ## the integration suites that hold no passphrase ($(FIPS_SUITES)), then the default build is
 ## put back. `make test` runs it after the matrix (FIPS_IN_TEST=no leaves it out).
 FIPS_SUITES := foundation fips reencryption no_loss
+# The default dev build goes back in whether the FIPS steps pass or not (the other suites share
+# the install directory).
 test-fips: setup
 	@$(MAKE) --no-print-directory test-core FIPS=1
-	@$(MAKE) --no-print-directory test-pg FIPS=1
-	@$(MAKE) --no-print-directory install-dev FIPS=1
-	CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) CELLCRYPT_EXPECT_FIPS=1 cargo test -p cellcrypt-integration --no-fail-fast $(addprefix --test ,$(FIPS_SUITES)) -- --test-threads=2
-	@$(MAKE) --no-print-directory install-dev FIPS=
+	@rc=0; $(MAKE) --no-print-directory test-pg FIPS=1 && $(MAKE) --no-print-directory install-dev FIPS=1 && \
+	    CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) CELLCRYPT_EXPECT_FIPS=1 cargo test -p cellcrypt-integration --no-fail-fast \
+	        $(addprefix --test ,$(FIPS_SUITES)) -- --test-threads=2 || rc=$$?; \
+	    $(MAKE) --no-print-directory install-dev FIPS= || rc=1; exit $$rc
 
 ## Release build, its own tuned cluster, every case against its baselines in the same run:
 ## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.

@@ -17,7 +17,9 @@ major=${1:?usage: package.sh <major> <pg_config>}
 pg_config=${2:?pg_config}
 here=$(cd "$(dirname "$0")/.." && pwd)
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)
-name="pg_cellcrypt-$version-pg$major"
+suffix=
+[ "${CRYPTO:-aws-lc}" != fips ] || suffix=-fips
+name="pg_cellcrypt-$version-pg$major$suffix"
 out="$here/target/package/$name"
 target=$here/target
 [ "$major" = 15 ] || target=$here/target/majors

@@ -19,9 +19,12 @@
 --   encrypted_bytea) are dropped.
 -- * data_encryption_status (the function and its view) gains two columns: crypto_module (which
 --   AWS-LC the library links: the FIPS 140-3 module or not) and fips_mode. A function's result
---   columns cannot change in place, so the view and the function are dropped and made again
---   (with the same privileges). A view of your own over data_encryption_status makes the update
---   fail with a dependency error: drop it, update, and make it again.
+--   columns cannot change in place, so the view and the function are dropped and made again,
+--   with the privileges a fresh install gives them (SELECT on the view to PUBLIC): privileges
+--   you granted or revoked on them yourself, and a changed owner, are not kept; grant them
+--   again after the update. An object of your own that depends on either (a view over
+--   data_encryption_status, a function returning its row type) makes the update fail with a
+--   dependency error and change nothing: drop it, update, and make it again.
 -- * On PostgreSQL 17 and 18, a 0.1.0 database may already have columns that nest encrypted
 --   values in arrays (or domains or composite types over them): the update warns, naming them.
 --

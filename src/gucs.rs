@@ -110,7 +110,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_cellcrypt.kdf_memory_kib",
-        c"Argon2id memory cost, in KiB, for new key versions.",
+        c"Argon2id memory cost, in KiB, for new key versions of a passphrase.",
         c"Each key version stores the parameters it was derived with.",
         &KDF_MEMORY_KIB,
         cellcrypt_core::kdf::KDF_FLOOR.m_cost_kib as i32,
@@ -144,7 +144,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_cellcrypt.kdf_iterations",
-        c"Argon2id passes for new key versions.",
+        c"Argon2id passes for new key versions of a passphrase.",
         c"Each key version stores the parameters it was derived with.",
         &KDF_ITERATIONS,
         cellcrypt_core::kdf::KDF_FLOOR.t_cost as i32,

@@ -526,14 +526,17 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
                 fingerprint: Some(&current.fingerprint),
                 detail: &why,
             });
+            // A passphrase for a generated key's version is a wrong key (22023); a version this
+            // build cannot derive at all (Argon2id in a FIPS build, damaged parameters) is 0A000.
+            let wrong_kind = key.key_bytes().is_none() && current.params.is_hkdf();
             errors::raise(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                format!("this key cannot restore this database's key here: {why}; nothing was changed"),
+                if wrong_kind { PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE } else { PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED },
+                format!("this key cannot restore this database's key: {why}; nothing was changed"),
                 None,
-                Some(if cellcrypt_core::fips::ENABLED {
-                    "A FIPS build cannot derive key versions made with a passphrase (Argon2id). Move the database to a generated key with a default build first (see the README's FIPS section)."
+                Some(if wrong_kind {
+                    "Use the generated key retrieved with retrieve_data_encryption_key() from the database this data comes from."
                 } else {
-                    "Give the generated key (CCK1-...) this key version was made with."
+                    keys::NOT_DERIVABLE_HINT
                 }),
             )
         }
@@ -629,7 +632,7 @@ fn change(rows: &[KeyRow], old: cellcrypt_core::VersionKeys, new_key: AdminKey) 
     // key-change lock).
     let file_before = (providers::current() == KeyProvider::File).then(|| providers::file::read_all().unwrap_or_else(|e| key_io_error(e)));
     // Setting the key that is already current changes nothing: the given key, run through
-    // Argon2id with the current version's salt, has its fingerprint. (Neither the shared cache
+    // derived with the current version's salt and parameters, has its fingerprint. (Neither the shared cache
     // nor this backend holds the current key's text to compare with.)
     if keys::verify(current, &new_key).is_ok() {
         // A key file that lost the current key (overwritten, or deleted, while the server ran)

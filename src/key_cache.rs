@@ -4,7 +4,7 @@
 //! * A slot holds the current key version of one database: its version and fingerprint (in
 //!   PostgreSQL's shared memory, under the cache's LWLock) and the keys derived from it, the
 //!   data key and the wrap key ([`VersionKeys`]), in a mapping of their own (see below).
-//!   Backends take the keys from here instead of running the key provider and Argon2id again.
+//!   Backends take the keys from here instead of running the key provider and the key derivation again.
 //!   Slots are overwritten (never freed to the allocator), so a replaced key does not linger.
 //! * No slot holds the master key, and none holds the administrator's key text, except with
 //!   the `none` provider, where the slot is the text's only copy (retrieval and restarts need

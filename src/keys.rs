@@ -3,7 +3,7 @@
 //!
 //! ## What lives where
 //! * **In the database** (`cellcrypt.keyring`): what verifies and identifies each key version:
-//!   its version, public fingerprint, Argon2id salt and parameters, state, who created it and
+//!   its version, public fingerprint, KDF salt and parameters (HKDF or Argon2id), state, who created it and
 //!   when. Never a usable key. During a key change, older versions also keep their data key
 //!   wrapped under the current key (`cellcrypt_core::wrap`), useless without it.
 //! * **In the key provider** ([`crate::providers`]): the administrator's key string of the
@@ -12,7 +12,7 @@
 //!   current key version (data key and wrap key), once one backend has loaded it; never the
 //!   master key, and the administrator's key text only with the `none` provider.
 //! * **In each backend**: the derived keys it uses, as a [`Keyring`] of ready ciphers. The
-//!   master key exists only while a backend derives it (Argon2id, on a load from the provider
+//!   master key exists only while a backend derives it (HKDF or Argon2id, on a load from the provider
 //!   or in a key call) and is zeroized at once. It is checked on every key access
 //!   against the shared generation counter (one atomic load), so a key change is noticed as
 //!   soon as it commits, and once per transaction against the keyring table's identity, so
@@ -53,7 +53,13 @@ pub enum KeyUnavailable {
     FingerprintMismatch { version: u32, expected: String, found: String },
     /// The key provider could not be read.
     ProviderError(String),
+    /// The version's master key cannot be derived by this build: an Argon2id version (a
+    /// passphrase, or any key before 0.2.0) in a FIPS build, or forged derivation parameters.
+    NotDerivable(String),
 }
+
+/// What to do when a key version cannot be derived here.
+pub const NOT_DERIVABLE_HINT: &str = "A FIPS build derives only key versions of generated keys made by 0.2.0 or later. Change the key on a default build first (SELECT set_data_encryption_key(generate_data_encryption_key());), let the re-encryption complete, then install the FIPS build; see the README's FIPS section.";
 
 pub const RESTORE_HINT: &str = "Restore the database's key with SELECT set_data_encryption_key('<the original key>'); as an administrator over a secure connection.";
 
@@ -104,6 +110,12 @@ impl KeyUnavailable {
                 None,
                 Some("Check pg_cellcrypt.key_provider, pg_cellcrypt.key_directory or pg_cellcrypt.key_command, and the key file's permissions."),
             ),
+            KeyUnavailable::NotDerivable(why) => errors::raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("the data encryption key of this database cannot be derived by this build of pg_cellcrypt: {why}"),
+                Some(&format!("Crypto module: {}.", cellcrypt_core::fips::module())),
+                Some(NOT_DERIVABLE_HINT),
+            ),
         }
     }
 }
@@ -112,9 +124,16 @@ static LOADED: BackendLocal<RefCell<Option<Rc<LoadedKeys>>>> = BackendLocal::new
 static NONCES: BackendLocal<RefCell<Option<NonceSource>>> = BackendLocal::new(RefCell::new(None));
 static VALIDATED_THIS_XACT: BackendLocal<Cell<bool>> = BackendLocal::new(Cell::new(false));
 
-/// The transaction ended: the next key access checks the cache against the keyring again.
+/// The transaction ended: the next key access checks the cache against the keyring again, and
+/// the next value sealed draws a new salt (no two transactions share a value key, see
+/// cellcrypt_core::cipher).
 pub fn end_of_transaction() {
     VALIDATED_THIS_XACT.with(|v| v.set(false));
+    LOADED.with(|l| {
+        if let Some(k) = l.borrow().as_ref() {
+            k.ring.end_value_keys();
+        }
+    });
 }
 
 pub fn keyring_relid() -> pg_sys::Oid {
@@ -169,7 +188,7 @@ pub fn try_loaded() -> Result<Rc<LoadedKeys>, KeyUnavailable> {
         }
     }
     // A load that failed is not tried again for a moment (same generation): a query over many
-    // rows, or many calls, would otherwise run the key provider and Argon2id for each.
+    // rows, or many calls, would otherwise run the key provider and the key derivation for each.
     let stamp = providers::stamp();
     if let Some(e) = LAST_FAILURE.with(|f| {
         f.borrow()
@@ -246,7 +265,7 @@ pub fn read_key_rows() -> Vec<KeyRow> {
 }
 
 /// True when `entries` (a key file's) hold the key of the keyring's current version: verified
-/// with Argon2id against its fingerprint.
+/// with its key derivation against its fingerprint.
 pub fn file_holds_current_key(entries: &[(u32, zeroize::Zeroizing<String>)]) -> bool {
     let rows = read_key_rows();
     rows.first().filter(|r| r.state == "current").is_some_and(|current| file_holds_key(current, entries))
@@ -257,7 +276,7 @@ pub fn file_holds_key(row: &KeyRow, entries: &[(u32, zeroize::Zeroizing<String>)
     is_key_of(row, entries.iter().filter(|(v, _)| *v == row.version).map(|(_, text)| text.as_str()))
 }
 
-/// True when one of `texts` is `row`'s key: verified with Argon2id against its fingerprint.
+/// True when one of `texts` is `row`'s key: verified against its fingerprint.
 pub fn is_key_of<'a>(row: &KeyRow, mut texts: impl Iterator<Item = &'a str>) -> bool {
     texts.any(|text| AdminKey::parse(text).is_ok_and(|k| verify(row, &k).is_ok()))
 }
@@ -284,10 +303,10 @@ pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, VerifyError> {
 }
 
 /// The current version's derived keys: from the shared cache, or else from the provider
-/// (Argon2id, verified against the fingerprint; the master key is dropped at once), which then
+/// (derived, verified against the fingerprint; the master key is dropped at once), which then
 /// fills the cache.
 ///
-/// One load from the provider runs at a time per database (one key command, one Argon2id run):
+/// One load from the provider runs at a time per database (one key command, one key derivation):
 /// the backends that need the key meanwhile wait for it, then take the keys it left in the
 /// cache, or the failure it recorded there (for [`FAILURE_KEPT`], while neither the key
 /// generation nor the provider's settings change), instead of running the provider again.
@@ -342,6 +361,7 @@ fn encode_failure(e: &KeyUnavailable) -> String {
         KeyUnavailable::NotInProvider { version, fingerprint } => format!("missing{SEP}{version}{SEP}{fingerprint}"),
         KeyUnavailable::FingerprintMismatch { version, expected, found } => format!("mismatch{SEP}{version}{SEP}{expected}{SEP}{found}"),
         KeyUnavailable::ProviderError(m) => format!("provider{SEP}{m}"),
+        KeyUnavailable::NotDerivable(m) => format!("underivable{SEP}{m}"),
     }
 }
 
@@ -352,6 +372,7 @@ fn decode_failure(s: &str) -> Option<KeyUnavailable> {
         ["missing", v, fp] => KeyUnavailable::NotInProvider { version: v.parse().ok()?, fingerprint: (*fp).to_owned() },
         ["mismatch", v, expected, found] => KeyUnavailable::FingerprintMismatch { version: v.parse().ok()?, expected: (*expected).to_owned(), found: (*found).to_owned() },
         ["provider", m] => KeyUnavailable::ProviderError((*m).to_owned()),
+        ["underivable", m] => KeyUnavailable::NotDerivable((*m).to_owned()),
         _ => return None,
     })
 }
@@ -368,7 +389,7 @@ pub fn current_key_text(current: &KeyRow) -> Result<zeroize::Zeroizing<String>, 
 
 /// The current version's key from the provider: every line of this version (a key file may
 /// hold the key a restore replaced under the same version), else a bare key; the first whose
-/// Argon2id master key matches the fingerprint.
+/// derived master key matches the fingerprint.
 fn from_provider(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<String>), KeyUnavailable> {
     let stored = providers::read().map_err(KeyUnavailable::ProviderError)?;
     let mut candidates: Vec<&zeroize::Zeroizing<String>> = stored.iter().filter(|(v, _)| *v == Some(current.version)).map(|(_, k)| k).collect();
@@ -393,7 +414,7 @@ fn from_provider(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<Stri
                 failure = Some(KeyUnavailable::FingerprintMismatch { version: current.version, expected: current.fingerprint.clone(), found });
             }
             Err(VerifyError::NotDerivable(why)) => {
-                failure = Some(KeyUnavailable::ProviderError(why));
+                failure = Some(KeyUnavailable::NotDerivable(why));
             }
         }
     }

@@ -10,7 +10,7 @@
 //!
 //! Whatever the provider, a key is accepted only when it matches the fingerprint stored in the
 //! database, and the shared key cache ([`crate::key_cache`]) spares other backends the provider
-//! and Argon2id once one backend has the key.
+//! and the key derivation once one backend has the key.
 //!
 //! Naming the key file after the cluster's system identifier means a database restored into
 //! another cluster never picks up a key it was not given. `pg_upgrade` is the one copy that

@@ -331,7 +331,17 @@ fn setting_the_current_key_again_changes_nothing() {
     assert_eq!(one::<i64>("SELECT count(*) FROM cellcrypt.keyring"), 1);
 }
 
+#[cfg(not(feature = "fips"))]
 #[pg_test(error = "the key is not acceptable: key is too short: 9 characters, at least 20 required")]
+fn a_weak_key_is_refused() {
+    allow_plain_tcp();
+    Spi::run("SELECT set_data_encryption_key('too short')").unwrap();
+}
+
+/// A FIPS build takes generated keys only: any passphrase is refused, before its strength is
+/// looked at.
+#[cfg(feature = "fips")]
+#[pg_test(error = "the key is not acceptable: this is a FIPS build, which accepts only generated keys (from generate_data_encryption_key()), not passphrases")]
 fn a_weak_key_is_refused() {
     allow_plain_tcp();
     Spi::run("SELECT set_data_encryption_key('too short')").unwrap();

@@ -6,17 +6,16 @@
 //!      0     1  format version (2)
 //!      1     4  key id, big-endian u32: the key version in the database (low 16 bits) and the
 //!               blind-index binding (high 16 bits; 0 for a value bound to no column)
-//!      5    24  nonce, 192 random bits: the first 12 bytes choose the value's own key, the last
+//!      5    24  nonce, 192 random bits: the first 12 bytes (the salt) choose the value key, the last
 //!               12 are its GCM nonce
 //!     29     n  ciphertext (same length as the plaintext)
 //!   29+n    16  GCM tag
 //! ```
-//! Each value has a key of its own: HKDF-SHA256 (RFC 5869) of the data key, with the first 12
-//! nonce bytes in the `info` (see [`crate::cipher`]). A data key therefore never reaches GCM's
-//! limit of 2^32 random nonces under one key: a value key seals one value, and two values share
-//! one only if 96 random bits collide (after about 2^48 values), and even then their GCM nonces
-//! are independent 96-bit draws. No usage count is needed, and a key change is never forced by
-//! volume.
+//! Values are sealed under value keys: HKDF-SHA256 (RFC 5869) of the data key, with the first
+//! 12 nonce bytes (the salt) in the `info` (see [`crate::cipher`]). A process seals at most
+//! 2^16 values, all within one transaction, under one salt, each with its own random GCM nonce.
+//! A data key therefore never reaches GCM's limit of 2^32 random nonces under one key: no usage
+//! count is needed, and a key change is never forced by volume.
 //!
 //! ## Format version 1 (read, never written)
 //! Version byte 1, the same key id, a 12-byte nonce used with the data key itself, the

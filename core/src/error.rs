@@ -95,7 +95,7 @@ impl fmt::Display for AdminKeyError {
                 "passphrase is guessable: about 10^{guesses_log10} guesses (common words, names, dates, keyboard patterns or repeats), at least 10^{MIN_GUESSES_LOG10} required"
             ),
             AdminKeyError::PassphraseInFipsMode => f.write_str(
-                "this is a FIPS build, which accepts only generated keys (CCK1-...), not passphrases",
+                "this is a FIPS build, which accepts only generated keys (from generate_data_encryption_key()), not passphrases",
             ),
         }
     }

@@ -55,6 +55,29 @@ impl KdfParams {
         *self == Self::HKDF
     }
 
+    /// The largest Argon2id costs a stored key version may ask for: 4 GiB, 64 passes, 16 lanes.
+    pub const CAP: KdfParams = KdfParams { m_cost_kib: 4 * 1024 * 1024, t_cost: 64, p_cost: 16 };
+
+    /// Refuses parameters no key version of this extension was made with: anything but
+    /// [`KdfParams::HKDF`] or Argon2id costs between [`KDF_FLOOR`] and [`KdfParams::CAP`]. A
+    /// keyring row comes from a dump a restore accepted: costs below the floor would make the
+    /// fingerprint the load reports a cheap guessing target, and huge ones exhaust memory.
+    pub fn check_stored(&self) -> Result<(), KdfError> {
+        let within = |v: u32, lo: u32, hi: u32| (lo..=hi).contains(&v);
+        if self.is_hkdf()
+            || (within(self.m_cost_kib, KDF_FLOOR.m_cost_kib, Self::CAP.m_cost_kib)
+                && within(self.t_cost, KDF_FLOOR.t_cost, Self::CAP.t_cost)
+                && within(self.p_cost, KDF_FLOOR.p_cost, Self::CAP.p_cost))
+        {
+            Ok(())
+        } else {
+            Err(KdfError(format!(
+                "the stored key derivation parameters ({} KiB, {} passes, {} lanes) are out of range: the keyring row is damaged or forged",
+                self.m_cost_kib, self.t_cost, self.p_cost
+            )))
+        }
+    }
+
     /// What a new key version of `key` is derived with: HKDF for a generated key, else
     /// Argon2id with `argon2` (the settings).
     pub fn for_new_version(key: &AdminKey, argon2: KdfParams) -> KdfParams {
@@ -107,6 +130,7 @@ impl MasterKey {
     /// [`KdfParams::HKDF`] (a generated key only), else Argon2id over the key's canonical text
     /// (not in a FIPS build).
     pub fn derive(key: &AdminKey, salt: &[u8], params: &KdfParams) -> Result<Self, KdfError> {
+        params.check_stored()?;
         if params.is_hkdf() {
             return Self::derive_hkdf(key, salt);
         }
@@ -127,7 +151,7 @@ impl MasterKey {
 
     fn derive_hkdf(key: &AdminKey, salt: &[u8]) -> Result<Self, KdfError> {
         let bytes = key.key_bytes().ok_or_else(|| {
-            KdfError("this key version takes a generated key (CCK1-...), and this is a passphrase".into())
+            KdfError("this key version takes a generated key (from generate_data_encryption_key()), and this is a passphrase".into())
         })?;
         if salt.is_empty() {
             return Err(KdfError("empty salt".into()));
@@ -243,7 +267,7 @@ mod tests {
     use super::*;
 
     fn fast() -> KdfParams {
-        KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 }
+        KDF_FLOOR
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub fn random_fill(out: &mut [u8]) {
     aws_lc_rs::rand::fill(out).expect("AWS-LC's random number generator failed");
 }
 
-/// A per-process source of unique random nonces. Not `Sync`: keep one per thread.
+/// A per-process source of unique random nonces. `fill` takes `&mut self`: keep one per thread.
 pub struct NonceSource {
     buf: Box<[u8; BUFFER_LEN]>,
     /// Bytes of `buf` not handed out yet (its tail).

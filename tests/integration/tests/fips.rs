@@ -35,6 +35,17 @@ fn status_names_the_crypto_module_and_keys_follow_the_build_s_rules() {
     assert!(module.starts_with("AWS-LC"), "{module}");
 
     s.batch_execute("CREATE TABLE t (id int, v encrypted_text); INSERT INTO t SELECT g, 'secret ' || g FROM generate_series(1, 3000) g").unwrap();
+    // Value keys: one statement's values share a salt (the first 12 nonce bytes, in the clear),
+    // two transactions never do, and no two values share a nonce.
+    let salts = "SELECT count(DISTINCT substring(decode(substr(format('%s', v), 5), 'base64') FROM 6 FOR 12)) || ' ' || \
+                 count(DISTINCT substring(decode(substr(format('%s', v), 5), 'base64') FROM 6 FOR 24)) FROM t";
+    assert_eq!(c.psql("app", salts).trim(), "1 3000");
+    for i in 3001..=3005 {
+        s.execute("INSERT INTO t VALUES ($1::int, 'secret ' || $1::int)", &[&i]).unwrap();
+    }
+    s.batch_execute("BEGIN; INSERT INTO t VALUES (3006, 'secret 3006'); INSERT INTO t VALUES (3007, 'secret 3007'); COMMIT").unwrap();
+    assert_eq!(c.psql("app", salts).trim(), "7 3007", "a salt per transaction");
+    s.batch_execute("DELETE FROM t WHERE id > 3000").unwrap();
     // The first key (CREATE EXTENSION's) and every generated key: HKDF key versions (costs 0).
     assert_eq!(kdf_of_current(&c, "app"), "0 0 0");
     let key: String = s.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
@@ -86,4 +97,63 @@ fn a_failing_self_test_keeps_the_library_from_loading() {
         c.start_again();
         assert_eq!(all_read_back(&c, "app"), 500, "after the {broken} failure");
     }
+}
+
+/// A key version as 0.1.0 made it: a generated key run through Argon2id (0.2.0 derives new
+/// versions of generated keys with HKDF). The keyring row is made here from the key and salt,
+/// as 0.1.0 would have stored it. The default build loads it and changes away from it; a FIPS
+/// build refuses it, with 0A000 and what to do.
+#[test]
+fn a_generated_key_s_argon2id_version_from_0_1_0() {
+    let c = Cluster::start("argon2-version", &[]);
+    c.database_with_extension("app");
+    let mut s = c.connect(Transport::TcpSsl, "app");
+    let key: String = s.query_one("SELECT retrieve_data_encryption_key()", &[]).unwrap().get(0);
+    let salt_hex = c.psql("app", "SELECT encode(kdf_salt, 'hex') FROM cellcrypt.keyring WHERE state = 'current'");
+    let salt: Vec<u8> = (0..salt_hex.trim().len()).step_by(2).map(|i| u8::from_str_radix(&salt_hex.trim()[i..i + 2], 16).unwrap()).collect();
+    let floor = cellcrypt_core::kdf::KDF_FLOOR;
+    let master = cellcrypt_core::MasterKey::derive(&cellcrypt_core::AdminKey::parse(&key).unwrap(), &salt, &floor).unwrap();
+    c.psql(
+        "app",
+        &format!(
+            "UPDATE cellcrypt.keyring SET kdf_memory_kib = {}, kdf_iterations = {}, kdf_parallelism = {}, fingerprint = '{}' WHERE state = 'current'",
+            floor.m_cost_kib,
+            floor.t_cost,
+            floor.p_cost,
+            master.fingerprint()
+        ),
+    );
+    drop(s);
+    c.restart();
+    let mut s = c.connect(Transport::TcpSsl, "app");
+    let written = s.batch_execute("CREATE TABLE t (id int, v encrypted_text); INSERT INTO t SELECT g, 'secret ' || g FROM generate_series(1, 1000) g");
+    if fips_expected() {
+        let e = db_error(written);
+        assert_eq!(e.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+        assert!(e.message().contains("cannot be derived by this build") && e.message().contains("Argon2id"), "{}", e.message());
+        assert!(e.hint().unwrap_or("").contains("default build"), "{:?}", e.hint());
+        assert!(!format!("{} {:?} {:?}", e.message(), e.detail(), e.hint()).contains(&key[5..]));
+        // Restoring the same key cannot help either: 0A000, nothing changed.
+        let e = db_error(s.query_one("SELECT set_data_encryption_key($1)", &[&key]));
+        assert_eq!(e.code(), &SqlState::FEATURE_NOT_SUPPORTED, "{}", e.message());
+        let fp = c.psql("app", "SELECT fingerprint FROM cellcrypt.keyring WHERE state = 'current'");
+        assert_eq!(fp.trim(), master.fingerprint().to_string());
+        return;
+    }
+    written.unwrap();
+    c.restart();
+    assert_eq!(all_read_back(&c, "app"), 1000, "an Argon2id version of a generated key loads");
+    let mut s = c.connect(Transport::TcpSsl, "app");
+    let fresh: String = s.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
+    s.query_one("SELECT set_data_encryption_key($1)", &[&fresh]).unwrap();
+    c.wait_reencrypted("app");
+    assert_eq!(kdf_of_current(&c, "app"), "0 0 0", "the new version is HKDF");
+    c.restart();
+    assert_eq!(all_read_back(&c, "app"), 1000);
+    // A forged row (costs below the floor) is refused before anything is derived.
+    c.psql("app", "UPDATE cellcrypt.keyring SET kdf_memory_kib = 64, kdf_iterations = 1, kdf_parallelism = 1 WHERE state = 'current'");
+    c.restart();
+    let e = db_error(c.connect(Transport::Unix, "app").query_one("SELECT count(*) FROM t WHERE decrypt(v) IS NOT NULL", &[]));
+    assert_eq!(e.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+    assert!(e.message().contains("out of range"), "{}", e.message());
 }
