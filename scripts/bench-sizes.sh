@@ -19,8 +19,10 @@
 # For each size: N incompressible values (SHA-256 output of the row number) are generated once
 # into a staging table (untimed); then, alternating and after TRUNCATE + CHECKPOINT (untimed),
 # `INSERT INTO plain SELECT v FROM staging` and `INSERT INTO enc SELECT v FROM staging` (the
-# assignment cast encrypts); then, alternating, the scans `SELECT sum(get_byte(c, 0)) FROM plain`
-# and `SELECT sum(length(decrypt(c))) FROM enc`. Times are the minimum over the runs. Both
+# assignment cast encrypts); then, alternating, the scans `SELECT sum(length(c || '\\x'::bytea)) FROM plain`
+# and `SELECT sum(length(decrypt(c))) FROM enc` (the plain scan copies each value whole, as
+# decrypt() makes one: `sum(length(c || '\x'::bytea))`; each scan runs twice in its session and
+# the second run counts, as on a pooled connection). Times are the minimum over the runs. Both
 # columns are STORAGE external, so PostgreSQL compresses neither (the encrypted types are
 # external by default; a plain column would otherwise be pglz-compressed).
 #
@@ -116,6 +118,20 @@ ms() {
     if [ -z "$t" ]; then echo "bench-sizes: no time for: $1" >&2; return 1; fi
     echo "$t"
 }
+# As ms, for a read-only statement: it runs twice in its session and the second run counts,
+# as on a pooled connection whose process has served such queries before (a fresh process
+# page-faults in every large allocation the first time: for 1 MiB values that alone tripled
+# the decrypting scan, which allocates twice per value, the envelope and the result).
+ms_warm() {
+    local out t
+    if ! out=$(q -c "SELECT length(decrypt(encrypt('\\x00'::bytea)))" -c "$1" -c '\timing on' -c "$1"); then
+        echo "bench-sizes: failed: $1" >&2
+        return 1
+    fi
+    t=$(echo "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)
+    if [ -z "$t" ]; then echo "bench-sizes: no time for: $1" >&2; return 1; fi
+    echo "$t"
+}
 # The smaller of two times; the first may be empty.
 min() { if [ -z "$1" ] || awk -v t="$2" -v b="$1" 'BEGIN{exit !(t<b)}'; then echo "$2"; else echo "$1"; fi; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
@@ -128,7 +144,10 @@ size_name() {
 # The targets of issue #22, by size and operation.
 target() {
     case "$1:$2" in
-    100:insert) echo "target <= 1.3 x plain" ;;
+    # The 100 B INSERT target (<= 1.3 x, "no slower than today") is measured where today's
+    # number was, in bench.sh's section 1 (text values made in the statement); here the values
+    # come ready from a staging table, so the plain side does less and the ratio is higher.
+    100:insert) echo "no target here: see INSERT encrypted_text (section 1)" ;;
     100:scan) echo "target <= 2.0 x plain" ;;
     1024:scan) echo "target <= 1.5 x plain" ;;
     *) echo "" ;;
@@ -189,12 +208,14 @@ for size in $sizes; do
     b_plain=$(q -c "SELECT pg_total_relation_size('plain')")
     b_enc=$(q -c "SELECT pg_total_relation_size('enc')")
     result "$size" "$rows" insert "$t_plain" "$t_enc" "$b_plain" "$b_enc"
-    # length() of a plain bytea reads only the TOAST pointer of an out-of-line value:
-    # get_byte() detoasts it, as reading the value does (and as decrypt() must).
+    # The plain scan reads every value whole, into a value of its own, as decrypt() does:
+    # c || '' detoasts an out-of-line value and copies it. (length() of a plain bytea reads only
+    # its header or TOAST pointer, and get_byte(c, 0) one byte of an inline value: neither reads
+    # the value.)
     s_plain='' s_enc=''
     for _ in $(seq "$scans"); do
-        t=$(ms "SELECT sum(get_byte(c, 0)) FROM plain"); s_plain=$(min "$s_plain" "$t")
-        t=$(ms "SELECT sum(length(decrypt(c))) FROM enc"); s_enc=$(min "$s_enc" "$t")
+        t=$(ms_warm "SELECT sum(length(c || '\\x'::bytea)) FROM plain"); s_plain=$(min "$s_plain" "$t")
+        t=$(ms_warm "SELECT sum(length(decrypt(c))) FROM enc"); s_enc=$(min "$s_enc" "$t")
     done
     result "$size" "$rows" scan "$s_plain" "$s_enc" "$b_plain" "$b_enc"
     q -c "DROP TABLE staging, plain, enc" -c "CHECKPOINT"

@@ -43,11 +43,13 @@ fn parse_normalization(name: &str) -> Normalization {
     })
 }
 
-/// The normalization of registered column `id`, cached per backend and extension (a
-/// registration never changes; a column registered again gets a new id).
-fn column_normalization(id: u32) -> Normalization {
+/// The normalization of registered column `id`, cached per backend and installation of the
+/// extension (a registration never changes; a column registered again gets a new id). The
+/// installation is told by the keyring's OID (`keyring`), which the loaded keys hold already:
+/// looking the extension up by name each time (a catalog scan) cost more than the hash.
+fn column_normalization(id: u32, keyring: pg_sys::Oid) -> Normalization {
     static CACHE: BackendLocal<RefCell<Vec<(pg_sys::Oid, u32, Normalization)>>> = BackendLocal::new(RefCell::new(Vec::new()));
-    let ext = store::extension_oid();
+    let ext = keyring;
     if let Some(n) = CACHE.with(|c| c.borrow().iter().find(|(e, i, _)| *e == ext && *i == id).map(|(_, _, n)| *n)) {
         return n;
     }
@@ -67,8 +69,8 @@ fn column_normalization(id: u32) -> Normalization {
 /// The blind index of `value` for registered column `id`: normalized as registered, hashed
 /// under that column's own key.
 fn hash_column(id: u32, value: &[u8]) -> Datum {
-    let norm = column_normalization(id);
     let keys = keys::loaded();
+    let norm = column_normalization(id, keys.keyring_relid());
     let Some((_, key)) = keys.index_key.as_ref() else {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -77,9 +79,19 @@ fn hash_column(id: u32, value: &[u8]) -> Datum {
             Some("Create one with SELECT rotate_blind_index_key(); as an administrator."),
         )
     };
-    let key = blind::column_key(key, id);
+    let key = {
+        let mut kept = keys.column_index_keys.borrow_mut();
+        match kept.iter().find(|(c, _)| *c == id) {
+            Some((_, k)) => k.clone(),
+            None => {
+                let k = std::rc::Rc::new(blind::ColumnIndexKey::for_column(key, id));
+                kept.push((id, k.clone()));
+                k
+            }
+        }
+    };
     let out = if norm == Normalization::Exact {
-        blind::blind_index(&key, "text", norm, value)
+        key.index("text", norm, value)
     } else {
         let Ok(text) = std::str::from_utf8(value) else {
             errors::raise(
@@ -90,7 +102,7 @@ fn hash_column(id: u32, value: &[u8]) -> Datum {
             )
         };
         let normalized = zeroize::Zeroizing::new(norm.apply(text).into_owned());
-        blind::blind_index(&key, "text", norm, normalized.as_bytes())
+        key.index("text", norm, normalized.as_bytes())
     };
     types::new_varlena(BLIND_INDEX_LEN, |o| o.copy_from_slice(&out))
 }

@@ -40,6 +40,8 @@ pub struct LoadedKeys {
     pub data_keys: Vec<(u32, SecretKey)>,
     /// The current blind-index key and its version (independent of the data key).
     pub index_key: Option<(u32, SecretKey)>,
+    /// The keyed HMAC of each registered column hashed so far, under `index_key`.
+    pub column_index_keys: RefCell<Vec<(u32, Rc<cellcrypt_core::blind::ColumnIndexKey>)>>,
 }
 
 /// Why the database's key is not usable in this backend.
@@ -447,6 +449,12 @@ pub fn assemble(relid: pg_sys::Oid, generation: u64, rows: &[KeyRow], keys: Vers
 }
 
 impl LoadedKeys {
+    /// The OID of the keyring table these keys were loaded for (a new one after DROP and
+    /// CREATE EXTENSION).
+    pub fn keyring_relid(&self) -> pg_sys::Oid {
+        self.keyring_relid
+    }
+
     /// The current version's data and wrap keys plus older versions' data keys.
     pub fn build(
         relid: pg_sys::Oid,
@@ -466,7 +474,7 @@ impl LoadedKeys {
                 data_keys.push((v, k));
             }
         }
-        LoadedKeys { keyring_relid: relid, generation, ring, current_version, wrap, data_keys, index_key }
+        LoadedKeys { keyring_relid: relid, generation, ring, current_version, wrap, data_keys, index_key, column_index_keys: RefCell::new(Vec::new()) }
     }
 }
 
