@@ -21,8 +21,8 @@
 # `INSERT INTO plain SELECT v FROM staging` and `INSERT INTO enc SELECT v FROM staging` (the
 # assignment cast encrypts); then, alternating, the scans `SELECT sum(length(c || '\\x'::bytea)) FROM plain`
 # and `SELECT sum(length(decrypt(c))) FROM enc` (the plain scan copies each value whole, as
-# decrypt() makes one: `sum(length(c || '\x'::bytea))`; each scan runs twice in its session and
-# the second run counts, as on a pooled connection). Times are the minimum over the runs. Both
+# decrypt() makes one: `sum(length(c || '\x'::bytea))`; each scan runs four times in its
+# session and the fastest of the last three counts, as on a pooled connection). Times are the minimum over the runs. Both
 # columns are STORAGE external, so PostgreSQL compresses neither (the encrypted types are
 # external by default; a plain column would otherwise be pglz-compressed).
 #
@@ -118,17 +118,18 @@ ms() {
     if [ -z "$t" ]; then echo "bench-sizes: no time for: $1" >&2; return 1; fi
     echo "$t"
 }
-# As ms, for a read-only statement: it runs twice in its session and the second run counts,
+# As ms, for a read-only statement: it runs four times in its session and the fastest of the
+# last three counts (short scans are noisy on a shared machine),
 # as on a pooled connection whose process has served such queries before (a fresh process
 # page-faults in every large allocation the first time: for 1 MiB values that alone tripled
 # the decrypting scan, which allocates twice per value, the envelope and the result).
 ms_warm() {
     local out t
-    if ! out=$(q -c "SELECT length(decrypt(encrypt('\\x00'::bytea)))" -c "$1" -c '\timing on' -c "$1"); then
+    if ! out=$(q -c "SELECT length(decrypt(encrypt('\\x00'::bytea)))" -c "$1" -c '\timing on' -c "$1" -c "$1" -c "$1"); then
         echo "bench-sizes: failed: $1" >&2
         return 1
     fi
-    t=$(echo "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)
+    t=$(echo "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | sort -g | head -1)
     if [ -z "$t" ]; then echo "bench-sizes: no time for: $1" >&2; return 1; fi
     echo "$t"
 }

@@ -182,7 +182,7 @@ done
 row "UPDATE t SET c = c on the encrypted_text table ($rows rows)" "$t_update_enc" "ms" "1.00" "baseline: the same rows rewritten without crypto"
 row "UPDATE t SET c = c on a plain text table ($rows rows)" "$t_update" "ms" "$(ratio "$t_update" "$t_update_enc")" "for reference"
 row "key change: background re-encryption to retirement" "$t_reenc" "ms" "$(ratio "$t_reenc" "$t_update_enc")" "target <= 1.5 x the UPDATE of the same rows ($(ratio "$t_reenc" "$t_update") x the plain text UPDATE); from the call to the old key's retirement"
-row "  of which after set_data_encryption_key returned" "$t_after" "ms" "$(ratio "$t_after" "$t_update_enc")" "the work itself: batches, verification scan, retirement (the call: Argon2id, jobs, key file)"
+row "  of which after set_data_encryption_key returned" "$t_after" "ms" "$(ratio "$t_after" "$t_update_enc")" "the work itself: batches, verification scan, retirement (the call: key derivation, jobs, key file)"
 row "table size after the UPDATE" "$mb_update" "MB" "$(ratio "$mb_update" "$mb_before")" "of the $mb_before MB before (last run)"
 row "table size after the re-encryption" "$mb_reenc" "MB" "$(ratio "$mb_reenc" "$mb_before")" "of the $mb_before MB before (last run): the batches reuse the space they free"
 
