@@ -65,7 +65,7 @@ install: setup
 install-dev: setup
 	@$(STAMP_RM)
 	$(PGRX_TARGET) cargo pgrx install --pg-config $(PG_CONFIG) $(PGRX_FEATURES) --features fault_injection
-	@$(if $(filter-out 15,$(PG)),touch $(STAMP))
+	@$(if $(and $(filter-out 15,$(PG)),$(filter aws-lc,$(CRYPTO))),touch $(STAMP))
 
 ## An installable tree of the release build for PostgreSQL $(PG) (cargo pgrx package), in
 ## target/package/pg_cellcrypt-<version>-pg$(PG)/, and a tarball of it beside it.
@@ -82,6 +82,7 @@ demo-stop:
 ## Every test layer; exits 0 only when all pass. Without PG: the matrix (every layer on 15 and
 ## 18; the #[pg_test]s and the smoke suites on 14, 16 and 17). With PG=N: every layer on N.
 test: setup
+	@$(if $(filter fips,$(CRYPTO)),echo "make test runs the default build (and test-fips at its end); use make test-fips for the FIPS build" >&2; exit 2)
 	@MATRIX=$(MATRIX) PG=$(PG) scripts/test.sh
 
 ## The crypto core alone: vectors, tamper tests, properties (with FIPS=1: on the FIPS module).

@@ -62,7 +62,7 @@ row "crypto core: seal 64 KiB" "$core_seal" "MB/s" "" ""
 row "crypto core: open 64 KiB" "$core_open" "MB/s" "" ""
 row "crypto core: seal 100 B" "$(echo "$core" | awk -F, '$1=="core_seal_100b"{print $2}')" "ns" "" ""
 row "crypto core: open 100 B" "$(echo "$core" | awk -F, '$1=="core_open_100b"{print $2}')" "ns" "" ""
-row "crypto core: open 100 B, every value its own salt" "$(echo "$core" | awk -F, '$1=="core_open_100b_own_salt"{print $2}')" "ns" "" "a value key derived per value (values written one per process, or before 0.2.0)"
+row "crypto core: open 100 B, every value its own salt" "$(echo "$core" | awk -F, '$1=="core_open_100b_own_salt"{print $2}')" "ns" "" "a value key derived per value (values written one per transaction, or by 0.1.0)"
 row "crypto core: seal 1 KiB" "$(echo "$core" | awk -F, '$1=="core_seal_1k"{print $2}')" "ns" "" ""
 row "crypto core: open 1 KiB" "$(echo "$core" | awk -F, '$1=="core_open_1k"{print $2}')" "ns" "" ""
 
@@ -305,7 +305,8 @@ cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
     echo "the default shared_buffers (128MB) and checkpoint settings, as an ordinary installation has them (both without"
     echo "autovacuum, JIT or parallel query). INSERT: \`INSERT INTO t SELECT v FROM staging\` (values generated beforehand),"
     echo "best of ${BENCH_SWEEP_REPS:-3} alternating runs, each after TRUNCATE and CHECKPOINT. Scan: \`sum(length(decrypt(c)))\` against"
-    echo "\`sum(get_byte(c, 0))\` on the plain column (which reads each value, TOAST included), best of ${BENCH_SWEEP_SCANS:-7} alternating runs."
+    echo "\`sum(length(c || '\\x'::bytea))\` on the plain column (a copy of each value, TOAST included, as decrypt() makes one), each timed on"
+    echo "warm runs (four in one session, the fastest of the last three), best of ${BENCH_SWEEP_SCANS:-7} alternating sessions."
     echo "Each row's ratio is encrypted / plain; the plain time is in its note. Per-size CSV: \`bench/sweep.csv\`."
     echo
     echo "Ratios compare cases measured in this same run. Raw numbers: \`bench/results.csv\`."

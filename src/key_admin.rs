@@ -518,7 +518,7 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
     let current = &rows[0];
     let master = match keys::verify(current, &key) {
         Ok(m) => m,
-        Err(keys::VerifyError::NotDerivable(why)) => {
+        Err(keys::VerifyError::NotDerivable(reason, why)) => {
             audit::record(&Event {
                 action: "restore",
                 outcome: "refused",
@@ -526,19 +526,18 @@ fn restore(rows: &[KeyRow], key: AdminKey) -> String {
                 fingerprint: Some(&current.fingerprint),
                 detail: &why,
             });
-            // A passphrase for a generated key's version is a wrong key (22023); a version this
-            // build cannot derive at all (Argon2id in a FIPS build, damaged parameters) is 0A000.
-            let wrong_kind = key.key_bytes().is_none() && current.params.is_hkdf();
-            errors::raise(
-                if wrong_kind { PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE } else { PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED },
-                format!("this key cannot restore this database's key: {why}; nothing was changed"),
-                None,
-                Some(if wrong_kind {
-                    "Use the generated key retrieved with retrieve_data_encryption_key() from the database this data comes from."
-                } else {
-                    keys::NOT_DERIVABLE_HINT
-                }),
-            )
+            // A passphrase for a generated key's version is a wrong key (22023); an Argon2id
+            // version in a FIPS build cannot be derived here at all (0A000); parameters out of
+            // range mean an altered keyring row (XX001).
+            let (code, hint) = match reason {
+                keys::Underivable::WrongKind => (
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    "Use the generated key retrieved with retrieve_data_encryption_key() from the database this data comes from.",
+                ),
+                keys::Underivable::Fips => (PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, keys::NOT_DERIVABLE_HINT),
+                keys::Underivable::Damaged => (PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, keys::DAMAGED_KEYRING_HINT),
+            };
+            errors::raise(code, format!("this key cannot restore this database's key: {why}; nothing was changed"), None, Some(hint))
         }
         Err(keys::VerifyError::Mismatch(given)) => {
             audit::record(&Event {

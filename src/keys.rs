@@ -55,10 +55,55 @@ pub enum KeyUnavailable {
     FingerprintMismatch { version: u32, expected: String, found: String },
     /// The key provider could not be read.
     ProviderError(String),
-    /// The version's master key cannot be derived by this build: an Argon2id version (a
-    /// passphrase, or any key before 0.2.0) in a FIPS build, or forged derivation parameters.
-    NotDerivable(String),
+    /// The version's master key cannot be derived: see [`Underivable`].
+    NotDerivable(Underivable, String),
 }
+
+/// Why a key version's master key cannot be derived from a key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Underivable {
+    /// An Argon2id version (a passphrase's, or any key's before 0.2.0) in a FIPS build.
+    Fips,
+    /// The version's stored derivation parameters are out of range: the row was altered.
+    Damaged,
+    /// A passphrase for a version of a generated key: another key.
+    WrongKind,
+}
+
+impl Underivable {
+    fn tag(self) -> &'static str {
+        match self {
+            Underivable::Fips => "fips",
+            Underivable::Damaged => "damaged",
+            Underivable::WrongKind => "kind",
+        }
+    }
+
+    fn from_tag(t: &str) -> Option<Self> {
+        Some(match t {
+            "fips" => Underivable::Fips,
+            "damaged" => Underivable::Damaged,
+            "kind" => Underivable::WrongKind,
+            _ => return None,
+        })
+    }
+
+    /// Why `row`'s master key cannot be derived from `key` (called once derivation failed).
+    pub fn of(row: &KeyRow, key: &AdminKey) -> Self {
+        if row.params.check_stored().is_err() {
+            Underivable::Damaged
+        } else if row.params.is_hkdf() && key.key_bytes().is_none() {
+            Underivable::WrongKind
+        } else if cellcrypt_core::fips::ENABLED && !row.params.is_hkdf() {
+            Underivable::Fips
+        } else {
+            Underivable::Damaged
+        }
+    }
+}
+
+/// What to do about a keyring row whose derivation parameters are out of range.
+pub const DAMAGED_KEYRING_HINT: &str = "The keyring row of this key version was altered (its key derivation parameters are out of range): restore cellcrypt.keyring from a backup or the dump it came from.";
 
 /// What to do when a key version cannot be derived here.
 pub const NOT_DERIVABLE_HINT: &str = "A FIPS build derives only key versions of generated keys made by 0.2.0 or later. Change the key on a default build first (SELECT set_data_encryption_key(generate_data_encryption_key());), let the re-encryption complete, then install the FIPS build; see the README's FIPS section.";
@@ -112,11 +157,23 @@ impl KeyUnavailable {
                 None,
                 Some("Check pg_cellcrypt.key_provider, pg_cellcrypt.key_directory or pg_cellcrypt.key_command, and the key file's permissions."),
             ),
-            KeyUnavailable::NotDerivable(why) => errors::raise(
+            KeyUnavailable::NotDerivable(Underivable::Fips, why) => errors::raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!("the data encryption key of this database cannot be derived by this build of pg_cellcrypt: {why}"),
                 Some(&format!("Crypto module: {}.", cellcrypt_core::fips::module())),
                 Some(NOT_DERIVABLE_HINT),
+            ),
+            KeyUnavailable::NotDerivable(Underivable::Damaged, why) => errors::raise(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("the data encryption key of this database cannot be derived: {why}"),
+                None,
+                Some(DAMAGED_KEYRING_HINT),
+            ),
+            KeyUnavailable::NotDerivable(Underivable::WrongKind, why) => errors::raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("the data encryption key of this database is not loaded: the key provider holds a different key ({why})"),
+                None,
+                Some(restore_hint()),
             ),
         }
     }
@@ -289,14 +346,14 @@ pub enum VerifyError {
     Mismatch(String),
     /// The version's master key cannot be derived from it here: a passphrase for an HKDF
     /// version, or an Argon2id version in a FIPS build. No secret is in the text.
-    NotDerivable(String),
+    NotDerivable(Underivable, String),
 }
 
 /// Derives `key`'s master key with the row's salt and parameters and checks it against the
 /// row's fingerprint.
 pub fn verify(row: &KeyRow, key: &AdminKey) -> Result<MasterKey, VerifyError> {
     let master = MasterKey::derive(key, &row.salt, &row.params)
-        .map_err(|e| VerifyError::NotDerivable(format!("key version {}: {}", row.version, e.0)))?;
+        .map_err(|e| VerifyError::NotDerivable(Underivable::of(row, key), format!("key version {}: {}", row.version, e.0)))?;
     let found = master.fingerprint().to_string();
     if found != row.fingerprint {
         return Err(VerifyError::Mismatch(found));
@@ -363,20 +420,39 @@ fn encode_failure(e: &KeyUnavailable) -> String {
         KeyUnavailable::NotInProvider { version, fingerprint } => format!("missing{SEP}{version}{SEP}{fingerprint}"),
         KeyUnavailable::FingerprintMismatch { version, expected, found } => format!("mismatch{SEP}{version}{SEP}{expected}{SEP}{found}"),
         KeyUnavailable::ProviderError(m) => format!("provider{SEP}{m}"),
-        KeyUnavailable::NotDerivable(m) => format!("underivable{SEP}{m}"),
+        KeyUnavailable::NotDerivable(r, m) => format!("underivable{SEP}{}{SEP}{m}", r.tag()),
     }
 }
 
-fn decode_failure(s: &str) -> Option<KeyUnavailable> {
-    let f: Vec<&str> = s.split(SEP).collect();
-    Some(match f.as_slice() {
-        ["none"] => KeyUnavailable::NoKeyConfigured,
-        ["missing", v, fp] => KeyUnavailable::NotInProvider { version: v.parse().ok()?, fingerprint: (*fp).to_owned() },
-        ["mismatch", v, expected, found] => KeyUnavailable::FingerprintMismatch { version: v.parse().ok()?, expected: (*expected).to_owned(), found: (*found).to_owned() },
-        ["provider", m] => KeyUnavailable::ProviderError((*m).to_owned()),
-        ["underivable", m] => KeyUnavailable::NotDerivable((*m).to_owned()),
+/// The inverse of [`encode_failure`]. A message is the last field and may hold the separator
+/// itself (a key command's error output): each tag splits only as often as it has fields.
+pub(crate) fn decode_failure(s: &str) -> Option<KeyUnavailable> {
+    let (tag, rest) = s.split_once(SEP).unwrap_or((s, ""));
+    let fields = |n: usize| -> Vec<&str> { rest.splitn(n, SEP).collect() };
+    Some(match tag {
+        "none" if rest.is_empty() => KeyUnavailable::NoKeyConfigured,
+        "missing" => match fields(2).as_slice() {
+            [v, fp] => KeyUnavailable::NotInProvider { version: v.parse().ok()?, fingerprint: (*fp).to_owned() },
+            _ => return None,
+        },
+        "mismatch" => match fields(3).as_slice() {
+            [v, expected, found] => KeyUnavailable::FingerprintMismatch { version: v.parse().ok()?, expected: (*expected).to_owned(), found: (*found).to_owned() },
+            _ => return None,
+        },
+        "provider" => KeyUnavailable::ProviderError(rest.to_owned()),
+        "underivable" => match fields(2).as_slice() {
+            [r, m] => KeyUnavailable::NotDerivable(Underivable::from_tag(r)?, (*m).to_owned()),
+            _ => return None,
+        },
         _ => return None,
     })
+}
+
+/// `encode_failure` then `decode_failure` gives the same failure back (messages with the
+/// separator in them included); for the #[pg_test] of the shared failure record.
+#[cfg(any(test, feature = "pg_test"))]
+pub(crate) fn failure_round_trips(e: &KeyUnavailable) -> bool {
+    decode_failure(&encode_failure(e)).is_some_and(|d| encode_failure(&d) == encode_failure(e))
 }
 
 /// The administrator's key text of the current version, verified: from the provider (the key
@@ -415,8 +491,8 @@ fn from_provider(current: &KeyRow) -> Result<(MasterKey, zeroize::Zeroizing<Stri
             Err(VerifyError::Mismatch(found)) => {
                 failure = Some(KeyUnavailable::FingerprintMismatch { version: current.version, expected: current.fingerprint.clone(), found });
             }
-            Err(VerifyError::NotDerivable(why)) => {
-                failure = Some(KeyUnavailable::NotDerivable(why));
+            Err(VerifyError::NotDerivable(r, why)) => {
+                failure = Some(KeyUnavailable::NotDerivable(r, why));
             }
         }
     }

@@ -480,3 +480,22 @@ fn a_rotation_refuses_stored_blind_index_columns() {
     Spi::run("INSERT INTO bg (email) VALUES ('a@example.com')").unwrap();
     Spi::run("SELECT rotate_blind_index_key()").unwrap();
 }
+
+/// The failure a key load records in shared memory for the backends waiting on it decodes to
+/// the same failure, messages holding the field separator included.
+#[pg_test]
+fn key_load_failures_round_trip_through_shared_memory() {
+    use crate::keys::{failure_round_trips, KeyUnavailable, Underivable};
+    let sep = '\u{1f}';
+    for e in [
+        KeyUnavailable::NoKeyConfigured,
+        KeyUnavailable::NotInProvider { version: 3, fingerprint: "ab12".into() },
+        KeyUnavailable::FingerprintMismatch { version: 4, expected: "ab".into(), found: "cd".into() },
+        KeyUnavailable::ProviderError(format!("the command failed: a{sep}b{sep}c")),
+        KeyUnavailable::NotDerivable(Underivable::Fips, format!("key version 1: x{sep}y")),
+        KeyUnavailable::NotDerivable(Underivable::Damaged, "key version 2: out of range".into()),
+        KeyUnavailable::NotDerivable(Underivable::WrongKind, "key version 5".into()),
+    ] {
+        assert!(failure_round_trips(&e));
+    }
+}

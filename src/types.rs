@@ -3,7 +3,7 @@
 //!
 //! One implementation serves all seven. On disk a value is a varlena holding one envelope
 //! (see `cellcrypt_core::envelope`): 45 bytes of overhead plus the varlena header (33 for values
-//! written before 0.2.0, in format version 1). What is
+//! written by development builds before 0.1.0, in format version 1). What is
 //! sealed is the plaintext's own representation:
 //!
 //! | type | plaintext bytes | AAD context |

@@ -9,16 +9,18 @@
 //! **Value keys are reused, nonces are not.** A process seals up to [`VALUES_PER_SALT`] values
 //! with one salt (so one value key), each with its own random 96-bit GCM nonce, then draws a
 //! new salt; the extension also ends the value key at the end of every transaction
-//! ([`DataCipher::end_value_key`]), so a salt links no more values than the transaction id in
-//! their row headers does. Under one value key the chance that two of its at most 2^16 random
+//! ([`DataCipher::end_value_key`]), so a salt groups the values one backend sealed in one
+//! transaction, much as the transaction id in their row headers does (a salt stays with a value
+//! that an UPDATE of other columns or an `INSERT ... SELECT` copies; see the README's threat
+//! model). Under one value key the chance that two of its at most 2^16 random
 //! nonces collide is below 2^-65 (about N * 2^-81 over N values sealed in all); the 24-byte
 //! nonce of every value is unique as before, and the format is unchanged (a reader cannot tell,
 //! and values sealed one key per value keep opening). Deriving
 //! a value key costs about 270 ns (an HMAC and an AES-GCM key set-up, whose GHASH table is
 //! large on AVX-512 machines) against about 90 ns for sealing 100 bytes, so a key per value
 //! would have quadrupled the cost of a small cell. Opening keeps the last [`OPEN_CACHE`] value
-//! keys it derived: values written together (one statement, one session) share a salt and are
-//! usually read together.
+//! keys it derived: values written together (one transaction) share a salt and are usually read
+//! together.
 //!
 //! The primitives are AWS-LC's, through `aws-lc-rs` (AES-256-GCM, HMAC-SHA256, HKDF-SHA256).
 //! In a FIPS build (cargo feature `fips`) value keys are derived with the module's HKDF

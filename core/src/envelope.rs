@@ -19,7 +19,7 @@
 //!
 //! ## Format version 1 (read, never written)
 //! Version byte 1, the same key id, a 12-byte nonce used with the data key itself, the
-//! ciphertext and the tag: 33 bytes of overhead. Values written before 0.2.0 stay readable;
+//! ciphertext and the tag: 33 bytes of overhead. Values written by development builds before 0.1.0 stay readable;
 //! re-encryption (a key change) and any update rewrite them in version 2.
 //!
 //! Both versions authenticate the 5 header bytes (version and key id) as AAD, followed by a
@@ -41,7 +41,8 @@ use base64::Engine;
 
 /// Format version 1: a random 96-bit nonce under the data key. Read, never written.
 pub const FORMAT_V1: u8 = 1;
-/// Format version 2: a key per value. The only version written.
+/// Format version 2: values under value keys derived from the data key and a 96-bit salt (see
+/// `cipher`). The only version written (0.1.0 wrote it too, with a salt per value).
 pub const FORMAT_V2: u8 = 2;
 pub const VERSION_LEN: usize = 1;
 pub const KEY_ID_LEN: usize = 4;

@@ -58,16 +58,22 @@ impl KdfParams {
     /// The largest Argon2id costs a stored key version may ask for: 4 GiB, 64 passes, 16 lanes.
     pub const CAP: KdfParams = KdfParams { m_cost_kib: 4 * 1024 * 1024, t_cost: 64, p_cost: 16 };
 
+    /// The smallest Argon2id costs a stored key version may have: 0.1.0's floor. Pinned on
+    /// purpose, apart from [`KDF_FLOOR`] (what new versions get): raising the floor for new
+    /// versions must never make a stored version underivable. Never raise this one.
+    pub const STORED_MIN: KdfParams = KdfParams { m_cost_kib: 19 * 1024, t_cost: 2, p_cost: 1 };
+
     /// Refuses parameters no key version of this extension was made with: anything but
-    /// [`KdfParams::HKDF`] or Argon2id costs between [`KDF_FLOOR`] and [`KdfParams::CAP`]. A
+    /// [`KdfParams::HKDF`] or Argon2id costs between [`KdfParams::STORED_MIN`] and
+    /// [`KdfParams::CAP`]. A
     /// keyring row comes from a dump a restore accepted: costs below the floor would make the
     /// fingerprint the load reports a cheap guessing target, and huge ones exhaust memory.
     pub fn check_stored(&self) -> Result<(), KdfError> {
         let within = |v: u32, lo: u32, hi: u32| (lo..=hi).contains(&v);
         if self.is_hkdf()
-            || (within(self.m_cost_kib, KDF_FLOOR.m_cost_kib, Self::CAP.m_cost_kib)
-                && within(self.t_cost, KDF_FLOOR.t_cost, Self::CAP.t_cost)
-                && within(self.p_cost, KDF_FLOOR.p_cost, Self::CAP.p_cost))
+            || (within(self.m_cost_kib, Self::STORED_MIN.m_cost_kib, Self::CAP.m_cost_kib)
+                && within(self.t_cost, Self::STORED_MIN.t_cost, Self::CAP.t_cost)
+                && within(self.p_cost, Self::STORED_MIN.p_cost, Self::CAP.p_cost))
         {
             Ok(())
         } else {
@@ -338,5 +344,31 @@ mod tests {
             assert!(MasterKey::derive(&key, &salt, &fast()).err().unwrap().0.contains("Argon2id"));
             assert_eq!(AdminKey::parse("correct horse battery staple violet 1987 umbrella").err(), Some(crate::AdminKeyError::PassphraseInFipsMode));
         }
+    }
+
+    #[test]
+    fn stored_parameters_are_checked_at_their_bounds() {
+        let p = |m, t, l| KdfParams { m_cost_kib: m, t_cost: t, p_cost: l };
+        for ok in [KdfParams::HKDF, KdfParams::STORED_MIN, KDF_FLOOR, KdfParams::CAP, p(19 * 1024, 64, 16), p(4 * 1024 * 1024, 2, 1)] {
+            assert!(ok.check_stored().is_ok(), "{ok:?}");
+        }
+        for bad in [
+            p(19 * 1024 - 1, 2, 1),
+            p(19 * 1024, 1, 1),
+            p(19 * 1024, 2, 0),
+            p(4 * 1024 * 1024 + 1, 2, 1),
+            p(19 * 1024, 65, 1),
+            p(19 * 1024, 2, 17),
+            p(0, 0, 1),
+            p(0, 2, 0),
+            p(u32::MAX, 2, 1),
+        ] {
+            let e = bad.check_stored().unwrap_err();
+            assert!(e.0.contains("out of range"), "{bad:?}: {}", e.0);
+            let key = AdminKey::from_key_bytes_for_tests([1; 32]);
+            assert!(MasterKey::derive(&key, &[1; 16], &bad).is_err(), "derived with {bad:?}");
+        }
+        // The stored minimum never rises with the floor for new versions.
+        assert!(KdfParams::STORED_MIN.m_cost_kib <= KDF_FLOOR.m_cost_kib && KdfParams::STORED_MIN.t_cost <= KDF_FLOOR.t_cost);
     }
 }

@@ -24,7 +24,7 @@
 //! see [`envelope`] and [`cipher`]); a process seals at most 2^16 values under one value key
 //! before it draws a new salt. The data key can seal any number of values, and no count has to
 //! be kept across backends. Values of format version 1 (sealed under the data key itself,
-//! before 0.2.0) are still opened; re-encryption and updates rewrite them in version 2.
+//! by development builds before 0.1.0) are still opened; re-encryption and updates rewrite them in version 2.
 
 #![deny(unsafe_code)]
 

@@ -150,10 +150,12 @@ fn a_generated_key_s_argon2id_version_from_0_1_0() {
     assert_eq!(kdf_of_current(&c, "app"), "0 0 0", "the new version is HKDF");
     c.restart();
     assert_eq!(all_read_back(&c, "app"), 1000);
-    // A forged row (costs below the floor) is refused before anything is derived.
+    // A forged row (costs below the floor) is refused before anything is derived: an altered
+    // keyring row (XX001), and the hint says to restore it.
     c.psql("app", "UPDATE cellcrypt.keyring SET kdf_memory_kib = 64, kdf_iterations = 1, kdf_parallelism = 1 WHERE state = 'current'");
     c.restart();
     let e = db_error(c.connect(Transport::Unix, "app").query_one("SELECT count(*) FROM t WHERE decrypt(v) IS NOT NULL", &[]));
-    assert_eq!(e.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+    assert_eq!(e.code(), &SqlState::DATA_CORRUPTED);
     assert!(e.message().contains("out of range"), "{}", e.message());
+    assert!(e.hint().unwrap_or("").contains("restore cellcrypt.keyring"), "{:?}", e.hint());
 }
