@@ -1,7 +1,7 @@
 //! Which AWS-LC this build links, and its self-tests.
 //!
 //! A default build links AWS-LC (`aws-lc-sys`); a FIPS build (cargo feature `fips`, `make
-//! install FIPS=1`) links AWS-LC's FIPS 140-3 module (`aws-lc-fips-sys`, AWS-LC-FIPS 3.0.x) and
+//! install FIPS=1`) links AWS-LC's FIPS 140-3 module (`aws-lc-fips-sys` 0.14.4: AWS-LC-FIPS 4.2.0) and
 //! runs only approved algorithms: AES-256-GCM with the GCM nonce drawn inside the module, HKDF
 //! and HMAC with SHA-256, SHA-256, and the module's CTR_DRBG for every key, salt and nonce. It
 //! refuses passphrases and Argon2id key versions (see [`crate::kdf`]).
@@ -12,7 +12,7 @@ pub const ENABLED: bool = cfg!(feature = "fips");
 /// The crypto module this build links, as `data_encryption_status` shows it.
 pub fn module() -> &'static str {
     if ENABLED {
-        "AWS-LC-FIPS 3.0 (aws-lc-fips-sys, FIPS 140-3 module)"
+        "AWS-LC-FIPS 4.2.0 (aws-lc-fips-sys 0.14.4, FIPS 140-3 module)"
     } else {
         "AWS-LC (aws-lc-sys, not the FIPS module)"
     }
