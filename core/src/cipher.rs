@@ -105,17 +105,11 @@ impl ValueKeys {
 /// runs, and in the default build the reference the fast path is tested against.
 #[cfg_attr(not(feature = "fips"), allow(dead_code))]
 fn value_key_hkdf(data_key: &SecretKey, salt: &[u8]) -> Zeroizing<[u8; 32]> {
-    use aws_lc_rs::hkdf::{KeyType, Salt, HKDF_SHA256};
-    struct Len32;
-    impl KeyType for Len32 {
-        fn len(&self) -> usize {
-            32
-        }
-    }
+    use aws_lc_rs::hkdf::{Salt, HKDF_SHA256};
     let mut key = Zeroizing::new([0u8; 32]);
     Salt::new(HKDF_SHA256, VALUE_KEY_SALT)
         .extract(data_key.expose())
-        .expand(&[VALUE_KEY_INFO, salt], Len32)
+        .expand(&[VALUE_KEY_INFO, salt], crate::kdf::Len(32))
         .and_then(|okm| okm.fill(&mut key[..]))
         .expect("32 bytes is a valid HKDF-SHA256 output length");
     key
@@ -263,7 +257,7 @@ fn hex16(s: &str) -> [u8; 16] {
     out
 }
 
-fn hex_bytes(s: &str) -> Vec<u8> {
+pub(crate) fn hex_bytes(s: &str) -> Vec<u8> {
     (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex")).collect()
 }
 

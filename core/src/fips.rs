@@ -60,15 +60,7 @@ pub fn self_test(break_test: Option<&str>) -> Result<(), SelfTestFailed> {
 fn hmac_known_answer() -> bool {
     use aws_lc_rs::hmac;
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, b"Jefe"), b"what do ya want for nothing?");
-    tag.as_ref() == hex32("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
-}
-
-fn hex32(s: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex");
-    }
-    out
+    tag.as_ref() == crate::cipher::hex_bytes("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub fn new_salt() -> [u8; SALT_LEN] {
 }
 
 /// An HKDF output length.
-struct Len(usize);
+pub(crate) struct Len(pub(crate) usize);
 
 impl KeyType for Len {
     fn len(&self) -> usize {
