@@ -33,6 +33,7 @@ use crate::error::{DecryptionFailed, EnvelopeError};
 use crate::nonce::NonceSource;
 use crate::secret::SecretKey;
 use aws_lc_rs::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM};
+#[cfg(not(feature = "fips"))]
 use aws_lc_rs::hmac;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
