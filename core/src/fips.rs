@@ -1,7 +1,9 @@
 //! Which AWS-LC this build links, and its self-tests.
 //!
 //! A default build links AWS-LC (`aws-lc-sys`); a FIPS build (cargo feature `fips`, `make
-//! install FIPS=1`) links AWS-LC's FIPS 140-3 module (`aws-lc-fips-sys` 0.14.4: AWS-LC-FIPS 4.2.0) and
+//! install FIPS=1`) links AWS-LC's FIPS 140-3 module: `aws-lc-fips-sys` 0.13.11, which builds
+//! AWS-LC-FIPS 3.1.0, the version FIPS 140-3 certificate #5314 (static library) validates
+//! (`core/Cargo.toml` pins it; the self-test below refuses any other module version). It
 //! runs only approved algorithms: AES-256-GCM with the GCM nonce drawn inside the module, HKDF
 //! and HMAC with SHA-256, SHA-256, and the module's CTR_DRBG for every key, salt and nonce. It
 //! refuses passphrases and Argon2id key versions (see [`crate::kdf`]).
@@ -9,13 +11,38 @@
 /// True in a FIPS build.
 pub const ENABLED: bool = cfg!(feature = "fips");
 
-/// The crypto module this build links, as `data_encryption_status` shows it.
-pub fn module() -> &'static str {
-    if ENABLED {
-        "AWS-LC-FIPS 4.2.0 (aws-lc-fips-sys 0.14.4, FIPS 140-3 module)"
-    } else {
-        "AWS-LC (aws-lc-sys, not the FIPS module)"
+/// The module version FIPS 140-3 certificate #5314 validates, as the module names itself.
+pub const CERTIFIED_MODULE: &str = "AWS-LC FIPS 3.1.0";
+
+/// The version string of the linked FIPS module, read from the module itself
+/// (`awslc_version_string()`): "AWS-LC FIPS 3.1.0" for the pinned one.
+#[cfg(feature = "fips")]
+#[allow(unsafe_code)]
+pub fn linked_module_version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string inside the module.
+    let p = unsafe { aws_lc_fips_sys::awslc_version_string() };
+    if p.is_null() {
+        return String::new();
     }
+    // SAFETY: non-null, NUL-terminated, static for the life of the process.
+    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// The crypto module this build links, as `data_encryption_status` shows it. A FIPS build
+/// names the version the module reports (the load-time self-test has checked it is the
+/// certified one).
+pub fn module() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        #[cfg(feature = "fips")]
+        {
+            format!("{} (aws-lc-fips-sys 0.13.11; FIPS 140-3 certificate #5314)", linked_module_version())
+        }
+        #[cfg(not(feature = "fips"))]
+        {
+            "AWS-LC (aws-lc-sys, not the FIPS module)".to_owned()
+        }
+    })
 }
 
 /// True when the linked library runs in FIPS mode (only ever in a FIPS build, after its
@@ -47,8 +74,17 @@ pub fn self_test(break_test: Option<&str>) -> Result<(), SelfTestFailed> {
             Err(SelfTestFailed(format!("the {name} self-test failed")))
         }
     };
-    if ENABLED {
+    #[cfg(feature = "fips")]
+    {
         fail("FIPS mode", fips_mode())?;
+        // The certificate covers one module version: a build that resolved another one
+        // (a moved pin, a patched crate) must not claim it.
+        if linked_module_version() != CERTIFIED_MODULE || break_test == Some("module version") {
+            return Err(SelfTestFailed(format!(
+                "the module version self-test failed: the linked module is \"{}\", certificate #5314 covers \"{CERTIFIED_MODULE}\"",
+                linked_module_version()
+            )));
+        }
     }
     fail("AES-256-GCM", crate::cipher::gcm_known_answer())?;
     fail("HKDF-SHA256", crate::cipher::value_key_known_answer())?;
@@ -74,5 +110,21 @@ mod tests {
         let e = self_test(Some("AES-256-GCM")).unwrap_err();
         assert_eq!(e.to_string(), "the AES-256-GCM self-test failed");
         assert!(self_test(Some("HMAC-SHA256")).is_err());
+    }
+
+    #[cfg(feature = "fips")]
+    #[test]
+    fn the_fips_build_links_the_certified_module_version() {
+        assert_eq!(linked_module_version(), CERTIFIED_MODULE);
+        assert_eq!(module(), "AWS-LC FIPS 3.1.0 (aws-lc-fips-sys 0.13.11; FIPS 140-3 certificate #5314)");
+        let e = self_test(Some("module version")).unwrap_err();
+        assert!(e.to_string().contains("certificate #5314 covers \"AWS-LC FIPS 3.1.0\""), "{e}");
+    }
+
+    #[cfg(not(feature = "fips"))]
+    #[test]
+    fn the_default_build_does_not_claim_the_fips_module() {
+        assert_eq!(module(), "AWS-LC (aws-lc-sys, not the FIPS module)");
+        assert!(!fips_mode());
     }
 }

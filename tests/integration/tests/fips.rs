@@ -31,7 +31,10 @@ fn status_names_the_crypto_module_and_keys_follow_the_build_s_rules() {
     let row = s.query_one("SELECT crypto_module, fips_mode FROM data_encryption_status", &[]).unwrap();
     let (module, mode): (String, bool) = (row.get(0), row.get(1));
     assert_eq!(mode, fips_expected(), "fips_mode of {module}");
-    assert_eq!(module.contains("FIPS 140-3 module"), fips_expected(), "{module}");
+    // A FIPS build names the version the linked module reports, which must be the one
+    // certificate #5314 validates (its load-time self-test refuses any other).
+    let certified = "AWS-LC FIPS 3.1.0 (aws-lc-fips-sys 0.13.11; FIPS 140-3 certificate #5314)";
+    assert_eq!(module == certified, fips_expected(), "{module}");
     assert!(module.starts_with("AWS-LC"), "{module}");
 
     s.batch_execute("CREATE TABLE t (id int, v encrypted_text); INSERT INTO t SELECT g, 'secret ' || g FROM generate_series(1, 3000) g").unwrap();
@@ -84,7 +87,9 @@ fn a_failing_self_test_keeps_the_library_from_loading() {
     let c = Cluster::start("self-test", &[]);
     c.database_with_extension("app");
     c.psql("app", "CREATE TABLE t (id int, v encrypted_text); INSERT INTO t SELECT g, 'secret ' || g FROM generate_series(1, 500) g");
-    for broken in ["AES-256-GCM", "HKDF-SHA256", "HMAC-SHA256"] {
+    // A FIPS build also checks that the linked module is the certified version.
+    let tests: &[&str] = if fips_expected() { &["AES-256-GCM", "HKDF-SHA256", "HMAC-SHA256", "module version"] } else { &["AES-256-GCM", "HKDF-SHA256", "HMAC-SHA256"] };
+    for &broken in tests {
         c.stop();
         let flag = c.dir.join("data/pg_cellcrypt.break_self_test");
         std::fs::write(&flag, broken).unwrap();
