@@ -17,6 +17,9 @@
 --   pg_node_tree and the statistics types) on PostgreSQL 14 too, where they are not yet in
 --   category Z: the casts 0.1.0 would have made for them there (into encrypted_text and
 --   encrypted_bytea) are dropped.
+-- * share_data_encryption_keyring() and cellcrypt._adopt_cluster_keyring(): a Citus coordinator
+--   shares its keyring with its workers. encrypt(), the assignment casts into the encrypted
+--   types and cellcrypt.bind_to_column() become STABLE (Citus refuses VOLATILE ones in UPDATEs).
 -- * data_encryption_status (the function and its view) gains two columns: crypto_module (which
 --   AWS-LC the library links: the FIPS 140-3 module or not) and fips_mode. A function's result
 --   columns cannot change in place, so the view and the function are dropped and made again,
@@ -201,3 +204,32 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'data_encryption_status_wrapper';
 CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();
 GRANT SELECT ON @extschema@.data_encryption_status TO PUBLIC;
+
+-- Citus (README, "Scaling out with Citus"): a coordinator shares its keyring with its workers.
+CREATE  FUNCTION @extschema@."share_data_encryption_keyring"() RETURNS TEXT /* String */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'share_data_encryption_keyring_wrapper';
+CREATE FUNCTION cellcrypt._adopt_cluster_keyring(keyring text, index_key text, blind_index_columns text) RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_adopt_cluster_keyring' LANGUAGE c VOLATILE STRICT;
+-- Sealing (encrypt() and the assignment casts from plain types) and binding a value to its
+-- blind-index column become STABLE: they read no table and write nothing, and Citus refuses
+-- VOLATILE functions in an UPDATE of a distributed table (it evaluates STABLE ones on the
+-- coordinator, where a parameter is then sealed, as in an INSERT).
+ALTER FUNCTION cellcrypt.bind_to_column(@extschema@.encrypted_text, integer, boolean) STABLE;
+DO $$
+DECLARE
+    f pg_catalog.regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                     AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid AND e.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt'
+         WHERE p.prolang OPERATOR(pg_catalog.=) (SELECT l.oid FROM pg_catalog.pg_language l WHERE l.lanname OPERATOR(pg_catalog.=) 'c')
+           AND (p.prosrc OPERATOR(pg_catalog.=) 'cellcrypt_assign' OR p.prosrc OPERATOR(pg_catalog.~~) 'cellcrypt\_encrypt\_%')
+    LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s STABLE', f);
+    END LOOP;
+END
+$$;

@@ -255,6 +255,9 @@ v1_function!(pg_finfo_cellcrypt_register_blind_index, cellcrypt_register_blind_i
         fingerprint: None,
         detail: &format!("{}.{} as blind-index column {id} ({}), {bound} values bound", table.name, column.to_string_lossy(), norm.name()),
     });
+    // On a Citus coordinator, the workers get the registration in this transaction (their
+    // shards compute blind indexes under the same id).
+    crate::citus::share_keyring();
     let message = format!(
         "registered: {}.{quoted} is blind-index column {id} ({}); {bound} values bound. Index it with CREATE INDEX ON {} (blind_index({quoted}));",
         table.name,
@@ -311,6 +314,7 @@ fn rotate_blind_index_key() -> String {
     policy::require_admin(F);
     policy::require_primary(F);
     policy::require_secure_transport(F, F);
+    crate::citus::refuse_single_node_key_change(F);
     policy::lock_or_refuse(policy::Lock::IndexKeyRotation, F);
     refuse_generated_columns();
     let loaded = keys::loaded();

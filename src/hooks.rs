@@ -74,6 +74,28 @@ unsafe extern "C-unwind" fn process_utility_hook(
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => raw_standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
     }
+    after_utility(pstmt);
+}
+
+/// After `CREATE EXTENSION pg_cellcrypt` on a Citus coordinator (Citus, loaded before
+/// pg_cellcrypt, has created the extension on the workers by now, in this transaction): the
+/// workers take the coordinator's keyring in the same transaction (citus.rs).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
+    if pstmt.is_null() || !crate::citus::loaded() {
+        return;
+    }
+    let stmt = (*pstmt).utilityStmt;
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CreateExtensionStmt {
+        return;
+    }
+    let create = stmt as *mut pg_sys::CreateExtensionStmt;
+    if (*create).extname.is_null() || std::ffi::CStr::from_ptr((*create).extname).to_bytes() != b"pg_cellcrypt" {
+        return;
+    }
+    if !crate::citus::internal_backend() && crate::store::keyring_has_rows() {
+        crate::citus::share_keyring();
+    }
 }
 
 /// The statement and text to pass on: unchanged, or for a statement that names the key

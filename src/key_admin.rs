@@ -357,6 +357,12 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
     if crate::store::keyring_has_rows() {
         return pg_sys::Datum::from(false);
     }
+    // Citus creating the extension on a worker (propagated from the coordinator, or replayed by
+    // citus_add_node): no key of the worker's own; its keyring waits for the cluster's, which
+    // the coordinator shares (citus.rs).
+    if crate::citus::internal_backend() {
+        return pg_sys::Datum::from(false);
+    }
     let provider = providers::current();
     // With the `file` provider, a key file this database already has keeps every line: it is
     // what a DROP and CREATE EXTENSION (as `pg_restore --clean` runs them) finds, and the keyring
@@ -509,9 +515,94 @@ fn set_data_encryption_key(key: &str) -> String {
         KeyUnavailable::NoKeyConfigured.raise()
     };
     match keys::current_version_keys(current) {
-        Ok(keys) => change(&rows, keys, new_key),
+        Ok(keys) => {
+            // A key that is already current changes nothing, on any node.
+            if keys::verify(current, &new_key).is_err() {
+                crate::citus::refuse_single_node_key_change(F);
+            }
+            change(&rows, keys, new_key)
+        }
         Err(_) => restore(&rows, new_key),
     }
+}
+
+/// `share_data_encryption_keyring()`: on a Citus coordinator, gives every worker the cluster's
+/// keyring (fingerprints, salts, wrapped keys and blind-index registrations; never a key), in
+/// this transaction. A worker takes it into an empty keyring (a node `citus_add_node` just
+/// added) or finds it identical; a worker with a keyring of its own refuses, and nothing
+/// changes anywhere.
+#[pg_extern(volatile, parallel_unsafe)]
+fn share_data_encryption_keyring() -> String {
+    const F: &str = "share_data_encryption_keyring()";
+    policy::require_admin(F);
+    policy::require_primary(F);
+    policy::require_secure_transport(F, F);
+    if crate::citus::role() != crate::citus::Role::Coordinator {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{F} runs on the coordinator of a Citus cluster with workers"),
+            Some("This database is not a Citus coordinator with registered workers."),
+            Some("Run it on the coordinator after citus_add_node."),
+        )
+    }
+    if !crate::store::keyring_has_rows() {
+        KeyUnavailable::NoKeyConfigured.raise()
+    }
+    let n = crate::citus::share_keyring();
+    audit::record(&Event { action: "share keyring", outcome: "started", key_version: None, fingerprint: None, detail: &format!("with {n} workers") });
+    format!("shared: the keyring is the same on the coordinator and its {n} workers (from this transaction's commit)")
+}
+
+/// `cellcrypt._adopt_cluster_keyring(keyring, index_key, blind_index_columns)`: run on a Citus
+/// worker by its coordinator (citus.rs), in the coordinator's distributed transaction.
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cellcrypt_adopt_cluster_keyring() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn cellcrypt_adopt_cluster_keyring(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const F: &str = "taking the cluster's keyring";
+    policy::require_admin(F);
+    policy::require_primary(F);
+    policy::require_secure_transport(F, F);
+    if crate::citus::role() != crate::citus::Role::Worker {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "only a Citus worker takes the cluster's keyring",
+            None,
+            Some("The coordinator shares it: SELECT share_data_encryption_keyring(); on the coordinator."),
+        )
+    }
+    let arg = |i: usize| -> String {
+        // SAFETY: a strict C function of three text arguments (none NULL).
+        unsafe {
+            let d = (*fcinfo).args.as_slice(3)[i].value;
+            pgrx::FromDatum::from_datum(d, false).unwrap_or_default()
+        }
+    };
+    let (keyring, index_key, columns) = (arg(0), arg(1), arg(2));
+    policy::lock_or_refuse(policy::Lock::KeyChange, F);
+    match crate::store::adopt_cluster_keyring(&keyring, &index_key, &columns) {
+        crate::store::Adoption::Taken => {
+            keys::invalidate();
+            audit::record(&Event { action: "join cluster", outcome: "started", key_version: None, fingerprint: None, detail: "took the coordinator's keyring" });
+        }
+        crate::store::Adoption::Same => {}
+        crate::store::Adoption::Different => {
+            audit::record(&Event { action: "join cluster", outcome: "refused", key_version: None, fingerprint: None, detail: "this worker has a keyring of its own" });
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "this worker has a keyring of its own, not the coordinator's; nothing was changed",
+                Some("pg_cellcrypt was created on this node outside the cluster, with a key of its own."),
+                Some("A worker takes the cluster's keyring only into an empty one: create pg_cellcrypt on the coordinator and let Citus create it on the workers. A worker that holds no encrypted values can DROP EXTENSION pg_cellcrypt first."),
+            )
+        }
+    }
+    pg_sys::Datum::from(0)
 }
 
 fn restore(rows: &[KeyRow], key: AdminKey) -> String {
@@ -819,6 +910,10 @@ pgrx::extension_sql!(
 CREATE FUNCTION cellcrypt._initialize() RETURNS boolean
     AS 'MODULE_PATHNAME', 'cellcrypt_initialize' LANGUAGE c VOLATILE;
 REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
+-- Citus: a worker takes its coordinator's keyring (citus.rs). Executable by PUBLIC like the key
+-- functions: it refuses non-administrators itself.
+CREATE FUNCTION cellcrypt._adopt_cluster_keyring(keyring text, index_key text, blind_index_columns text) RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_adopt_cluster_keyring' LANGUAGE c VOLATILE STRICT;
 -- The key functions are executable by PUBLIC: each refuses non-administrators itself
 -- (policy.rs), with SQLSTATE 42501, a hint naming data_encryption_admin and an audit record.
 CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();

@@ -31,6 +31,7 @@ pub mod hooks;
 pub mod audit;
 pub mod backend_local;
 pub mod blind_index;
+pub mod citus;
 pub mod key_admin;
 pub mod key_cache;
 pub mod keys;

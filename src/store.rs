@@ -1053,3 +1053,128 @@ pub fn extension_schema() -> String {
         CStr::from_ptr(pg_sys::quote_identifier(name)).to_string_lossy().into_owned()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Citus (citus.rs): the key tables shared by a coordinator with its workers
+
+/// This database's place in its Citus cluster, from Citus' metadata: a worker when its local
+/// group is not the coordinator's (0), the coordinator when other primary nodes are registered.
+pub fn citus_role() -> Option<crate::citus::Role> {
+    as_extension_owner(|| {
+        Spi::get_one::<String>(
+            "SELECT CASE WHEN (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g) OPERATOR(pg_catalog.<>) 0 THEN 'worker' \
+                         WHEN EXISTS (SELECT FROM pg_catalog.pg_dist_node n WHERE n.groupid OPERATOR(pg_catalog.<>) 0 \
+                                      AND n.noderole OPERATOR(pg_catalog.=) 'primary') THEN 'coordinator' \
+                         ELSE 'alone' END",
+        )
+    })
+    .ok()
+    .flatten()
+    .map(|r| match r.as_str() {
+        "worker" => crate::citus::Role::Worker,
+        "coordinator" => crate::citus::Role::Coordinator,
+        _ => crate::citus::Role::Alone,
+    })
+}
+
+/// The primary workers registered on this coordinator.
+pub fn citus_worker_count() -> usize {
+    as_extension_owner(|| {
+        Spi::get_one::<i64>(
+            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_dist_node n \
+             WHERE n.groupid OPERATOR(pg_catalog.<>) 0 AND n.noderole OPERATOR(pg_catalog.=) 'primary'",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(0) as usize
+}
+
+/// The key tables as JSON arrays (keyring, index_key, blind_index_column), in key order: what a
+/// coordinator shares with its workers. Public material only (fingerprints, salts, wrapped keys).
+pub fn key_tables_as_json() -> (String, String, String) {
+    let q = |sql: &str| -> String {
+        as_extension_owner(|| Spi::get_one::<String>(sql))
+            .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not read the key tables: {e}"), None, None))
+            .unwrap_or_else(|| "[]".to_owned())
+    };
+    (
+        q("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.-) '{restored,restored_by}'::pg_catalog.text[] ORDER BY k.key_version)::pg_catalog.text FROM cellcrypt.keyring k"),
+        q("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.-) '{restored,restored_by}'::pg_catalog.text[] ORDER BY k.key_version)::pg_catalog.text FROM cellcrypt.index_key k"),
+        q("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(c) ORDER BY c.id)::pg_catalog.text FROM cellcrypt.blind_index_column c"),
+    )
+}
+
+/// How a worker's key tables compare with the coordinator's.
+#[derive(PartialEq, Eq, Debug)]
+pub enum Adoption {
+    /// The keyring was empty: the coordinator's rows were taken.
+    Taken,
+    /// The keyring already was the coordinator's (registrations may have been added).
+    Same,
+    /// The keyring holds other rows: nothing was changed.
+    Different,
+}
+
+/// Takes the coordinator's key tables into this worker's, as internal writes: into an empty
+/// keyring, or checks that the keyring is the same; blind-index registrations the worker lacks
+/// are added, and one registered here under the same id with another normalization is refused.
+pub fn adopt_cluster_keyring(keyring: &str, index_key: &str, columns: &str) -> Adoption {
+    let cols = "key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider, created_at, created_by, wrapped_data_key, reencrypted_values";
+    let icols = "key_version, wrapped_key, wrapped_under, state, created_at, created_by";
+    let outcome = write("take the cluster's keyring", || {
+        let empty = Spi::get_one::<bool>("SELECT NOT EXISTS (SELECT FROM cellcrypt.keyring) AND NOT EXISTS (SELECT FROM cellcrypt.index_key)")?.unwrap_or(false);
+        let outcome = if empty {
+            Spi::run_with_args(
+                &format!("INSERT INTO cellcrypt.keyring ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)"),
+                &[keyring.into()],
+            )?;
+            Spi::run_with_args(
+                &format!("INSERT INTO cellcrypt.index_key ({icols}) SELECT {icols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $1::pg_catalog.jsonb)"),
+                &[index_key.into()],
+            )?;
+            Adoption::Taken
+        } else {
+            let same = Spi::get_one_with_args::<bool>(
+                &format!(
+                    "SELECT (SELECT pg_catalog.array_agg(ROW({cols})::pg_catalog.text ORDER BY key_version) FROM cellcrypt.keyring) \
+                            OPERATOR(pg_catalog.=) (SELECT pg_catalog.array_agg(ROW({cols})::pg_catalog.text ORDER BY key_version) \
+                                                    FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)) \
+                        AND (SELECT pg_catalog.array_agg(ROW({icols})::pg_catalog.text ORDER BY key_version) FROM cellcrypt.index_key) \
+                            OPERATOR(pg_catalog.=) (SELECT pg_catalog.array_agg(ROW({icols})::pg_catalog.text ORDER BY key_version) \
+                                                    FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $2::pg_catalog.jsonb))"
+                ),
+                &[keyring.into(), index_key.into()],
+            )?
+            .unwrap_or(false);
+            if same {
+                Adoption::Same
+            } else {
+                return Ok(Adoption::Different);
+            }
+        };
+        let conflict = Spi::get_one_with_args::<i32>(
+            "SELECT (SELECT n.id FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.blind_index_column, $1::pg_catalog.jsonb) n \
+             JOIN cellcrypt.blind_index_column c ON c.id OPERATOR(pg_catalog.=) n.id \
+             WHERE c.normalization OPERATOR(pg_catalog.<>) n.normalization LIMIT 1)",
+            &[columns.into()],
+        )?;
+        if let Some(id) = conflict {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("blind-index column {id} is registered on this worker with another normalization than on the coordinator"),
+                None,
+                Some("Blind indexes of a Citus cluster are registered on the coordinator only."),
+            )
+        }
+        Spi::run_with_args(
+            "INSERT INTO cellcrypt.blind_index_column (id, normalization, table_name, column_name, created_at, created_by) \
+             SELECT n.id, n.normalization, n.table_name, n.column_name, n.created_at, n.created_by \
+             FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.blind_index_column, $1::pg_catalog.jsonb) n \
+             WHERE NOT EXISTS (SELECT FROM cellcrypt.blind_index_column c WHERE c.id OPERATOR(pg_catalog.=) n.id)",
+            &[columns.into()],
+        )?;
+        Ok(outcome)
+    });
+    outcome
+}

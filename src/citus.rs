@@ -1,0 +1,135 @@
+//! Citus: one key identity for a coordinator and its workers.
+//!
+//! pg_cellcrypt does not link Citus. When `citus` is in `shared_preload_libraries` (before
+//! pg_cellcrypt), PostgreSQL has loaded it with `RTLD_GLOBAL`, and the few functions used here
+//! are found by name at run time (`dlsym`): without Citus they are absent and every function
+//! below says "no Citus". They exist, with these signatures, in Citus 13.x and 14.x.
+//!
+//! What it does (README, "Scaling out with Citus"):
+//! * **A worker never makes a key of its own.** When Citus creates the extension on a worker (it
+//!   propagates `CREATE EXTENSION` from the coordinator, and replays it on a node
+//!   `citus_add_node` adds), the worker's keyring stays empty: it waits for the cluster's.
+//! * **The coordinator shares its keyring** in the same distributed transaction (Citus' two-phase
+//!   commit: every worker or none): right after `CREATE EXTENSION pg_cellcrypt`, on
+//!   `register_blind_index`, and on `SELECT share_data_encryption_keyring()` (after
+//!   `citus_add_node`). A worker takes it only into an empty keyring, or finds it identical;
+//!   anything else is refused. The rows carry no key: each node reads the key itself from its
+//!   own provider (the key command against the same KMS, or a copy of the key file) and checks
+//!   it against the shared fingerprint, so an envelope sealed on any node opens on every node of
+//!   the cluster, and on no other database.
+//! * **Key changes and blind-index key rotations are refused** on a node of a cluster with
+//!   workers (0A000): a change on one node alone would leave the others unable to open what it
+//!   writes. (A restore, which changes nothing, is allowed on every node.)
+
+use crate::errors;
+use pgrx::{pg_sys, PgSqlErrorCode};
+use std::ffi::{c_char, CStr};
+
+type BoolFn = unsafe extern "C-unwind" fn() -> bool;
+type SendFn = unsafe extern "C-unwind" fn(*const c_char);
+
+fn symbol(name: &CStr) -> Option<*mut libc::c_void> {
+    // SAFETY: dlsym on the global namespace of this process, which PostgreSQL's loader fills
+    // (RTLD_GLOBAL); a missing symbol is a null pointer.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!p.is_null()).then_some(p)
+}
+
+fn call_bool(name: &CStr) -> Option<bool> {
+    let f = symbol(name)?;
+    // SAFETY: the Citus functions named here take no arguments and return a C bool; Citus'
+    // ereports become Rust panics at the boundary (pgrx), never a longjmp across Rust frames.
+    Some(unsafe {
+        let f: BoolFn = std::mem::transmute::<*mut libc::c_void, BoolFn>(f);
+        pg_sys::ffi::pg_guard_ffi_boundary(|| f())
+    })
+}
+
+/// True when Citus is loaded in this server (in `shared_preload_libraries`).
+pub fn loaded() -> bool {
+    symbol(c"IsCitusInternalBackend").is_some()
+}
+
+/// True in a backend Citus opened from another node (the coordinator propagating DDL, a
+/// distributed transaction's connection, the rebalancer, metadata sync).
+pub fn internal_backend() -> bool {
+    call_bool(c"IsCitusInternalBackend").unwrap_or(false)
+}
+
+/// True when the `citus` extension exists in this database (Citus' metadata tables with it).
+fn citus_in_database() -> bool {
+    // SAFETY: a catalog lookup by name; missing_ok.
+    loaded() && unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) } != pg_sys::InvalidOid
+}
+
+/// This database's place in a Citus cluster.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// No Citus, or a Citus database with no other node.
+    Alone,
+    /// The coordinator of a cluster with workers.
+    Coordinator,
+    /// A worker of a cluster (its group id is not the coordinator's).
+    Worker,
+}
+
+/// This database's place in a Citus cluster, from Citus' own metadata (`pg_dist_node`,
+/// `pg_dist_local_group`), read as the extension's owner with the pinned search_path.
+pub fn role() -> Role {
+    if !citus_in_database() {
+        return Role::Alone;
+    }
+    crate::store::citus_role().unwrap_or(Role::Alone)
+}
+
+/// Sends `command` to every worker with metadata, in this transaction: Citus commits it there
+/// with two-phase commit when this transaction commits, or rolls it back everywhere. Raises if
+/// a worker cannot be reached (nothing is sent then).
+pub fn send_to_workers(command: &str) {
+    let Some(f) = symbol(c"SendCommandToWorkersWithMetadata") else {
+        errors::raise(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, "Citus is not loaded in this server", None, None)
+    };
+    let command = std::ffi::CString::new(command).expect("no NUL in a generated command");
+    // SAFETY: SendCommandToWorkersWithMetadata(const char *) copies the command; its errors
+    // are caught at the boundary and re-raised as PostgreSQL errors by pgrx.
+    unsafe {
+        let f: SendFn = std::mem::transmute::<*mut libc::c_void, SendFn>(f);
+        pg_sys::ffi::pg_guard_ffi_boundary(|| f(command.as_ptr()));
+    }
+}
+
+/// Shares this coordinator's key tables with every worker, in this transaction: each worker
+/// takes them into an empty keyring, finds them identical, or refuses (and so does the whole
+/// transaction). Does nothing outside a cluster with workers.
+pub fn share_keyring() -> usize {
+    if role() != Role::Coordinator {
+        return 0;
+    }
+    let (keyring, index_key, columns) = crate::store::key_tables_as_json();
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    send_to_workers(&format!(
+        "SELECT cellcrypt._adopt_cluster_keyring({}::pg_catalog.text, {}::pg_catalog.text, {}::pg_catalog.text)",
+        quote(&keyring),
+        quote(&index_key),
+        quote(&columns)
+    ));
+    crate::store::citus_worker_count()
+}
+
+/// Refuses (0A000) an operation that would change keys on one node of a Citus cluster only.
+pub fn refuse_single_node_key_change(function: &str) {
+    let r = role();
+    if r == Role::Alone {
+        return;
+    }
+    crate::policy::refuse(function, "a node of a Citus cluster");
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("{function} is not supported on a Citus cluster yet"),
+        Some(&format!(
+            "This database is the {} of a Citus cluster whose nodes share one keyring; a change made on one node alone would leave the others unable to open what it writes.",
+            if r == Role::Coordinator { "coordinator" } else { "a worker" }
+        )),
+        Some("Keep the current key (README, \"Scaling out with Citus\"). A restore (set_data_encryption_key with the cluster's current key) is allowed on every node."),
+    )
+}
