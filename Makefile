@@ -45,7 +45,7 @@ PG_BIN = $(dir $(PG_CONFIG))
 STAMP = $(PG_BIN)../.pg_cellcrypt-installed
 STAMP_RM = $(if $(filter-out 15,$(PG)),rm -f $(STAMP))
 
-.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration test-smoke test-upgrade test-fips package bench fuzz clean
+.PHONY: all setup build install install-dev install-majors install-drivers demo demo-stop test test-core test-pg test-integration test-smoke test-upgrade test-fips test-citus package bench fuzz clean
 
 all: build
 
@@ -114,7 +114,7 @@ install-drivers: setup
 ## every suite but the pg_upgrade one, then (with PG=15, unless WITH_UPGRADE=no) test-upgrade.
 test-integration: install-dev install-drivers
 	CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) cargo test -p cellcrypt-integration --no-fail-fast \
-	    $(patsubst tests/integration/tests/%.rs,--test %,$(filter-out %/upgrade.rs,$(wildcard tests/integration/tests/*.rs))) \
+	    $(patsubst tests/integration/tests/%.rs,--test %,$(filter-out %/upgrade.rs %/citus.rs,$(wildcard tests/integration/tests/*.rs))) \
 	    -- --test-threads=2
 	@$(if $(and $(filter 15,$(PG)),$(filter-out no,$(WITH_UPGRADE))),$(MAKE) --no-print-directory test-upgrade)
 
@@ -132,7 +132,7 @@ test-smoke: install-dev
 ## every integration suite but keys (three of its tests set passphrases, which a FIPS build
 ## refuses by design) and pg_upgrade, then the default build is put back. `make test` runs it
 ## after the matrix (FIPS_IN_TEST=no leaves it out).
-FIPS_SUITES := $(filter-out keys upgrade,$(patsubst tests/integration/tests/%.rs,%,$(wildcard tests/integration/tests/*.rs)))
+FIPS_SUITES := $(filter-out keys upgrade citus,$(patsubst tests/integration/tests/%.rs,%,$(wildcard tests/integration/tests/*.rs)))
 # The default dev build goes back in whether the FIPS steps pass or not (the other suites share
 # the install directory).
 test-fips: setup install-drivers
@@ -141,6 +141,17 @@ test-fips: setup install-drivers
 	    CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) CELLCRYPT_EXPECT_FIPS=1 cargo test -p cellcrypt-integration --no-fail-fast \
 	        $(addprefix --test ,$(FIPS_SUITES)) -- --test-threads=2 || rc=$$?; \
 	    $(MAKE) --no-print-directory install-dev FIPS= || rc=1; exit $$rc
+
+## pg_cellcrypt on a Citus cluster (tests/integration/tests/citus.rs): Citus built from
+## ../shared/citus into PostgreSQL $(PG) (scripts/citus.sh; once, 1-3 minutes) or the one
+## installed there, then a coordinator and two workers per test on this machine (SSL between
+## them). Where Citus cannot be built (no source, PostgreSQL 14), it says so and passes.
+test-citus: install-dev
+	@v=$$(scripts/citus.sh $(PG) $(PG_CONFIG)); rc=$$?; \
+	if [ $$rc -eq 3 ]; then echo "test-citus: skipped: Citus cannot be built for PostgreSQL $(PG) here (see above)"; exit 0; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	echo "test-citus: Citus $$v on PostgreSQL $(PG)"; \
+	CELLCRYPT_PGBIN=$(PG_BIN) CELLCRYPT_EXPECT_MAJOR=$(PG) cargo test -p cellcrypt-integration --no-fail-fast --test citus -- --test-threads=2
 
 ## Release build, its own tuned cluster, every case against its baselines in the same run:
 ## prints times and ratios, writes BENCHMARKS.md and bench/results.csv. BENCH_ROWS=100000 for a quick look.

@@ -7,20 +7,38 @@
 # on 14, 16 and 17; and last the pg_upgrade suite (15 -> 17 -> 18), when the dev builds it needs
 # for 17 and 18 are already installed. Otherwise (`make test PG=N`): every layer on PG (with
 # PG=15, the pg_upgrade suite too). The matrix ends with the FIPS build on 15 (make test-fips;
-# FIPS_IN_TEST=no leaves it out). Each step must run at least one test.
+# FIPS_IN_TEST=no leaves it out). Both run test-citus (a Citus coordinator and two workers) on
+# 15 (or PG) when Citus can be built there, and say so when it cannot (CITUS_IN_TEST=no leaves
+# it out). Each step must run at least one test.
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# Adds `test-citus PG=$1` when Citus can be built for that major here (or is installed);
+# otherwise says why it is left out.
+citus_step() {
+    local major=$1 pg_config
+    if [ "$major" = 15 ]; then pg_config=/usr/lib/postgresql/15/bin/pg_config; else pg_config="$("$here/scripts/pg-major.sh" "$major" 2>/dev/null)/bin/pg_config"; fi
+    if [ "${CITUS_IN_TEST:-yes}" != no ] && [ -x "$pg_config" ] && "$here/scripts/citus.sh" --check "$major" "$pg_config" >/dev/null 2>"$log.citus"; then
+        steps+=("test-citus PG=$major")
+    else
+        echo "==> make test-citus PG=$major: left out ($(cat "$log.citus" 2>/dev/null || true)${CITUS_IN_TEST:+ CITUS_IN_TEST=$CITUS_IN_TEST})"
+    fi
+    rm -f "$log.citus"
+}
 if [ "${MATRIX:-}" = yes ]; then
-    steps=("test-core" "test-pg PG=15" "test-integration PG=15 WITH_UPGRADE=no" "test-pg PG=18" "test-integration PG=18")
+    steps=("test-core" "test-pg PG=15" "test-integration PG=15 WITH_UPGRADE=no")
+    # Citus (a coordinator and two workers) on 15, when Citus can be built here.
+    citus_step 15
+    steps+=("test-pg PG=18" "test-integration PG=18")
     for major in 14 16 17; do steps+=("test-pg PG=$major" "test-smoke PG=$major"); done
     steps+=("test-upgrade")
     # The FIPS build (AWS-LC's FIPS module) on 15: its core, #[pg_test]s and suites.
     [ "${FIPS_IN_TEST:-yes}" = no ] || steps+=("test-fips PG=15")
 else
     steps=("test-core" "test-pg PG=${PG:-15}" "test-integration PG=${PG:-15}")
+    citus_step "${PG:-15}"
 fi
 start=$SECONDS
 for step in "${steps[@]}"; do

@@ -17,8 +17,9 @@
 --   pg_node_tree and the statistics types) on PostgreSQL 14 too, where they are not yet in
 --   category Z: the casts 0.1.0 would have made for them there (into encrypted_text and
 --   encrypted_bytea) are dropped.
--- * share_data_encryption_keyring() and cellcrypt._adopt_cluster_keyring(): a Citus coordinator
---   shares its keyring with its workers. encrypt(), the assignment casts into the encrypted
+-- * share_data_encryption_keyring(), cellcrypt._adopt_cluster_keyring() and
+--   cellcrypt._cluster_set_data_encryption_key(): a Citus coordinator shares its keyring, and
+--   its key changes, with its workers. encrypt(), the assignment casts into the encrypted
 --   types and cellcrypt.bind_to_column() become STABLE (Citus refuses VOLATILE ones in UPDATEs).
 -- * data_encryption_status (the function and its view) gains two columns: crypto_module (which
 --   AWS-LC the library links: the FIPS 140-3 module or not) and fips_mode. A function's result
@@ -212,6 +213,8 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'share_data_encryption_keyring_wrapper';
 CREATE FUNCTION cellcrypt._adopt_cluster_keyring(keyring text, index_key text, blind_index_columns text) RETURNS void
     AS 'MODULE_PATHNAME', 'cellcrypt_adopt_cluster_keyring' LANGUAGE c VOLATILE STRICT;
+CREATE FUNCTION cellcrypt._cluster_set_data_encryption_key(keyring text, index_key text, key text) RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_cluster_set_data_encryption_key' LANGUAGE c VOLATILE STRICT;
 -- Sealing (encrypt() and the assignment casts from plain types) and binding a value to its
 -- blind-index column become STABLE: they read no table and write nothing, and Citus refuses
 -- VOLATILE functions in an UPDATE of a distributed table (it evaluates STABLE ones on the

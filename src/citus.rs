@@ -17,9 +17,14 @@
 //!   own provider (the key command against the same KMS, or a copy of the key file) and checks
 //!   it against the shared fingerprint, so an envelope sealed on any node opens on every node of
 //!   the cluster, and on no other database.
-//! * **Key changes and blind-index key rotations are refused** on a node of a cluster with
-//!   workers (0A000): a change on one node alone would leave the others unable to open what it
-//!   writes. (A restore, which changes nothing, is allowed on every node.)
+//! * **A key change on the coordinator changes the key on every node**, in its distributed
+//!   transaction: all nodes or none ([`change_on_workers`]). A node that is down makes it
+//!   refuse up front. Each node re-encrypts its own shards with its own background worker; a
+//!   worker applies what its prepared transaction committed when `COMMIT PREPARED` runs
+//!   (`hooks.rs`), since the commit callbacks of a key change do not run for a prepared one.
+//! * **A key change on a worker, and blind-index key rotations anywhere, are refused** (0A000):
+//!   a change on one node alone would leave the others unable to open what it writes. (A
+//!   restore, which changes nothing, is allowed on every node.)
 
 use crate::errors;
 use pgrx::{pg_sys, PgSqlErrorCode};
@@ -116,6 +121,41 @@ pub fn share_keyring() -> usize {
     crate::store::citus_worker_count()
 }
 
+/// Refuses (55000) a cluster-wide change up front while a worker is inactive or cannot be
+/// reached: the change must reach every node or none.
+pub fn require_all_workers_reachable(function: &str) {
+    let down = crate::store::unreachable_workers();
+    if down.is_empty() {
+        return;
+    }
+    crate::policy::refuse(function, &format!("workers unreachable: {}", down.join(", ")));
+    errors::raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("{function} needs every node of the Citus cluster; nothing was changed"),
+        Some(&format!("The coordinator cannot reach {} (inactive, down or refusing connections).", down.join(", "))),
+        Some("Bring the node back (or remove it with citus_remove_node after moving its shards away), then call it again: a key changes on every node in one distributed transaction, or on none."),
+    )
+}
+
+/// Sends the coordinator's new keyring and the new key to every worker, in this transaction
+/// (Citus' two-phase commit): each worker checks that it held the key being replaced, stores
+/// the new one through its own key provider, takes the keyring and queues its own shards for
+/// re-encryption. The key travels only over Citus' connections, which the worker requires to
+/// use SSL (or a Unix socket); the command names `set_data_encryption_key`, so the worker masks
+/// its text in its logs and `pg_stat_activity` as it masks any key call.
+pub fn change_on_workers(key: &str) -> usize {
+    let (keyring, index_key, _) = crate::store::key_tables_as_json();
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let command = zeroize::Zeroizing::new(format!(
+        "SELECT cellcrypt._cluster_set_data_encryption_key({}::pg_catalog.text, {}::pg_catalog.text, {}::pg_catalog.text)",
+        quote(&keyring),
+        quote(&index_key),
+        quote(key)
+    ));
+    send_to_workers(&command);
+    crate::store::citus_worker_count()
+}
+
 /// Refuses (0A000) an operation that would change keys on one node of a Citus cluster only.
 pub fn refuse_single_node_key_change(function: &str) {
     let r = role();
@@ -132,4 +172,14 @@ pub fn refuse_single_node_key_change(function: &str) {
         )),
         Some("Keep the current key (README, \"Scaling out with Citus\"). A restore (set_data_encryption_key with the cluster's current key) is allowed on every node."),
     )
+}
+
+/// On a coordinator with workers: `query` (one text value) run on every worker by Citus'
+/// `run_command_on_workers`, as the calling role, each in its own connection and transaction
+/// (read-only reports). Returns (node, Ok(result) or Err(error)) per worker.
+pub fn on_each_worker(query: &str) -> Vec<(String, Result<String, String>)> {
+    if role() != Role::Coordinator {
+        return Vec::new();
+    }
+    crate::store::run_on_workers(query)
 }

@@ -79,14 +79,26 @@ unsafe extern "C-unwind" fn process_utility_hook(
 
 /// After `CREATE EXTENSION pg_cellcrypt` on a Citus coordinator (Citus, loaded before
 /// pg_cellcrypt, has created the extension on the workers by now, in this transaction): the
-/// workers take the coordinator's keyring in the same transaction (citus.rs).
+/// workers take the coordinator's keyring in the same transaction (citus.rs). After `COMMIT
+/// PREPARED` (a Citus worker committing its part of a distributed transaction, which may have
+/// been a key change): see `key_admin::after_commit_prepared`.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
     if pstmt.is_null() || !crate::citus::loaded() {
         return;
     }
     let stmt = (*pstmt).utilityStmt;
-    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CreateExtensionStmt {
+    if stmt.is_null() {
+        return;
+    }
+    if (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt {
+        let t = stmt as *mut pg_sys::TransactionStmt;
+        if (*t).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED && crate::store::extension_oid() != pg_sys::InvalidOid {
+            crate::key_admin::after_commit_prepared();
+        }
+        return;
+    }
+    if (*stmt).type_ != pg_sys::NodeTag::T_CreateExtensionStmt {
         return;
     }
     let create = stmt as *mut pg_sys::CreateExtensionStmt;

@@ -517,10 +517,27 @@ fn set_data_encryption_key(key: &str) -> String {
     match keys::current_version_keys(current) {
         Ok(keys) => {
             // A key that is already current changes nothing, on any node.
-            if keys::verify(current, &new_key).is_err() {
-                crate::citus::refuse_single_node_key_change(F);
+            if keys::verify(current, &new_key).is_ok() {
+                return change(&rows, keys, new_key);
             }
-            change(&rows, keys, new_key)
+            match crate::citus::role() {
+                crate::citus::Role::Alone => change(&rows, keys, new_key),
+                crate::citus::Role::Worker => {
+                    crate::citus::refuse_single_node_key_change(F);
+                    unreachable!("refused on a worker")
+                }
+                crate::citus::Role::Coordinator => {
+                    crate::citus::require_all_workers_reachable(F);
+                    let text = Zeroizing::new(new_key.as_str().to_owned());
+                    let mut message = change(&rows, keys, new_key);
+                    let workers = crate::citus::change_on_workers(&text);
+                    // The coordinator usually holds no shard: its worker still starts, to retire
+                    // the older key once nothing here needs it.
+                    keystate::stage(|p| p.launch_worker = true);
+                    message.push_str(&format!("; on the coordinator and its {workers} workers, from this transaction's commit (each re-encrypts its own shards)"));
+                    message
+                }
+            }
         }
         Err(_) => restore(&rows, new_key),
     }
@@ -551,6 +568,146 @@ fn share_data_encryption_keyring() -> String {
     let n = crate::citus::share_keyring();
     audit::record(&Event { action: "share keyring", outcome: "started", key_version: None, fingerprint: None, detail: &format!("with {n} workers") });
     format!("shared: the keyring is the same on the coordinator and its {n} workers (from this transaction's commit)")
+}
+
+/// The coordinator's `reencryption` status with every worker's: "complete" when every node is;
+/// otherwise each node that is not, by name.
+fn cluster_reencryption(local: String) -> String {
+    let workers = crate::citus::on_each_worker(&format!(
+        "SELECT reencryption || ' [key version ' || coalesce(key_version::text, 'none') || ']' FROM {}.data_encryption_status",
+        crate::store::extension_schema()
+    ));
+    if workers.is_empty() {
+        return local;
+    }
+    let mut busy = Vec::new();
+    if local != "complete" {
+        busy.push(format!("coordinator: {local}"));
+    }
+    for (node, r) in &workers {
+        match r {
+            Ok(s) if s.starts_with("complete ") => {}
+            Ok(s) => busy.push(format!("{node}: {s}")),
+            Err(e) => busy.push(format!("{node}: unknown ({e})")),
+        }
+    }
+    if busy.is_empty() {
+        format!("complete (coordinator and {} workers)", workers.len())
+    } else {
+        format!("running on the cluster: {}", busy.join("; "))
+    }
+}
+
+/// `cellcrypt._cluster_set_data_encryption_key(keyring, index_key, key)`: run on a Citus worker
+/// by its coordinator's `set_data_encryption_key` (citus.rs), in the coordinator's distributed
+/// transaction, which this worker PREPAREs. So nothing is staged for commit here: the key file
+/// gains the new key now (it keeps the old one, so a rollback loses nothing), and what the
+/// commit announces (other sessions reload their keys, the re-encryption worker starts) is done
+/// when `COMMIT PREPARED` runs ([`after_commit_prepared`]).
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cellcrypt_cluster_set_data_encryption_key() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[unsafe(no_mangle)]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    const F: &str = "set_data_encryption_key() on a Citus worker";
+    crate::hooks::hide_statement_text();
+    policy::require_admin(F);
+    policy::require_primary(F);
+    policy::require_secure_transport(F, F);
+    if crate::citus::role() != crate::citus::Role::Worker {
+        errors::raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "only a Citus worker takes a key change from its coordinator", None, None)
+    }
+    let arg = |i: usize| -> Zeroizing<String> {
+        // SAFETY: a strict C function of three text arguments (none NULL).
+        unsafe {
+            let d = (*fcinfo).args.as_slice(3)[i].value;
+            Zeroizing::new(pgrx::FromDatum::from_datum(d, false).unwrap_or_default())
+        }
+    };
+    let (keyring, index_key, key_text) = (arg(0), arg(1), arg(2));
+    policy::refuse_while_reencrypting(F);
+    policy::lock_or_refuse(policy::Lock::KeyChange, F);
+    let provider = providers::current();
+    if provider == KeyProvider::None {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "a Citus worker with pg_cellcrypt.key_provider = 'none' cannot take a key change",
+            Some("The worker commits the change as a prepared transaction, after this session's memory is gone."),
+            Some("Use the file or command provider on the workers."),
+        )
+    }
+    let new_key = AdminKey::parse(&key_text).unwrap_or_else(|e| weak_key(&e.to_string()));
+    let rows = keys::read_key_rows();
+    let Some(old) = rows.first().filter(|r| r.state == "current") else { KeyUnavailable::NoKeyConfigured.raise() };
+    // The worker must hold the key the coordinator replaces (the same keyring row), and have
+    // it loaded: otherwise it could not open the values of its shards to re-encrypt them.
+    if !crate::store::cluster_keyring_has(&keyring, old.version, &old.fingerprint, &old.salt) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("this worker's key (version {}, fingerprint {}) is not the one the coordinator replaces; nothing was changed", old.version, old.fingerprint),
+            None,
+            Some("Give the worker the cluster's keyring first: SELECT share_data_encryption_keyring(); on the coordinator."),
+        )
+    }
+    if let Err(e) = keys::current_version_keys(old) {
+        e.raise()
+    }
+    let file_before = (provider == KeyProvider::File).then(|| providers::file::read_all().unwrap_or_else(|e| key_io_error(e)));
+    crate::store::replace_with_cluster_keyring(&keyring, &index_key);
+    let rows = keys::read_key_rows();
+    let Some(new) = rows.first().filter(|r| r.state == "current") else { KeyUnavailable::NoKeyConfigured.raise() };
+    if keys::verify(new, &new_key).is_err() {
+        errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "the key the coordinator sent does not match its keyring; nothing was changed", None, None)
+    }
+    match provider {
+        KeyProvider::File => {
+            let before = file_before.expect("read above with the file provider");
+            crate::store::record_key_location();
+            write_key_file(&with_key(before, new.version, new_key.as_str())).unwrap_or_else(|e| key_io_error(e));
+        }
+        KeyProvider::Command => require_command_prints(&new_key, old, new.version),
+        KeyProvider::None => unreachable!("refused above"),
+    }
+    keys::invalidate();
+    let tables = crate::reencrypt::create_jobs(new.version);
+    audit::record(&Event {
+        action: "change",
+        outcome: "started",
+        key_version: Some(new.version),
+        fingerprint: Some(&new.fingerprint),
+        detail: &format!("from the Citus coordinator; replaces key version {}; {tables} tables to re-encrypt", old.version),
+    });
+    pg_sys::Datum::from(0)
+}
+
+/// After `COMMIT PREPARED` in a database with the extension (hooks.rs): when the committed
+/// keyring's current version is not the one the shared cache holds, a cluster-wide key change
+/// just committed here. Every session reloads its keys, this one loads and caches the new one,
+/// and the re-encryption worker starts. Must not raise (the commit is done): failures warn.
+pub fn after_commit_prepared() {
+    let (current, _) = crate::store::current_versions();
+    let Some(current) = current else { return };
+    if key_cache::get().is_some_and(|c| c.version == current) {
+        return;
+    }
+    key_cache::bump_generation();
+    keys::invalidate();
+    if let Err(e) = keys::try_loaded() {
+        let _ = e;
+        pgrx::log!("pg_cellcrypt: key version {current} committed here, but this node cannot load it yet; check its key provider");
+    }
+    let work = crate::store::has_reencryption_work() || crate::store::has_previous_keys().unwrap_or(true);
+    // SAFETY: a backend global.
+    if work && !crate::worker::start_worker(unsafe { pg_sys::MyDatabaseId }) {
+        pgrx::warning!(
+            "pg_cellcrypt could not start its re-encryption worker (no free background worker slot); run CALL finish_data_encryption_reencryption(); or raise max_worker_processes"
+        );
+    }
 }
 
 /// `cellcrypt._adopt_cluster_keyring(keyring, index_key, blind_index_columns)`: run on a Citus
@@ -889,6 +1046,9 @@ fn data_encryption_status() -> TableIterator<
         _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),
         _ => "complete".to_owned(),
     };
+    // On a Citus coordinator: the whole cluster. Each worker re-encrypts its own shards; the
+    // change is complete when every node says so.
+    let reencryption = cluster_reencryption(reencryption);
     TableIterator::once((
         active,
         cur.0,
@@ -914,6 +1074,8 @@ REVOKE ALL ON FUNCTION cellcrypt._initialize() FROM PUBLIC;
 -- functions: it refuses non-administrators itself.
 CREATE FUNCTION cellcrypt._adopt_cluster_keyring(keyring text, index_key text, blind_index_columns text) RETURNS void
     AS 'MODULE_PATHNAME', 'cellcrypt_adopt_cluster_keyring' LANGUAGE c VOLATILE STRICT;
+CREATE FUNCTION cellcrypt._cluster_set_data_encryption_key(keyring text, index_key text, key text) RETURNS void
+    AS 'MODULE_PATHNAME', 'cellcrypt_cluster_set_data_encryption_key' LANGUAGE c VOLATILE STRICT;
 -- The key functions are executable by PUBLIC: each refuses non-administrators itself
 -- (policy.rs), with SQLSTATE 42501, a hint naming data_encryption_admin and an audit record.
 CREATE VIEW @extschema@.data_encryption_status AS SELECT * FROM @extschema@.data_encryption_status();

@@ -56,6 +56,11 @@ fn run_as<R>(role: pg_sys::Oid, settings: &[Setting], f: impl FnOnce() -> R) -> 
     let f = Cell::new(Some(f));
     PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
         set_local(c"search_path", SAFE_SEARCH_PATH);
+        // Citus hides its shards (ordinary tables on each node) from catalog queries outside its
+        // own backends; the extension's bookkeeping and re-encryption must see them.
+        if crate::citus::loaded() {
+            set_local(c"citus.override_table_visibility", c"off");
+        }
         for (name, value) in settings {
             set_local(name, value);
         }
@@ -636,9 +641,21 @@ fn encrypted_columns_sql(relkinds: &str) -> String {
                                 AND d.deptype OPERATOR(pg_catalog.=) 'e' \
                                 AND y.typtype OPERATOR(pg_catalog.=) 'b' AND y.typelem OPERATOR(pg_catalog.=) 0) \
            AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{{relkinds}}}'::pg_catalog.\"char\"[]) \
-           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND c.relispopulated \
-         GROUP BY c.oid"
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND c.relispopulated{} \
+         GROUP BY c.oid",
+        citus_shell_filter()
     )
+}
+
+/// With Citus in the database: leaves out its distributed and reference tables, which hold no
+/// rows here (their shards, ordinary tables on each node, do). Each node re-encrypts its own.
+fn citus_shell_filter() -> &'static str {
+    // SAFETY: a catalog lookup by name; missing_ok.
+    if crate::citus::loaded() && unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) } != pg_sys::InvalidOid {
+        " AND NOT EXISTS (SELECT FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid OPERATOR(pg_catalog.=) c.oid)"
+    } else {
+        ""
+    }
 }
 
 /// Records one job per table with encrypted columns (every schema, partitions included,
@@ -1135,15 +1152,23 @@ pub fn adopt_cluster_keyring(keyring: &str, index_key: &str, columns: &str) -> A
             )?;
             Adoption::Taken
         } else {
+            // The same key identity: the current version (fingerprint, salt, KDF parameters) and
+            // the current blind-index key. Older versions may differ in state, and counters in
+            // value: each node re-encrypts and retires on its own.
             let same = Spi::get_one_with_args::<bool>(
-                &format!(
-                    "SELECT (SELECT pg_catalog.array_agg(ROW({cols})::pg_catalog.text ORDER BY key_version) FROM cellcrypt.keyring) \
-                            OPERATOR(pg_catalog.=) (SELECT pg_catalog.array_agg(ROW({cols})::pg_catalog.text ORDER BY key_version) \
-                                                    FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)) \
-                        AND (SELECT pg_catalog.array_agg(ROW({icols})::pg_catalog.text ORDER BY key_version) FROM cellcrypt.index_key) \
-                            OPERATOR(pg_catalog.=) (SELECT pg_catalog.array_agg(ROW({icols})::pg_catalog.text ORDER BY key_version) \
-                                                    FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $2::pg_catalog.jsonb))"
-                ),
+                "SELECT EXISTS (SELECT FROM cellcrypt.keyring k \
+                                JOIN pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb) n \
+                                  ON n.key_version OPERATOR(pg_catalog.=) k.key_version AND n.fingerprint OPERATOR(pg_catalog.=) k.fingerprint \
+                                 AND n.kdf_salt OPERATOR(pg_catalog.=) k.kdf_salt AND n.kdf_memory_kib OPERATOR(pg_catalog.=) k.kdf_memory_kib \
+                                 AND n.kdf_iterations OPERATOR(pg_catalog.=) k.kdf_iterations AND n.kdf_parallelism OPERATOR(pg_catalog.=) k.kdf_parallelism \
+                                 AND n.state OPERATOR(pg_catalog.=) 'current' \
+                                WHERE k.state OPERATOR(pg_catalog.=) 'current') \
+                   AND NOT EXISTS (SELECT FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $2::pg_catalog.jsonb) n \
+                                   WHERE n.state OPERATOR(pg_catalog.=) 'current' AND NOT EXISTS ( \
+                                       SELECT FROM cellcrypt.index_key k WHERE k.state OPERATOR(pg_catalog.=) 'current' \
+                                          AND k.key_version OPERATOR(pg_catalog.=) n.key_version \
+                                          AND k.wrapped_key OPERATOR(pg_catalog.=) n.wrapped_key \
+                                          AND k.wrapped_under OPERATOR(pg_catalog.=) n.wrapped_under))",
                 &[keyring.into(), index_key.into()],
             )?
             .unwrap_or(false);
@@ -1177,4 +1202,80 @@ pub fn adopt_cluster_keyring(keyring: &str, index_key: &str, columns: &str) -> A
         Ok(outcome)
     });
     outcome
+}
+
+/// A worker takes the coordinator's keyring after a cluster-wide key change (internal writes):
+/// every row of `cellcrypt.keyring` and `cellcrypt.index_key` replaced by the coordinator's.
+pub fn replace_with_cluster_keyring(keyring: &str, index_key: &str) {
+    let cols = "key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider, created_at, created_by, wrapped_data_key, reencrypted_values";
+    let icols = "key_version, wrapped_key, wrapped_under, state, created_at, created_by";
+    write("take the cluster's new keyring", || {
+        Spi::run("DELETE FROM cellcrypt.keyring; DELETE FROM cellcrypt.index_key")?;
+        Spi::run_with_args(
+            &format!("INSERT INTO cellcrypt.keyring ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)"),
+            &[keyring.into()],
+        )?;
+        Spi::run_with_args(
+            &format!("INSERT INTO cellcrypt.index_key ({icols}) SELECT {icols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $1::pg_catalog.jsonb)"),
+            &[index_key.into()],
+        )
+    })
+}
+
+/// The coordinator's keyring row of `version` has this fingerprint and salt (a worker checks
+/// that the key it holds is the one the coordinator replaces).
+pub fn cluster_keyring_has(keyring: &str, version: u32, fingerprint: &str, salt: &[u8]) -> bool {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb) k \
+             WHERE k.key_version OPERATOR(pg_catalog.=) $2 AND k.fingerprint OPERATOR(pg_catalog.=) $3 AND k.kdf_salt OPERATOR(pg_catalog.=) $4)",
+            &[keyring.into(), (version as i32).into(), fingerprint.into(), salt.to_vec().into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// The primary workers that are inactive or that this coordinator cannot connect to now, as
+/// `host:port` (Citus' `citus_check_connection_to_node`).
+pub fn unreachable_workers() -> Vec<String> {
+    as_extension_owner(|| {
+        Spi::get_one::<Vec<String>>(
+            "SELECT pg_catalog.array_agg(n.nodename OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) n.nodeport ORDER BY n.nodeid) \
+             FROM pg_catalog.pg_dist_node n \
+             WHERE n.groupid OPERATOR(pg_catalog.<>) 0 AND n.noderole OPERATOR(pg_catalog.=) 'primary' \
+               AND (NOT n.isactive OR NOT pg_catalog.citus_check_connection_to_node(n.nodename, n.nodeport))",
+        )
+    })
+    .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check the cluster's workers: {e}"), None, None))
+    .unwrap_or_default()
+}
+
+/// Citus' `run_command_on_workers(query)` as the calling role (it opens its own connections,
+/// with that role's rights), with this function's search_path pinned: (node, result or error).
+pub fn run_on_workers(query: &str) -> Vec<(String, Result<String, String>)> {
+    let run = || {
+        Spi::connect(|c| {
+            let mut out = Vec::new();
+            let t = c.select(
+                "SELECT w.nodename OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) w.nodeport, w.success, w.result \
+                 FROM pg_catalog.run_command_on_workers($1) w ORDER BY 1",
+                None,
+                &[query.into()],
+            )?;
+            for r in t {
+                let node: String = r.get(1)?.unwrap_or_default();
+                let ok: bool = r.get(2)?.unwrap_or(false);
+                let result: String = r.get(3)?.unwrap_or_default();
+                out.push((node, if ok { Ok(result) } else { Err(result) }));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    };
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    // SAFETY: reads this backend's identity; run_as restores it.
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context) };
+    run_as(saved_user, &[], run).unwrap_or_else(|e| vec![("workers".to_owned(), Err(e.to_string()))])
 }
