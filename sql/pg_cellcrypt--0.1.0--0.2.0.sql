@@ -21,6 +21,8 @@
 --   cellcrypt._cluster_set_data_encryption_key(): a Citus coordinator shares its keyring, and
 --   its key changes, with its workers. encrypt(), the assignment casts into the encrypted
 --   types and cellcrypt.bind_to_column() become STABLE (Citus refuses VOLATILE ones in UPDATEs).
+-- * data_encryption_progress gains a last column, node ('local'; on a Citus coordinator also a row
+--   per shard of each worker), over cellcrypt._workers_progress().
 -- * data_encryption_status (the function and its view) gains two columns: crypto_module (which
 --   AWS-LC the library links: the FIPS 140-3 module or not) and fips_mode. A function's result
 --   columns cannot change in place, so the view and the function are dropped and made again,
@@ -236,3 +238,70 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- data_encryption_progress: a last column, node ('local', or on a Citus coordinator the
+-- worker each row of its shards comes from).
+-- On a Citus coordinator: each worker's progress rows (its shards, named by the distributed
+-- table they belong to), through Citus' run_command_on_workers as the calling role. Nothing
+-- without Citus or on a worker; names nothing of Citus' unless Citus is there (EXECUTE).
+CREATE FUNCTION cellcrypt._workers_progress(OUT table_name pg_catalog.oid, OUT key_version pg_catalog.int4,
+        OUT state pg_catalog.text, OUT pass pg_catalog.int4, OUT cells_done pg_catalog.int8, OUT cells_remaining pg_catalog.int8,
+        OUT rows_per_second pg_catalog.int8, OUT estimated_finish pg_catalog.timestamptz, OUT blocked_by pg_catalog.text,
+        OUT node pg_catalog.text)
+    RETURNS SETOF record LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+    IF to_regproc('pg_catalog.run_command_on_workers') IS NULL OR to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RETURN;
+    END IF;
+    IF NOT (SELECT g.groupid = 0 FROM pg_catalog.pg_dist_local_group g) THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE $q$
+        SELECT (SELECT s.logicalrelid::pg_catalog.oid FROM pg_catalog.pg_dist_shard s
+                 WHERE s.shardid = pg_catalog.substring(p.shard, '_([0-9]+)$')::pg_catalog.int8),
+               p.key_version, p.state, p.pass, p.cells_done, p.cells_remaining, p.rows_per_second,
+               p.estimated_finish, p.blocked_by, w.nodename || ':' || w.nodeport
+          FROM pg_catalog.run_command_on_workers(pg_catalog.format(
+                   'SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(''shard'', table_name::pg_catalog.text, ''key_version'', key_version, '
+                   '''state'', state, ''pass'', pass, ''cells_done'', cells_done, ''cells_remaining'', cells_remaining, '
+                   '''rows_per_second'', rows_per_second, ''estimated_finish'', estimated_finish, ''blocked_by'', blocked_by)), ''[]'') '
+                   'FROM %I.data_encryption_progress WHERE node = ''local''', $1)) w,
+               LATERAL pg_catalog.json_to_recordset(CASE WHEN w.success THEN w.result::pg_catalog.json ELSE '[]'::pg_catalog.json END)
+                   AS p(shard text, key_version int4, state text, pass int4, cells_done int8, cells_remaining int8,
+                        rows_per_second int8, estimated_finish timestamptz, blocked_by text)
+    $q$ USING (SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+                WHERE e.extname = 'pg_cellcrypt');
+END
+$f$;
+REVOKE ALL ON FUNCTION cellcrypt._workers_progress() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cellcrypt._workers_progress() TO data_encryption_admin;
+
+CREATE OR REPLACE VIEW @extschema@.data_encryption_progress AS
+SELECT j.relid::pg_catalog.regclass AS table_name,
+       j.key_version,
+       j.state,
+       j.pass,
+       j.cells_done,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'verified' THEN 0::pg_catalog.int8
+            ELSE pg_catalog.round(r.cells)::pg_catalog.int8 END AS cells_remaining,
+       CASE WHEN j.updated_at OPERATOR(pg_catalog.>) j.started_at
+            THEN pg_catalog.round(j.cells_done::pg_catalog.float8
+                      OPERATOR(pg_catalog./) pg_catalog.array_length(j.columns, 1)::pg_catalog.float8
+                      OPERATOR(pg_catalog./) pg_catalog.date_part('epoch', j.updated_at OPERATOR(pg_catalog.-) j.started_at))::pg_catalog.int8 END AS rows_per_second,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'verified' THEN j.updated_at
+            WHEN j.updated_at OPERATOR(pg_catalog.>) j.started_at AND j.cells_done OPERATOR(pg_catalog.>) 0::pg_catalog.int8
+            THEN pg_catalog.now() OPERATOR(pg_catalog.+) (r.cells OPERATOR(pg_catalog.*)
+                      ((j.updated_at OPERATOR(pg_catalog.-) j.started_at) OPERATOR(pg_catalog./) j.cells_done::pg_catalog.float8)) END AS estimated_finish,
+       j.last_error AS blocked_by,
+       'local'::pg_catalog.text AS node
+FROM cellcrypt.reencryption_job j
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) j.relid,
+LATERAL (SELECT GREATEST(c.reltuples::pg_catalog.float8, 0::pg_catalog.float8)
+                OPERATOR(pg_catalog.*) pg_catalog.array_length(j.columns, 1)::pg_catalog.float8
+                OPERATOR(pg_catalog.*) (1::pg_catalog.float8 OPERATOR(pg_catalog.-)
+                    LEAST(1::pg_catalog.float8, j.next_block::pg_catalog.float8 OPERATOR(pg_catalog./) GREATEST(j.total_blocks, 1::pg_catalog.int8)::pg_catalog.float8))) r(cells)
+UNION ALL
+SELECT w.table_name::pg_catalog.regclass, w.key_version, w.state, w.pass, w.cells_done, w.cells_remaining,
+       w.rows_per_second, w.estimated_finish, w.blocked_by, w.node
+FROM cellcrypt._workers_progress() w;
+COMMENT ON VIEW @extschema@.data_encryption_progress IS 'Per table: re-encryption progress after a key change (on a Citus coordinator, also each worker''s shards: node names the worker, table_name the distributed table)';

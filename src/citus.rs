@@ -50,9 +50,11 @@ fn call_bool(name: &CStr) -> Option<bool> {
     })
 }
 
-/// True when Citus is loaded in this server (in `shared_preload_libraries`).
+/// True when Citus is loaded in this server (in `shared_preload_libraries`, so in the
+/// postmaster already: the answer is looked up once per process).
 pub fn loaded() -> bool {
-    symbol(c"IsCitusInternalBackend").is_some()
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| symbol(c"IsCitusInternalBackend").is_some())
 }
 
 /// True in a backend Citus opened from another node (the coordinator propagating DDL, a

@@ -554,13 +554,15 @@ fn share_data_encryption_keyring() -> String {
     policy::require_admin(F);
     policy::require_primary(F);
     policy::require_secure_transport(F, F);
-    if crate::citus::role() != crate::citus::Role::Coordinator {
-        errors::raise(
+    match crate::citus::role() {
+        crate::citus::Role::Coordinator => {}
+        crate::citus::Role::Alone => return "not shared: this database is not the coordinator of a Citus cluster with workers".to_owned(),
+        crate::citus::Role::Worker => errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("{F} runs on the coordinator of a Citus cluster with workers"),
-            Some("This database is not a Citus coordinator with registered workers."),
+            format!("{F} runs on the coordinator of the Citus cluster, not on a worker"),
+            None,
             Some("Run it on the coordinator after citus_add_node."),
-        )
+        ),
     }
     if !crate::store::keyring_has_rows() {
         KeyUnavailable::NoKeyConfigured.raise()
