@@ -19,8 +19,8 @@
 --   encrypted_bytea) are dropped.
 -- * share_data_encryption_keyring(), cellcrypt._adopt_cluster_keyring() and
 --   cellcrypt._cluster_set_data_encryption_key(): a Citus coordinator shares its keyring, and
---   its key changes, with its workers. encrypt(), the assignment casts into the encrypted
---   types and cellcrypt.bind_to_column() become STABLE (Citus refuses VOLATILE ones in UPDATEs).
+--   its key changes, with its workers. cellcrypt.bind_to_column() becomes STABLE (Citus refuses
+--   VOLATILE functions in UPDATEs of distributed tables).
 -- * data_encryption_progress gains a last column, node ('local'; on a Citus coordinator also a row
 --   per shard of each worker), over cellcrypt._workers_progress().
 -- * data_encryption_status (the function and its view) gains two columns: crypto_module (which
@@ -217,27 +217,11 @@ CREATE FUNCTION cellcrypt._adopt_cluster_keyring(keyring text, index_key text, b
     AS 'MODULE_PATHNAME', 'cellcrypt_adopt_cluster_keyring' LANGUAGE c VOLATILE STRICT;
 CREATE FUNCTION cellcrypt._cluster_set_data_encryption_key(keyring text, index_key text, key text) RETURNS void
     AS 'MODULE_PATHNAME', 'cellcrypt_cluster_set_data_encryption_key' LANGUAGE c VOLATILE STRICT;
--- Sealing (encrypt() and the assignment casts from plain types) and binding a value to its
--- blind-index column become STABLE: they read no table and write nothing, and Citus refuses
--- VOLATILE functions in an UPDATE of a distributed table (it evaluates STABLE ones on the
--- coordinator, where a parameter is then sealed, as in an INSERT).
+-- Binding a value to its blind-index column becomes STABLE: it reads no table and writes
+-- nothing (its result is the value itself, or the same plaintext bound), and Citus refuses
+-- VOLATILE functions in an UPDATE of a distributed table (it evaluates STABLE ones with
+-- constant arguments on the coordinator, where the value was sealed).
 ALTER FUNCTION cellcrypt.bind_to_column(@extschema@.encrypted_text, integer, boolean) STABLE;
-DO $$
-DECLARE
-    f pg_catalog.regprocedure;
-BEGIN
-    FOR f IN
-        SELECT p.oid FROM pg_catalog.pg_proc p
-          JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-                                     AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e'
-          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid AND e.extname OPERATOR(pg_catalog.=) 'pg_cellcrypt'
-         WHERE p.prolang OPERATOR(pg_catalog.=) (SELECT l.oid FROM pg_catalog.pg_language l WHERE l.lanname OPERATOR(pg_catalog.=) 'c')
-           AND (p.prosrc OPERATOR(pg_catalog.=) 'cellcrypt_assign' OR p.prosrc OPERATOR(pg_catalog.~~) 'cellcrypt\_encrypt\_%')
-    LOOP
-        EXECUTE pg_catalog.format('ALTER FUNCTION %s STABLE', f);
-    END LOOP;
-END
-$$;
 
 -- data_encryption_progress: a last column, node ('local', or on a Citus coordinator the
 -- worker each row of its shards comes from).
@@ -258,14 +242,14 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE $q$
         SELECT (SELECT s.logicalrelid::pg_catalog.oid FROM pg_catalog.pg_dist_shard s
-                 WHERE s.shardid = pg_catalog.substring(p.shard, '_([0-9]+)$')::pg_catalog.int8),
+                 WHERE s.shardid = pg_catalog.substring(p.shard, '_([0-9]+)"?$')::pg_catalog.int8),
                p.key_version, p.state, p.pass, p.cells_done, p.cells_remaining, p.rows_per_second,
                p.estimated_finish, p.blocked_by, w.nodename || ':' || w.nodeport
           FROM pg_catalog.run_command_on_workers(pg_catalog.format(
                    'SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(''shard'', table_name::pg_catalog.text, ''key_version'', key_version, '
                    '''state'', state, ''pass'', pass, ''cells_done'', cells_done, ''cells_remaining'', cells_remaining, '
                    '''rows_per_second'', rows_per_second, ''estimated_finish'', estimated_finish, ''blocked_by'', blocked_by)), ''[]'') '
-                   'FROM %I.data_encryption_progress WHERE node = ''local''', $1)) w,
+                   'FROM %I.data_encryption_progress WHERE node OPERATOR(pg_catalog.=) ''local''', $1)) w,
                LATERAL pg_catalog.json_to_recordset(CASE WHEN w.success THEN w.result::pg_catalog.json ELSE '[]'::pg_catalog.json END)
                    AS p(shard text, key_version int4, state text, pass int4, cells_done int8, cells_remaining int8,
                         rows_per_second int8, estimated_finish timestamptz, blocked_by text)

@@ -64,7 +64,7 @@ pub fn internal_backend() -> bool {
 }
 
 /// True when the `citus` extension exists in this database (Citus' metadata tables with it).
-fn citus_in_database() -> bool {
+pub fn citus_in_database() -> bool {
     // SAFETY: a catalog lookup by name; missing_ok.
     loaded() && unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) } != pg_sys::InvalidOid
 }

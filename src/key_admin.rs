@@ -360,7 +360,8 @@ pub unsafe extern "C-unwind" fn cellcrypt_initialize(_fcinfo: pg_sys::FunctionCa
     // Citus creating the extension on a worker (propagated from the coordinator, or replayed by
     // citus_add_node): no key of the worker's own; its keyring waits for the cluster's, which
     // the coordinator shares (citus.rs).
-    if crate::citus::internal_backend() {
+    if crate::citus::internal_backend() && crate::citus::citus_in_database() {
+        pgrx::notice!("pg_cellcrypt: created by Citus on a worker node; this database waits for its coordinator's keyring (no key of its own)");
         return pg_sys::Datum::from(false);
     }
     let provider = providers::current();
@@ -531,9 +532,6 @@ fn set_data_encryption_key(key: &str) -> String {
                     let text = Zeroizing::new(new_key.as_str().to_owned());
                     let mut message = change(&rows, keys, new_key);
                     let workers = crate::citus::change_on_workers(&text);
-                    // The coordinator usually holds no shard: its worker still starts, to retire
-                    // the older key once nothing here needs it.
-                    keystate::stage(|p| p.launch_worker = true);
                     message.push_str(&format!("; on the coordinator and its {workers} workers, from this transaction's commit (each re-encrypts its own shards)"));
                     message
                 }
@@ -576,19 +574,19 @@ fn share_data_encryption_keyring() -> String {
 /// otherwise each node that is not, by name.
 fn cluster_reencryption(local: String) -> String {
     let workers = crate::citus::on_each_worker(&format!(
-        "SELECT reencryption || ' [key version ' || coalesce(key_version::text, 'none') || ']' FROM {}.data_encryption_status",
+        "SELECT reencryption OPERATOR(pg_catalog.||) ' [key version ' OPERATOR(pg_catalog.||) COALESCE(key_version::pg_catalog.text, 'none') OPERATOR(pg_catalog.||) ']' FROM {}.data_encryption_status",
         crate::store::extension_schema()
     ));
     if workers.is_empty() {
         return local;
     }
     let mut busy = Vec::new();
-    if local != "complete" {
+    if !local.starts_with("complete") {
         busy.push(format!("coordinator: {local}"));
     }
     for (node, r) in &workers {
         match r {
-            Ok(s) if s.starts_with("complete ") => {}
+            Ok(s) if s.starts_with("complete") => {}
             Ok(s) => busy.push(format!("{node}: {s}")),
             Err(e) => busy.push(format!("{node}: unknown ({e})")),
         }
@@ -621,8 +619,13 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
     policy::require_admin(F);
     policy::require_primary(F);
     policy::require_secure_transport(F, F);
-    if crate::citus::role() != crate::citus::Role::Worker {
-        errors::raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "only a Citus worker takes a key change from its coordinator", None, None)
+    if crate::citus::role() != crate::citus::Role::Worker || !crate::citus::internal_backend() {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "only a Citus worker takes a key change, from its coordinator's set_data_encryption_key",
+            None,
+            Some("Change the key on the coordinator."),
+        )
     }
     let arg = |i: usize| -> Zeroizing<String> {
         // SAFETY: a strict C function of three text arguments (none NULL).
@@ -656,15 +659,39 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
             Some("Give the worker the cluster's keyring first: SELECT share_data_encryption_keyring(); on the coordinator."),
         )
     }
-    if let Err(e) = keys::current_version_keys(old) {
-        e.raise()
+    let before = keys::try_loaded().unwrap_or_else(|e| e.raise());
+    // Only what a change makes: the keyring here plus one new current version (nothing
+    // dropped, nothing else added), and every data key and the blind-index key still there,
+    // wrapped under the new key. Anything else is refused, and nothing changes.
+    let refuse_keyring = || -> ! {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the keyring sent for this key change is not this worker's keyring with one new version; nothing was changed",
+            None,
+            Some("Give the worker the cluster's keyring first (SELECT share_data_encryption_keyring(); on the coordinator), then change the key on the coordinator."),
+        )
+    };
+    if !crate::store::cluster_keyring_extends_ours(&keyring) {
+        refuse_keyring()
     }
     let file_before = (provider == KeyProvider::File).then(|| providers::file::read_all().unwrap_or_else(|e| key_io_error(e)));
     crate::store::replace_with_cluster_keyring(&keyring, &index_key);
     let rows = keys::read_key_rows();
     let Some(new) = rows.first().filter(|r| r.state == "current") else { KeyUnavailable::NoKeyConfigured.raise() };
-    if keys::verify(new, &new_key).is_err() {
+    let Ok(master) = keys::verify(new, &new_key) else {
         errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "the key the coordinator sent does not match its keyring; nothing was changed", None, None)
+    };
+    let after = keys::assemble(keys::keyring_relid(), keys::generation_now(), &rows, master.version_keys());
+    drop(master);
+    let same_key = |a: &cellcrypt_core::SecretKey, b: &cellcrypt_core::SecretKey| a.expose() == b.expose();
+    let keeps_data_keys = before.data_keys.iter().all(|(v, k)| after.data_keys.iter().any(|(w, l)| v == w && same_key(k, l)));
+    let keeps_index_key = match (&before.index_key, &after.index_key) {
+        (Some((v, k)), Some((w, l))) => v == w && same_key(k, l),
+        (None, None) => true,
+        _ => false,
+    };
+    if !keeps_data_keys || !keeps_index_key {
+        refuse_keyring()
     }
     match provider {
         KeyProvider::File => {
@@ -692,24 +719,38 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
 /// just committed here. Every session reloads its keys, this one loads and caches the new one,
 /// and the re-encryption worker starts. Must not raise (the commit is done): failures warn.
 pub fn after_commit_prepared() {
-    let (current, _) = crate::store::current_versions();
-    let Some(current) = current else { return };
-    if key_cache::get().is_some_and(|c| c.version == current) {
+    // Every distributed write of Citus ends with COMMIT PREPARED: act once per version change,
+    // not on each (this backend remembers the version it last acted on).
+    static SEEN: crate::backend_local::BackendLocal<std::cell::RefCell<Option<(u32, String)>>> =
+        crate::backend_local::BackendLocal::new(std::cell::RefCell::new(None));
+    let rows = keys::read_key_rows();
+    let Some(row) = rows.first().filter(|r| r.state == "current") else { return };
+    let now = (row.version, row.fingerprint.clone());
+    let current = row.version;
+    if key_cache::get().is_some_and(|c| c.version == now.0 && c.keys.fingerprint.to_string() == now.1) || SEEN.with(|s| s.borrow().as_ref() == Some(&now)) {
         return;
     }
+    SEEN.with(|s| *s.borrow_mut() = Some(now));
     key_cache::bump_generation();
     keys::invalidate();
     if let Err(e) = keys::try_loaded() {
         let _ = e;
         pgrx::log!("pg_cellcrypt: key version {current} committed here, but this node cannot load it yet; check its key provider");
     }
-    let work = crate::store::has_reencryption_work() || crate::store::has_previous_keys().unwrap_or(true);
     // SAFETY: a backend global.
-    if work && !crate::worker::start_worker(unsafe { pg_sys::MyDatabaseId }) {
+    if crate::store::has_reencryption_work() && !crate::worker::start_worker(unsafe { pg_sys::MyDatabaseId }) {
         pgrx::warning!(
             "pg_cellcrypt could not start its re-encryption worker (no free background worker slot); run CALL finish_data_encryption_reencryption(); or raise max_worker_processes"
         );
     }
+}
+
+/// True when this node's own keyring may still be needed: a value stored under one of its
+/// versions, or a place the check cannot see into (prepared transactions, other sessions'
+/// temporary tables).
+fn worker_holds_values() -> bool {
+    let versions = crate::store::live_key_versions();
+    !versions.is_empty() && (crate::store::restore_blockers().is_some() || crate::store::relation_with_live_values(&versions).is_some())
 }
 
 /// `cellcrypt._adopt_cluster_keyring(keyring, index_key, blind_index_columns)`: run on a Citus
@@ -751,13 +792,28 @@ pub unsafe extern "C-unwind" fn cellcrypt_adopt_cluster_keyring(fcinfo: pg_sys::
             audit::record(&Event { action: "join cluster", outcome: "started", key_version: None, fingerprint: None, detail: "took the coordinator's keyring" });
         }
         crate::store::Adoption::Same => {}
+        // A keyring of its own under which no value is stored (the extension was dropped and
+        // created again on the coordinator, or by pg_restore --clean, and the worker made its
+        // own meanwhile): the cluster's replaces it, as rows from a dump replace a new database's.
+        crate::store::Adoption::Different if !worker_holds_values() => {
+            crate::store::replace_with_cluster_keyring(&keyring, &index_key);
+            crate::store::adopt_cluster_keyring(&keyring, &index_key, &columns);
+            keys::invalidate();
+            audit::record(&Event {
+                action: "join cluster",
+                outcome: "started",
+                key_version: None,
+                fingerprint: None,
+                detail: "took the coordinator's keyring in place of its own, under which no value was stored",
+            });
+        }
         crate::store::Adoption::Different => {
             audit::record(&Event { action: "join cluster", outcome: "refused", key_version: None, fingerprint: None, detail: "this worker has a keyring of its own" });
             errors::raise(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "this worker has a keyring of its own, not the coordinator's; nothing was changed",
-                Some("pg_cellcrypt was created on this node outside the cluster, with a key of its own."),
-                Some("A worker takes the cluster's keyring only into an empty one: create pg_cellcrypt on the coordinator and let Citus create it on the workers. A worker that holds no encrypted values can DROP EXTENSION pg_cellcrypt first."),
+                "this worker has a keyring of its own, not the coordinator's, and values stored under it; nothing was changed",
+                Some("pg_cellcrypt was created on this node with a key of its own, and tables here hold values encrypted under it."),
+                Some("A worker takes the cluster's keyring only in place of one that no stored value needs: move or delete the values this node holds under its own key first."),
             )
         }
     }
@@ -1045,6 +1101,9 @@ fn data_encryption_status() -> TableIterator<
             crate::worker::BLOCKED_RETRY.as_secs()
         ),
         (Some(done), Some(total), None) if total > 0 => format!("running: {done} of {total} tables done (see data_encryption_progress); key changes wait until it finishes"),
+        _ if !previous.is_empty() && crate::store::keep_previous_keys() => {
+            "complete; older key versions are kept, wrapped under the current key, on a Citus cluster".to_owned()
+        }
         _ if !previous.is_empty() => "pending: older key versions are still readable; the re-encryption worker or CALL finish_data_encryption_reencryption() retires them".to_owned(),
         _ => "complete".to_owned(),
     };

@@ -123,7 +123,7 @@ fn step_inner() -> Result<String, String> {
     if total == 0 {
         // Older key versions without jobs (a database restored from a dump taken during a
         // change): plan the work now; they are retired only after it is verified.
-        if !store::has_previous_keys()? {
+        if !store::has_previous_keys()? || store::keep_previous_keys() {
             return Ok("idle".into());
         }
         let current = keys::loaded().current_version;
@@ -376,7 +376,11 @@ fn finish() -> Result<String, String> {
     // Every value is under the current key: retire the older versions.
     let (retired, cells, version, fingerprint) = store::retire_previous_keys()?;
     crate::fault::point("reencrypt:retired");
-    let detail = format!("{} values re-encrypted; retired key versions: {}", cells.unwrap_or(0), retired.as_deref().unwrap_or("none"));
+    let detail = if store::keep_previous_keys() {
+        format!("{} values re-encrypted; older key versions kept (a node of a Citus cluster)", cells.unwrap_or(0))
+    } else {
+        format!("{} values re-encrypted; retired key versions: {}", cells.unwrap_or(0), retired.as_deref().unwrap_or("none"))
+    };
     audit::record(&Event {
         action: "reencryption",
         outcome: "completed",
@@ -450,14 +454,14 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE $q$
         SELECT (SELECT s.logicalrelid::pg_catalog.oid FROM pg_catalog.pg_dist_shard s
-                 WHERE s.shardid = pg_catalog.substring(p.shard, '_([0-9]+)$')::pg_catalog.int8),
+                 WHERE s.shardid = pg_catalog.substring(p.shard, '_([0-9]+)"?$')::pg_catalog.int8),
                p.key_version, p.state, p.pass, p.cells_done, p.cells_remaining, p.rows_per_second,
                p.estimated_finish, p.blocked_by, w.nodename || ':' || w.nodeport
           FROM pg_catalog.run_command_on_workers(pg_catalog.format(
                    'SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(''shard'', table_name::pg_catalog.text, ''key_version'', key_version, '
                    '''state'', state, ''pass'', pass, ''cells_done'', cells_done, ''cells_remaining'', cells_remaining, '
                    '''rows_per_second'', rows_per_second, ''estimated_finish'', estimated_finish, ''blocked_by'', blocked_by)), ''[]'') '
-                   'FROM %I.data_encryption_progress WHERE node = ''local''', $1)) w,
+                   'FROM %I.data_encryption_progress WHERE node OPERATOR(pg_catalog.=) ''local''', $1)) w,
                LATERAL pg_catalog.json_to_recordset(CASE WHEN w.success THEN w.result::pg_catalog.json ELSE '[]'::pg_catalog.json END)
                    AS p(shard text, key_version int4, state text, pass int4, cells_done int8, cells_remaining int8,
                         rows_per_second int8, estimated_finish timestamptz, blocked_by text)

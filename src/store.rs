@@ -1050,11 +1050,22 @@ pub fn retire_previous_keys() -> Result<(Option<String>, Option<i64>, Option<i32
              WHERE state OPERATOR(pg_catalog.=) 'current'",
             &[cells.unwrap_or(0).into()],
         )?;
-        Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state OPERATOR(pg_catalog.=) 'previous'")?;
+        // On a Citus cluster values move between nodes (INSERT ... SELECT, shard moves), so no
+        // node may decide alone that no value needs an older key: the older versions stay,
+        // wrapped under the current key, and the next change wraps them again (citus.rs).
+        if !keep_previous_keys() {
+            Spi::run("UPDATE cellcrypt.keyring SET state = 'retired', wrapped_data_key = NULL WHERE state OPERATOR(pg_catalog.=) 'previous'")?;
+        }
         Spi::run("DELETE FROM cellcrypt.reencryption_job")?;
-        Ok::<_, pgrx::spi::Error>((retired, cells, version, fingerprint))
+        Ok::<_, pgrx::spi::Error>((if keep_previous_keys() { None } else { retired }, cells, version, fingerprint))
     })
     .map_err(job_error("could not retire old keys"))
+}
+
+/// True on a node of a Citus cluster: older key versions are kept there (see
+/// [`retire_previous_keys`]).
+pub fn keep_previous_keys() -> bool {
+    crate::citus::role() != crate::citus::Role::Alone
 }
 
 /// The extension's schema, quoted, as it is named now (call it with the pg_namespace lock of
@@ -1122,6 +1133,21 @@ pub fn key_tables_as_json() -> (String, String, String) {
     )
 }
 
+/// Inserts the coordinator's rows (JSON arrays, as [`key_tables_as_json`] makes them) into
+/// `cellcrypt.keyring` and `cellcrypt.index_key`, inside an internal write.
+fn insert_key_tables_from_json(keyring: &str, index_key: &str) -> Result<(), pgrx::spi::Error> {
+    let cols = "key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider, created_at, created_by, wrapped_data_key, reencrypted_values";
+    let icols = "key_version, wrapped_key, wrapped_under, state, created_at, created_by";
+    Spi::run_with_args(
+        &format!("INSERT INTO cellcrypt.keyring ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)"),
+        &[keyring.into()],
+    )?;
+    Spi::run_with_args(
+        &format!("INSERT INTO cellcrypt.index_key ({icols}) SELECT {icols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $1::pg_catalog.jsonb)"),
+        &[index_key.into()],
+    )
+}
+
 /// How a worker's key tables compare with the coordinator's.
 #[derive(PartialEq, Eq, Debug)]
 pub enum Adoption {
@@ -1137,19 +1163,10 @@ pub enum Adoption {
 /// keyring, or checks that the keyring is the same; blind-index registrations the worker lacks
 /// are added, and one registered here under the same id with another normalization is refused.
 pub fn adopt_cluster_keyring(keyring: &str, index_key: &str, columns: &str) -> Adoption {
-    let cols = "key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider, created_at, created_by, wrapped_data_key, reencrypted_values";
-    let icols = "key_version, wrapped_key, wrapped_under, state, created_at, created_by";
     let outcome = write("take the cluster's keyring", || {
         let empty = Spi::get_one::<bool>("SELECT NOT EXISTS (SELECT FROM cellcrypt.keyring) AND NOT EXISTS (SELECT FROM cellcrypt.index_key)")?.unwrap_or(false);
         let outcome = if empty {
-            Spi::run_with_args(
-                &format!("INSERT INTO cellcrypt.keyring ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)"),
-                &[keyring.into()],
-            )?;
-            Spi::run_with_args(
-                &format!("INSERT INTO cellcrypt.index_key ({icols}) SELECT {icols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $1::pg_catalog.jsonb)"),
-                &[index_key.into()],
-            )?;
+            insert_key_tables_from_json(keyring, index_key)?;
             Adoption::Taken
         } else {
             // The same key identity: the current version (fingerprint, salt, KDF parameters) and
@@ -1207,18 +1224,9 @@ pub fn adopt_cluster_keyring(keyring: &str, index_key: &str, columns: &str) -> A
 /// A worker takes the coordinator's keyring after a cluster-wide key change (internal writes):
 /// every row of `cellcrypt.keyring` and `cellcrypt.index_key` replaced by the coordinator's.
 pub fn replace_with_cluster_keyring(keyring: &str, index_key: &str) {
-    let cols = "key_version, fingerprint, kdf_salt, kdf_memory_kib, kdf_iterations, kdf_parallelism, state, provider, created_at, created_by, wrapped_data_key, reencrypted_values";
-    let icols = "key_version, wrapped_key, wrapped_under, state, created_at, created_by";
     write("take the cluster's new keyring", || {
         Spi::run("DELETE FROM cellcrypt.keyring; DELETE FROM cellcrypt.index_key")?;
-        Spi::run_with_args(
-            &format!("INSERT INTO cellcrypt.keyring ({cols}) SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)"),
-            &[keyring.into()],
-        )?;
-        Spi::run_with_args(
-            &format!("INSERT INTO cellcrypt.index_key ({icols}) SELECT {icols} FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.index_key, $1::pg_catalog.jsonb)"),
-            &[index_key.into()],
-        )
+        insert_key_tables_from_json(keyring, index_key)
     })
 }
 
@@ -1278,4 +1286,29 @@ pub fn run_on_workers(query: &str) -> Vec<(String, Result<String, String>)> {
     // SAFETY: reads this backend's identity; run_as restores it.
     unsafe { pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context) };
     run_as(saved_user, &[], run).unwrap_or_else(|e| vec![("workers".to_owned(), Err(e.to_string()))])
+}
+
+/// The coordinator's keyring after a change is this worker's keyring plus exactly one new
+/// current version above every version here: every row here is there with the same
+/// fingerprint, salt and KDF parameters (the current one now previous), and nothing else is.
+pub fn cluster_keyring_extends_ours(keyring: &str) -> bool {
+    as_extension_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "WITH n AS (SELECT * FROM pg_catalog.jsonb_populate_recordset(NULL::cellcrypt.keyring, $1::pg_catalog.jsonb)), \
+                  k AS (SELECT * FROM cellcrypt.keyring) \
+             SELECT NOT EXISTS (SELECT FROM k WHERE NOT EXISTS (SELECT FROM n WHERE n.key_version OPERATOR(pg_catalog.=) k.key_version \
+                        AND n.fingerprint OPERATOR(pg_catalog.=) k.fingerprint AND n.kdf_salt OPERATOR(pg_catalog.=) k.kdf_salt \
+                        AND n.kdf_memory_kib OPERATOR(pg_catalog.=) k.kdf_memory_kib AND n.kdf_iterations OPERATOR(pg_catalog.=) k.kdf_iterations \
+                        AND n.kdf_parallelism OPERATOR(pg_catalog.=) k.kdf_parallelism \
+                        AND n.state OPERATOR(pg_catalog.<>) 'current')) \
+                AND (SELECT pg_catalog.count(*) FROM n WHERE NOT EXISTS (SELECT FROM k WHERE k.key_version OPERATOR(pg_catalog.=) n.key_version)) OPERATOR(pg_catalog.=) 1 \
+                AND (SELECT pg_catalog.count(*) FROM n WHERE n.state OPERATOR(pg_catalog.=) 'current' \
+                        AND n.key_version OPERATOR(pg_catalog.>) (SELECT pg_catalog.max(k.key_version) FROM k) \
+                        AND NOT EXISTS (SELECT FROM k WHERE k.key_version OPERATOR(pg_catalog.=) n.key_version)) OPERATOR(pg_catalog.=) 1",
+            &[keyring.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }

@@ -887,13 +887,12 @@ BEGIN
                        k OPERATOR(pg_catalog.||) ', encrypted with AES-256-GCM by pg_cellcrypt; decrypt() or ::' OPERATOR(pg_catalog.||) k OPERATOR(pg_catalog.||) ' returns the plaintext');
 
         -- encrypt(plain) always encrypts; it is also the assignment cast from the plain type.
-        -- STABLE, not VOLATILE: it reads no table and writes nothing, and each result is a
-        -- sealing of the same plaintext, so a statement may use one result for several rows
-        -- (identical values, no nonce shared by two plaintexts). Citus then seals a parameter
-        -- of an UPDATE of a distributed table on the coordinator (it refuses VOLATILE functions
-        -- there), as it does for an INSERT.
+        -- VOLATILE: each call seals anew, so equal plaintexts of different rows never share a
+        -- ciphertext (a STABLE one could be memoized). Citus therefore refuses an UPDATE of a
+        -- distributed table that seals a typed parameter ($1::text); an untyped one is sealed
+        -- by the type's input function, on the coordinator (README, Scaling out with Citus).
         EXECUTE pg_catalog.format($f$CREATE FUNCTION @extschema@.encrypt(%1$s) RETURNS @extschema@.%2$I
-                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c STABLE STRICT PARALLEL SAFE$f$, k, t, 'cellcrypt_encrypt_' OPERATOR(pg_catalog.||) k);
+                          AS 'MODULE_PATHNAME', %3$L LANGUAGE c VOLATILE STRICT PARALLEL SAFE$f$, k, t, 'cellcrypt_encrypt_' OPERATOR(pg_catalog.||) k);
         EXECUTE pg_catalog.format('CREATE CAST (%s AS @extschema@.%I) WITH FUNCTION @extschema@.encrypt(%s) AS ASSIGNMENT', k, t, k);
 
         -- decrypt(encrypted) is the explicit cast back; reserved to data_encryption_reader.
@@ -957,7 +956,7 @@ BEGIN
          ORDER BY 3, 2
     LOOP
         EXECUTE pg_catalog.format($f$CREATE FUNCTION cellcrypt.%1$I(%2$s) RETURNS @extschema@.%3$I
-                          AS 'MODULE_PATHNAME', 'cellcrypt_assign' LANGUAGE c STABLE STRICT PARALLEL SAFE$f$,
+                          AS 'MODULE_PATHNAME', 'cellcrypt_assign' LANGUAGE c VOLATILE STRICT PARALLEL SAFE$f$,
                           r.source_name OPERATOR(pg_catalog.||) '_to_encrypted_' OPERATOR(pg_catalog.||) r.plain,
                           r.source::pg_catalog.regtype, 'encrypted_' OPERATOR(pg_catalog.||) r.plain);
         EXECUTE pg_catalog.format('CREATE CAST (%s AS @extschema@.%I) WITH FUNCTION cellcrypt.%I(%s) AS ASSIGNMENT',
