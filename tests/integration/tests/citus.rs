@@ -349,6 +349,25 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
             next
         }));
     }
+    // A copier: INSERT ... SELECT of existing envelopes onto other shards (the tenant shifted),
+    // across the change: old-key values copied onto nodes that may have re-encrypted already.
+    co.psql("app", "CREATE TABLE copies (tenant int, id int, email encrypted_text, PRIMARY KEY (tenant, id)); SELECT create_distributed_table('copies', 'tenant', colocate_with => 'acct')");
+    let copied = Arc::new(AtomicI64::new(0));
+    {
+        let (stop, copied, dir, port) = (stop.clone(), copied.clone(), co.dir.clone(), co.port);
+        writers.push(std::thread::spawn(move || {
+            let mut s = postgres::Config::new().user("postgres").dbname("app").host_path(&dir).port(port).connect(postgres::NoTls).unwrap();
+            let mut from = 1;
+            while !stop.load(Ordering::SeqCst) && from < 20000 {
+                let n = s
+                    .execute("INSERT INTO copies SELECT (tenant + 1) % 31, id, email FROM acct WHERE id BETWEEN $1 AND $1 + 199", &[&from])
+                    .unwrap();
+                copied.fetch_add(n as i64, Ordering::SeqCst);
+                from += 200;
+            }
+            from
+        }));
+    }
     std::thread::sleep(Duration::from_millis(500));
     let mut admin = co.connect(Transport::TcpSsl, "app");
     let key: String = admin.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
@@ -376,6 +395,12 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
         assert_eq!(ws.trim(), format!("{n}:{n}"), "every row the writers committed (up to {ends:?})");
         assert_eq!(co.psql("app", "SELECT string_agg(DISTINCT encryption_key_version(email)::text || '/' || encryption_key_version(salary)::text, ',') FROM acct").trim(), "2/2");
         assert_eq!(co.psql("app", "SELECT string_agg(DISTINCT encryption_key_version(rate)::text, ',') FROM rates").trim(), "2");
+        let c = copied.load(Ordering::SeqCst);
+        assert_eq!(
+            co.psql("app", "SELECT count(*) || ':' || count(*) FILTER (WHERE decrypt(email) = 'user' || id || '@example.com') FROM copies").trim(),
+            format!("{c}:{c}"),
+            "every envelope copied across shards during the change opens"
+        );
     };
     check();
     // On a cluster older versions are kept (wrapped under the current key), on every node.
@@ -450,6 +475,18 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{}", e.message());
     let e = db_error(admin.execute("SELECT cellcrypt._adopt_cluster_keyring('[]', '[]', '[]')", &[]));
     assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    // An administrator on a worker cannot rewrite its keyring through the coordinator's entry
+    // point (a keyring of one row, no blind-index key): refused, nothing changed.
+    let current_row = c.workers[0].psql(
+        "app",
+        "SELECT jsonb_agg(to_jsonb(k) - '{restored,restored_by}'::text[]) FROM cellcrypt.keyring k WHERE state = 'current'",
+    );
+    let e = db_error(on_worker.execute(
+        "SELECT cellcrypt._cluster_set_data_encryption_key($1, '[]', generate_data_encryption_key())",
+        &[&current_row.trim()],
+    ));
+    assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    assert_eq!(c.keyrings(), keyrings);
     // A worker that has the cluster's keyring refuses another one.
     let e = db_error(on_worker.execute(
         "SELECT cellcrypt._adopt_cluster_keyring('[{\"key_version\": 1, \"fingerprint\": \"00000000-00000000-00000000-00000000\", \"kdf_salt\": \"\\\\x00\", \"kdf_memory_kib\": 0, \"kdf_iterations\": 0, \"kdf_parallelism\": 0, \"state\": \"current\", \"provider\": \"file\"}]', '[]', '[]')",
