@@ -19,9 +19,13 @@
 //!   the cluster, and on no other database.
 //! * **A key change on the coordinator changes the key on every node**, in its distributed
 //!   transaction: all nodes or none ([`change_on_workers`]). A node that is down makes it
-//!   refuse up front. Each node re-encrypts its own shards with its own background worker; a
-//!   worker applies what its prepared transaction committed when `COMMIT PREPARED` runs
-//!   (`hooks.rs`), since the commit callbacks of a key change do not run for a prepared one.
+//!   refuse up front. A worker takes only its own keyring plus one new version, with every data
+//!   key and the blind-index key intact. Each node re-encrypts its own shards with its own
+//!   background worker; a worker applies what its prepared transaction committed when `COMMIT
+//!   PREPARED` runs (`hooks.rs`), since the commit callbacks of a key change do not run for a
+//!   prepared one. Older versions are kept, never retired, on a Citus node
+//!   (`store::keep_previous_keys`): values move between nodes, so no node can know alone that
+//!   no value needs them.
 //! * **A key change on a worker, and blind-index key rotations anywhere, are refused** (0A000):
 //!   a change on one node alone would leave the others unable to open what it writes. (A
 //!   restore, which changes nothing, is allowed on every node.)
@@ -89,15 +93,17 @@ pub fn role() -> Role {
     crate::store::citus_role().unwrap_or(Role::Alone)
 }
 
-/// Sends `command` to every worker with metadata, in this transaction: Citus commits it there
-/// with two-phase commit when this transaction commits, or rolls it back everywhere. Raises if
-/// a worker cannot be reached (nothing is sent then).
+/// Sends `command` to every worker with metadata, in this transaction, over Citus' connections
+/// as the Citus extension's owner (a superuser): Citus commits it there with two-phase commit
+/// when this transaction commits, or rolls it back everywhere. Raises if a worker cannot be
+/// reached. The worker's entry points accept superusers only, so an administrator of a worker
+/// (not a superuser) cannot call them directly; the coordinator has checked its own caller.
 pub fn send_to_workers(command: &str) {
-    let Some(f) = symbol(c"SendCommandToWorkersWithMetadata") else {
+    let Some(f) = symbol(c"SendCommandToWorkersWithMetadataViaSuperUser") else {
         errors::raise(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, "Citus is not loaded in this server", None, None)
     };
     let command = std::ffi::CString::new(command).expect("no NUL in a generated command");
-    // SAFETY: SendCommandToWorkersWithMetadata(const char *) copies the command; its errors
+    // SAFETY: SendCommandToWorkersWithMetadataViaSuperUser(const char *) copies the command; its errors
     // are caught at the boundary and re-raised as PostgreSQL errors by pgrx.
     unsafe {
         let f: SendFn = std::mem::transmute::<*mut libc::c_void, SendFn>(f);

@@ -572,11 +572,12 @@ fn share_data_encryption_keyring() -> String {
 
 /// The coordinator's `reencryption` status with every worker's: "complete" when every node is;
 /// otherwise each node that is not, by name.
-fn cluster_reencryption(local: String) -> String {
+fn cluster_reencryption(local: String, version: Option<i32>) -> String {
     let workers = crate::citus::on_each_worker(&format!(
-        "SELECT reencryption OPERATOR(pg_catalog.||) ' [key version ' OPERATOR(pg_catalog.||) COALESCE(key_version::pg_catalog.text, 'none') OPERATOR(pg_catalog.||) ']' FROM {}.data_encryption_status",
+        "SELECT COALESCE(key_version::pg_catalog.text, 'none') OPERATOR(pg_catalog.||) '|' OPERATOR(pg_catalog.||) reencryption FROM {}.data_encryption_status",
         crate::store::extension_schema()
     ));
+    let version = version.map_or_else(|| "none".to_owned(), |v| v.to_string());
     if workers.is_empty() {
         return local;
     }
@@ -585,9 +586,10 @@ fn cluster_reencryption(local: String) -> String {
         busy.push(format!("coordinator: {local}"));
     }
     for (node, r) in &workers {
-        match r {
-            Ok(s) if s.starts_with("complete") => {}
-            Ok(s) => busy.push(format!("{node}: {s}")),
+        match r.as_ref().map(|s| s.split_once('|').unwrap_or(("none", s.as_str()))) {
+            Ok((v, _)) if v != version => busy.push(format!("{node}: key version {v}, not the coordinator's {version}")),
+            Ok((_, s)) if s.starts_with("complete") => {}
+            Ok((_, s)) => busy.push(format!("{node}: {s}")),
             Err(e) => busy.push(format!("{node}: unknown ({e})")),
         }
     }
@@ -616,7 +618,7 @@ pub extern "C" fn pg_finfo_cellcrypt_cluster_set_data_encryption_key() -> &'stat
 pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const F: &str = "set_data_encryption_key() on a Citus worker";
     crate::hooks::hide_statement_text();
-    policy::require_admin(F);
+    require_superuser_on_worker(F);
     policy::require_primary(F);
     policy::require_secure_transport(F, F);
     if crate::citus::role() != crate::citus::Role::Worker || !crate::citus::internal_backend() {
@@ -659,7 +661,9 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
             Some("Give the worker the cluster's keyring first: SELECT share_data_encryption_keyring(); on the coordinator."),
         )
     }
-    let before = keys::try_loaded().unwrap_or_else(|e| e.raise());
+    // What this worker holds, from its committed keyring and its provider (not this backend's
+    // cached keys).
+    let before = keys::assemble(keys::keyring_relid(), keys::generation_now(), &rows, keys::current_version_keys(old).unwrap_or_else(|e| e.raise()));
     // Only what a change makes: the keyring here plus one new current version (nothing
     // dropped, nothing else added), and every data key and the blind-index key still there,
     // wrapped under the new key. Anything else is refused, and nothing changes.
@@ -695,9 +699,13 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
     }
     match provider {
         KeyProvider::File => {
-            let before = file_before.expect("read above with the file provider");
+            // Lines above every version this worker had come from a change that rolled back
+            // after this worker wrote its file (a prepared transaction cannot undo it): dropped.
+            let highest = before.data_keys.iter().map(|(v, _)| *v).max().unwrap_or(0).max(old.version);
+            let mut kept = file_before.expect("read above with the file provider");
+            kept.retain(|(v, _)| *v <= highest);
             crate::store::record_key_location();
-            write_key_file(&with_key(before, new.version, new_key.as_str())).unwrap_or_else(|e| key_io_error(e));
+            write_key_file(&with_key(kept, new.version, new_key.as_str())).unwrap_or_else(|e| key_io_error(e));
         }
         KeyProvider::Command => require_command_prints(&new_key, old, new.version),
         KeyProvider::None => unreachable!("refused above"),
@@ -715,33 +723,54 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
 }
 
 /// After `COMMIT PREPARED` in a database with the extension (hooks.rs): when the committed
-/// keyring's current version is not the one the shared cache holds, a cluster-wide key change
-/// just committed here. Every session reloads its keys, this one loads and caches the new one,
-/// and the re-encryption worker starts. Must not raise (the commit is done): failures warn.
+/// keyring's current version (and fingerprint) is not the one this backend last saw here, a
+/// cluster-wide key change (or a keyring taken from the coordinator) may just have committed:
+/// every session reloads its keys, this one loads the new one, and the re-encryption worker
+/// starts if there is work. Every distributed write of Citus ends with COMMIT PREPARED, so this
+/// acts once per key version and backend. It must not raise (the commit is done): a failure is
+/// a warning.
 pub fn after_commit_prepared() {
-    // Every distributed write of Citus ends with COMMIT PREPARED: act once per version change,
-    // not on each (this backend remembers the version it last acted on).
     static SEEN: crate::backend_local::BackendLocal<std::cell::RefCell<Option<(u32, String)>>> =
         crate::backend_local::BackendLocal::new(std::cell::RefCell::new(None));
-    let rows = keys::read_key_rows();
-    let Some(row) = rows.first().filter(|r| r.state == "current") else { return };
-    let now = (row.version, row.fingerprint.clone());
-    let current = row.version;
-    if key_cache::get().is_some_and(|c| c.version == now.0 && c.keys.fingerprint.to_string() == now.1) || SEEN.with(|s| s.borrow().as_ref() == Some(&now)) {
-        return;
+    let done = crate::reencrypt::catching_errors(|| {
+        let rows = keys::read_key_rows();
+        let Some(row) = rows.first().filter(|r| r.state == "current") else { return };
+        let now = (row.version, row.fingerprint.clone());
+        if SEEN.with(|s| s.borrow().as_ref() == Some(&now)) {
+            return;
+        }
+        SEEN.with(|s| *s.borrow_mut() = Some(now));
+        key_cache::bump_generation();
+        keys::invalidate();
+        if keys::try_loaded().is_err() {
+            pgrx::log!("pg_cellcrypt: key version {} is committed here, but this node cannot load it yet; check its key provider", row.version);
+        }
+        // SAFETY: a backend global.
+        if crate::store::has_reencryption_work() && !crate::worker::start_worker(unsafe { pg_sys::MyDatabaseId }) {
+            pgrx::warning!(
+                "pg_cellcrypt could not start its re-encryption worker (no free background worker slot); run CALL finish_data_encryption_reencryption(); or raise max_worker_processes"
+            );
+        }
+    });
+    if let Err(message) = done {
+        pgrx::warning!("pg_cellcrypt: after COMMIT PREPARED: {message}; sessions reload their keys at the next key change or restart");
     }
-    SEEN.with(|s| *s.borrow_mut() = Some(now));
-    key_cache::bump_generation();
-    keys::invalidate();
-    if let Err(e) = keys::try_loaded() {
-        let _ = e;
-        pgrx::log!("pg_cellcrypt: key version {current} committed here, but this node cannot load it yet; check its key provider");
-    }
-    // SAFETY: a backend global.
-    if crate::store::has_reencryption_work() && !crate::worker::start_worker(unsafe { pg_sys::MyDatabaseId }) {
-        pgrx::warning!(
-            "pg_cellcrypt could not start its re-encryption worker (no free background worker slot); run CALL finish_data_encryption_reencryption(); or raise max_worker_processes"
-        );
+}
+
+/// The worker's entry points run only as a superuser: the coordinator calls them over Citus'
+/// connections as the Citus extension's owner (citus.rs), after checking its own caller. An
+/// administrator of a worker who is not a superuser cannot reach them (setting
+/// `application_name` to look like Citus does not help).
+fn require_superuser_on_worker(function: &str) {
+    // SAFETY: a plain backend check of the current user.
+    if !unsafe { pg_sys::superuser() } {
+        policy::refuse(function, "not a superuser");
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for {function}: the Citus coordinator calls it, as a superuser"),
+            None,
+            Some("Run set_data_encryption_key or share_data_encryption_keyring() on the coordinator."),
+        )
     }
 }
 
@@ -749,7 +778,7 @@ pub fn after_commit_prepared() {
 /// versions, or a place the check cannot see into (prepared transactions, other sessions'
 /// temporary tables).
 fn worker_holds_values() -> bool {
-    let versions = crate::store::live_key_versions();
+    let versions = crate::store::all_live_key_versions();
     !versions.is_empty() && (crate::store::restore_blockers().is_some() || crate::store::relation_with_live_values(&versions).is_some())
 }
 
@@ -766,7 +795,7 @@ pub extern "C" fn pg_finfo_cellcrypt_adopt_cluster_keyring() -> &'static pg_sys:
 #[pg_guard]
 pub unsafe extern "C-unwind" fn cellcrypt_adopt_cluster_keyring(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     const F: &str = "taking the cluster's keyring";
-    policy::require_admin(F);
+    require_superuser_on_worker(F);
     policy::require_primary(F);
     policy::require_secure_transport(F, F);
     if crate::citus::role() != crate::citus::Role::Worker {
@@ -1109,7 +1138,7 @@ fn data_encryption_status() -> TableIterator<
     };
     // On a Citus coordinator: the whole cluster. Each worker re-encrypts its own shards; the
     // change is complete when every node says so.
-    let reencryption = cluster_reencryption(reencryption);
+    let reencryption = cluster_reencryption(reencryption, cur.0);
     TableIterator::once((
         active,
         cur.0,

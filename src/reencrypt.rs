@@ -115,6 +115,7 @@ pub fn step() -> String {
 }
 
 fn step_inner() -> Result<String, String> {
+    store::drop_citus_shell_jobs()?;
     store::start_jobs()?;
     if let Some(job) = store::claim_job()? {
         return process(job);
@@ -264,7 +265,7 @@ fn reclaim(relid: pg_sys::Oid, start: i64, end: i64) {
 /// Runs `f` in a subtransaction. An error (a value that does not decrypt or names a key version
 /// this database does not have, or the table owner's own code refusing the update) rolls the
 /// subtransaction back and comes back as its message; a cancel propagates as usual.
-fn catching_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+pub(crate) fn catching_errors<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     // SAFETY: the pattern of PostgreSQL's procedural languages for a subtransaction that may
     // fail: begin it, run the body, then release it or roll it back, restoring the caller's
     // memory context and resource owner either way.
@@ -315,7 +316,9 @@ fn finish() -> Result<String, String> {
     // snapshots may still see old-key values and copy them anywhere). Only then are tables
     // made, or given encrypted columns, by such transactions planned, and every table counted
     // once more.
-    if let Some(reason) = store::retirement_waits_for()? {
+    // On a Citus node nothing is retired (store::keep_previous_keys), and every distributed
+    // write is briefly a prepared transaction there: nothing to wait for.
+    if let Some(reason) = if store::keep_previous_keys() { None } else { store::retirement_waits_for()? } {
         store::jobs_note(format!("waiting: {reason} may hold values under an older key"))?;
         return Ok("waiting".into());
     }

@@ -910,12 +910,14 @@ pub fn running_change() -> Option<String> {
 
 /// True when re-encryption has work: jobs, or previous key versions to plan it for.
 pub fn has_reencryption_work() -> bool {
-    as_extension_owner(|| {
-        Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT FROM cellcrypt.reencryption_job) \
-                 OR EXISTS (SELECT FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'previous')",
-        )
-    })
+    // On a Citus node older versions stay (see `keep_previous_keys`): only jobs are work.
+    let sql = if keep_previous_keys() {
+        "SELECT EXISTS (SELECT FROM cellcrypt.reencryption_job)"
+    } else {
+        "SELECT EXISTS (SELECT FROM cellcrypt.reencryption_job) \
+             OR EXISTS (SELECT FROM cellcrypt.keyring WHERE state OPERATOR(pg_catalog.=) 'previous')"
+    };
+    as_extension_owner(|| Spi::get_one::<bool>(sql))
     .ok()
     .flatten()
     .unwrap_or(false)
@@ -1065,7 +1067,7 @@ pub fn retire_previous_keys() -> Result<(Option<String>, Option<i64>, Option<i32
 /// True on a node of a Citus cluster: older key versions are kept there (see
 /// [`retire_previous_keys`]).
 pub fn keep_previous_keys() -> bool {
-    crate::citus::role() != crate::citus::Role::Alone
+    crate::citus::citus_in_database()
 }
 
 /// The extension's schema, quoted, as it is named now (call it with the pg_namespace lock of
@@ -1225,9 +1227,46 @@ pub fn adopt_cluster_keyring(keyring: &str, index_key: &str, columns: &str) -> A
 /// every row of `cellcrypt.keyring` and `cellcrypt.index_key` replaced by the coordinator's.
 pub fn replace_with_cluster_keyring(keyring: &str, index_key: &str) {
     write("take the cluster's new keyring", || {
-        Spi::run("DELETE FROM cellcrypt.keyring; DELETE FROM cellcrypt.index_key")?;
+        // The rows replaced are kept (never used), as a restore from a dump keeps them.
+        Spi::run(
+            "WITH gone AS (DELETE FROM cellcrypt.keyring k RETURNING k.*) \
+             INSERT INTO cellcrypt.replaced_key_row (table_name, key_row) SELECT 'keyring', pg_catalog.to_jsonb(gone) FROM gone",
+        )?;
+        Spi::run(
+            "WITH gone AS (DELETE FROM cellcrypt.index_key k RETURNING k.*) \
+             INSERT INTO cellcrypt.replaced_key_row (table_name, key_row) SELECT 'index_key', pg_catalog.to_jsonb(gone) FROM gone",
+        )?;
         insert_key_tables_from_json(keyring, index_key)
     })
+}
+
+/// Every version of the keyring that is current or previous, restored or not: what a value
+/// stored here may be under.
+pub fn all_live_key_versions() -> Vec<i32> {
+    as_extension_owner(|| {
+        Spi::get_one::<Vec<i32>>(
+            "SELECT pg_catalog.array_agg(key_version) FROM cellcrypt.keyring \
+             WHERE state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
+/// Drops the re-encryption jobs of tables Citus has since distributed (their rows are in the
+/// shards, which each node re-encrypts as its own tables).
+pub fn drop_citus_shell_jobs() -> Result<(), String> {
+    if citus_shell_filter().is_empty() {
+        return Ok(());
+    }
+    internally(|| {
+        Spi::run(
+            "DELETE FROM cellcrypt.reencryption_job j \
+             WHERE EXISTS (SELECT FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid OPERATOR(pg_catalog.=) j.relid)",
+        )
+    })
+    .map_err(job_error("could not drop the jobs of distributed tables"))
 }
 
 /// The coordinator's keyring row of `version` has this fingerprint and salt (a worker checks

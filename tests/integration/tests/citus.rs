@@ -309,7 +309,7 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
     let c = Citus::start("change", 2);
     let co = &c.coordinator;
     for w in &c.workers {
-        settings(w, &["pg_cellcrypt.reencrypt_batch_size = 200", "pg_cellcrypt.reencrypt_pause = '20ms'"]);
+        settings(w, &["pg_cellcrypt.reencrypt_batch_size = 100", "pg_cellcrypt.reencrypt_pause = '100ms'"]);
     }
     co.psql(
         "app",
@@ -322,6 +322,9 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
     let original = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email) || '/' || decrypt(salary), ',' ORDER BY id)) FROM acct WHERE id <= 20000";
     let rates = "SELECT md5(string_agg(code || decrypt(rate)::text, ',' ORDER BY code)) FROM rates";
     let before = (co.psql("app", original), co.psql("app", rates));
+    // An envelope under key version 1, kept aside: after the change it is copied onto another
+    // node, which has re-encrypted everything by then, and must still open there.
+    let old_envelope = co.psql("app", "SELECT format('%s', email) FROM acct WHERE id = 1").trim().to_owned();
 
     // Writers: multi-shard INSERTs (each a distributed transaction over several workers) and
     // multi-shard UPDATEs of their own rows, until told to stop.
@@ -371,7 +374,9 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
     std::thread::sleep(Duration::from_millis(500));
     let mut admin = co.connect(Transport::TcpSsl, "app");
     let key: String = admin.query_one("SELECT generate_data_encryption_key()", &[]).unwrap().get(0);
+    let written_before = written.load(Ordering::SeqCst);
     let msg: String = admin.query_one("SELECT set_data_encryption_key($1)", &[&key]).unwrap().get(0);
+    let written_at_change = written.load(Ordering::SeqCst);
     assert!(msg.contains("changed: key version 2") && msg.contains("2 workers"), "{msg}");
     // Every node has the new keyring at once.
     for k in c.keyrings() {
@@ -380,14 +385,19 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
     // The coordinator reports the cluster while the workers re-encrypt.
     let status = co.psql("app", "SELECT reencryption FROM data_encryption_status");
     let progress = co.psql("app", "SELECT count(DISTINCT node) FROM data_encryption_progress WHERE node <> 'local' AND table_name = 'acct'::regclass");
-    assert!(status.starts_with("running on the cluster") || status.starts_with("complete"), "{status}");
-    assert!(status.starts_with("complete") || progress.trim() == "2", "progress of both workers' shards: {progress} ({status})");
-    std::thread::sleep(Duration::from_secs(2));
+    // (The workers re-encrypt slowly here: 100 rows per batch, 100 ms apart, about 10 s each.)
+    assert!(status.starts_with("running on the cluster"), "{status}");
+    assert_eq!(progress.trim(), "2", "progress of both workers' shards ({status})");
     c.wait_complete();
+    let written_at_end = written.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     let ends: Vec<i32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     let n = written.load(Ordering::SeqCst);
-    assert!(n >= 40, "the writers ran during the change ({n} rows)");
+    assert!(written_before > 0 && written_at_end > written_at_change, "the writers ran before and during the re-encryption ({written_before}, {written_at_change}, {written_at_end})");
+    // The old envelope, copied onto another tenant's shard now that every node is done.
+    co.psql("app", &format!("INSERT INTO copies VALUES (17, 1, '{old_envelope}'::encrypted_text)"));
+    assert_eq!(co.psql("app", "SELECT decrypt(email) FROM copies WHERE tenant = 17 AND id = 1").trim(), "user1@example.com");
+    copied.fetch_add(1, Ordering::SeqCst);
 
     let check = || {
         assert_eq!((co.psql("app", original), co.psql("app", rates)), before, "every value written before the change");
@@ -450,7 +460,9 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     assert_eq!(c.keyrings(), keyrings, "no node changed");
     std::fs::rename(&aside, &file).unwrap();
     assert_eq!(co.psql("app", digest), before);
-    assert_eq!(co.psql("app", "SELECT count(*) FROM pg_prepared_xacts").trim(), "0");
+    for w in &c.workers {
+        assert_eq!(w.psql("app", "SELECT count(*) FROM pg_prepared_xacts").trim(), "0", "nothing left prepared on a worker");
+    }
 
     // A worker down: refused before anything starts, naming it.
     c.workers[0].stop();
@@ -493,6 +505,24 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
         &[],
     ));
     assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    assert_eq!(c.keyrings(), keyrings);
+    // Looking like Citus (its application_name) does not help: an administrator who is not a
+    // superuser is refused, and a superuser still gets only the content checks.
+    co.psql("app", "CREATE ROLE worker_admin LOGIN IN ROLE data_encryption_admin");
+    let like_citus = |user: &str| {
+        let mut cfg = c.workers[0].config(Transport::Unix, "app");
+        cfg.user(user).application_name("citus_internal gpid=10000000001");
+        cfg.connect(postgres::NoTls).unwrap()
+    };
+    let mut fake = like_citus("worker_admin");
+    let e = db_error(fake.execute("SELECT cellcrypt._cluster_set_data_encryption_key($1, '[]', generate_data_encryption_key())", &[&current_row.trim()]));
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{}", e.message());
+    let e = db_error(fake.execute("SELECT cellcrypt._adopt_cluster_keyring('[]', '[]', '[]')", &[]));
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{}", e.message());
+    let mut fake_super = like_citus("postgres");
+    let e = db_error(fake_super.execute("SELECT cellcrypt._cluster_set_data_encryption_key($1, '[]', generate_data_encryption_key())", &[&current_row.trim()]));
+    assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    assert!(e.message().contains("not this worker's keyring with one new version"), "{}", e.message());
     assert_eq!(c.keyrings(), keyrings);
 
     // One change at a time, cluster-wide: a second one while the workers re-encrypt is refused.
