@@ -798,7 +798,11 @@ pub fn live_key_versions() -> Vec<i32> {
 /// prepared transactions, and transactions that began before the last table's pass ended.
 pub fn retirement_waits_for() -> Result<Option<String>, String> {
     as_extension_owner(|| {
-        let mut reasons = unreadable_places(false)?;
+        // Order matters: a transaction that PREPAREs meanwhile becomes a valid prepared
+        // transaction before its process's xact_start is cleared, so reading the processes
+        // (fresh, not this transaction's cached statistics) before the prepared transactions
+        // sees it in one or the other. The other order could miss it in between.
+        Spi::run("SELECT pg_catalog.pg_stat_clear_snapshot()")?;
         let older = Spi::get_one_with_args::<String>(
             "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 THEN \
                     pg_catalog.format('transactions of processes %s, which began before the last table''s pass ended,', \
@@ -810,6 +814,7 @@ pub fn retirement_waits_for() -> Result<Option<String>, String> {
             // SAFETY: a backend global.
             &[unsafe { pg_sys::MyDatabaseId }.into()],
         )?;
+        let mut reasons = unreadable_places(false)?;
         reasons.extend(older);
         Ok::<_, pgrx::spi::Error>((!reasons.is_empty()).then(|| reasons.join(", ")))
     })
