@@ -111,6 +111,29 @@ pub fn send_to_workers(command: &str) {
     }
 }
 
+/// `SELECT function('a'::text, 'b'::text, 'c'::text)` on every worker, in this transaction
+/// ([`send_to_workers`]). The command text is zeroized after use: an argument may be a key.
+fn call_on_workers(function: &str, args: [&str; 3]) {
+    // Sized up front, so that no reallocation leaves a copy of a key behind unzeroized.
+    let capacity = function.len() + args.iter().map(|a| 2 * a.len() + 24).sum::<usize>() + 16;
+    let mut command = zeroize::Zeroizing::new(String::with_capacity(capacity));
+    command.push_str("SELECT ");
+    command.push_str(function);
+    command.push('(');
+    for (i, arg) in args.iter().enumerate() {
+        command.push_str(if i == 0 { "'" } else { ", '" });
+        for c in arg.chars() {
+            command.push(c);
+            if c == '\'' {
+                command.push(c);
+            }
+        }
+        command.push_str("'::pg_catalog.text");
+    }
+    command.push(')');
+    send_to_workers(&command);
+}
+
 /// Shares this coordinator's key tables with every worker, in this transaction: each worker
 /// takes them into an empty keyring, finds them identical, or refuses (and so does the whole
 /// transaction). Does nothing outside a cluster with workers.
@@ -119,13 +142,7 @@ pub fn share_keyring() -> usize {
         return 0;
     }
     let (keyring, index_key, columns) = crate::store::key_tables_as_json();
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    send_to_workers(&format!(
-        "SELECT cellcrypt._adopt_cluster_keyring({}::pg_catalog.text, {}::pg_catalog.text, {}::pg_catalog.text)",
-        quote(&keyring),
-        quote(&index_key),
-        quote(&columns)
-    ));
+    call_on_workers("cellcrypt._adopt_cluster_keyring", [&keyring, &index_key, &columns]);
     crate::store::citus_worker_count()
 }
 
@@ -153,14 +170,7 @@ pub fn require_all_workers_reachable(function: &str) {
 /// its text in its logs and `pg_stat_activity` as it masks any key call.
 pub fn change_on_workers(key: &str) -> usize {
     let (keyring, index_key, _) = crate::store::key_tables_as_json();
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let command = zeroize::Zeroizing::new(format!(
-        "SELECT cellcrypt._cluster_set_data_encryption_key({}::pg_catalog.text, {}::pg_catalog.text, {}::pg_catalog.text)",
-        quote(&keyring),
-        quote(&index_key),
-        quote(key)
-    ));
-    send_to_workers(&command);
+    call_on_workers("cellcrypt._cluster_set_data_encryption_key", [&keyring, &index_key, key]);
     crate::store::citus_worker_count()
 }
 

@@ -629,14 +629,7 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
             Some("Change the key on the coordinator."),
         )
     }
-    let arg = |i: usize| -> Zeroizing<String> {
-        // SAFETY: a strict C function of three text arguments (none NULL).
-        unsafe {
-            let d = (*fcinfo).args.as_slice(3)[i].value;
-            Zeroizing::new(pgrx::FromDatum::from_datum(d, false).unwrap_or_default())
-        }
-    };
-    let (keyring, index_key, key_text) = (arg(0), arg(1), arg(2));
+    let [keyring, index_key, key_text] = three_text_args(fcinfo);
     policy::refuse_while_reencrypting(F);
     policy::lock_or_refuse(policy::Lock::KeyChange, F);
     let provider = providers::current();
@@ -757,6 +750,16 @@ pub fn after_commit_prepared() {
     }
 }
 
+/// The three text arguments of a worker's entry point (STRICT C functions of three `text`
+/// arguments, so none is NULL), in zeroizing strings: one of them may be a key.
+///
+/// # Safety
+/// `fcinfo` must be the call of such a function.
+unsafe fn three_text_args(fcinfo: pg_sys::FunctionCallInfo) -> [Zeroizing<String>; 3] {
+    let args = (*fcinfo).args.as_slice(3);
+    std::array::from_fn(|i| Zeroizing::new(pgrx::FromDatum::from_datum(args[i].value, false).unwrap_or_default()))
+}
+
 /// The worker's entry points run only as a superuser: the coordinator calls them over Citus'
 /// connections as the Citus extension's owner (citus.rs), after checking its own caller. An
 /// administrator of a worker who is not a superuser cannot reach them (setting
@@ -806,14 +809,7 @@ pub unsafe extern "C-unwind" fn cellcrypt_adopt_cluster_keyring(fcinfo: pg_sys::
             Some("The coordinator shares it: SELECT share_data_encryption_keyring(); on the coordinator."),
         )
     }
-    let arg = |i: usize| -> String {
-        // SAFETY: a strict C function of three text arguments (none NULL).
-        unsafe {
-            let d = (*fcinfo).args.as_slice(3)[i].value;
-            pgrx::FromDatum::from_datum(d, false).unwrap_or_default()
-        }
-    };
-    let (keyring, index_key, columns) = (arg(0), arg(1), arg(2));
+    let [keyring, index_key, columns] = three_text_args(fcinfo);
     policy::lock_or_refuse(policy::Lock::KeyChange, F);
     match crate::store::adopt_cluster_keyring(&keyring, &index_key, &columns) {
         crate::store::Adoption::Taken => {
