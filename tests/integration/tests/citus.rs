@@ -464,6 +464,23 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
         assert_eq!(w.psql("app", "SELECT count(*) FROM pg_prepared_xacts").trim(), "0", "nothing left prepared on a worker");
     }
 
+    // A change rolled back on the coordinator, whole or to a savepoint, or in a PL/pgSQL block
+    // that catches an error after it: no node changes, every value still reads.
+    co.psql("app", "BEGIN; SELECT set_data_encryption_key(generate_data_encryption_key()); ROLLBACK");
+    assert_eq!(c.keyrings(), keyrings, "after ROLLBACK");
+    co.psql("app", "BEGIN; SAVEPOINT s; SELECT set_data_encryption_key(generate_data_encryption_key()); ROLLBACK TO SAVEPOINT s; COMMIT");
+    assert_eq!(c.keyrings(), keyrings, "after ROLLBACK TO SAVEPOINT");
+    co.psql(
+        "app",
+        "DO $$ BEGIN PERFORM set_data_encryption_key(generate_data_encryption_key()); RAISE EXCEPTION 'undo'; \
+         EXCEPTION WHEN raise_exception THEN NULL; END $$",
+    );
+    assert_eq!(c.keyrings(), keyrings, "after an EXCEPTION block");
+    for n in c.nodes() {
+        assert_eq!(n.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
+    }
+    assert_eq!(co.psql("app", digest), before);
+
     // A worker down: refused before anything starts, naming it.
     c.workers[0].stop();
     let e = db_error(admin.query_one("SELECT set_data_encryption_key(generate_data_encryption_key())", &[]));
