@@ -11,6 +11,9 @@
 # 15 (or PG) when Citus can be built there, and say so when it cannot (CITUS_IN_TEST=no leaves
 # it out). Each step must run at least one test.
 set -uo pipefail
+# No incremental compilation caches: they added about 3 GB to the target directories, and a
+# test run builds each configuration once.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 here=$(cd "$(dirname "$0")/.." && pwd)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
