@@ -448,7 +448,11 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     let digest = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM acct";
     let before = co.psql("app", digest);
     let keyrings = c.keyrings();
-    let mut admin = co.connect(Transport::TcpSsl, "app");
+    // The changes below come from an administrator who is not a superuser (Citus creates the
+    // role on the workers too); the workers' side runs as Citus' extension owner either way.
+    co.psql("app", "CREATE ROLE key_admin LOGIN IN ROLE data_encryption_admin");
+    let mut admin = co.connect_as(Transport::TcpSsl, "app", "key_admin");
+    assert_eq!(admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[]).unwrap().get::<_, bool>(0), false);
 
     // A worker that cannot load its key: nothing changes anywhere.
     let file = key_file(&c.workers[1]);
@@ -503,6 +507,8 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     let e = db_error(mallory.execute("SELECT cellcrypt._adopt_cluster_keyring('[]', '[]', '[]')", &[]));
     assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{}", e.message());
     let e = db_error(admin.execute("SELECT cellcrypt._adopt_cluster_keyring('[]', '[]', '[]')", &[]));
+    assert_eq!(e.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{}", e.message());
+    let e = db_error(co.connect(Transport::TcpSsl, "app").execute("SELECT cellcrypt._adopt_cluster_keyring('[]', '[]', '[]')", &[]));
     assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
     // An administrator on a worker cannot rewrite its keyring through the coordinator's entry
     // point (a keyring of one row, no blind-index key): refused, nothing changed.
