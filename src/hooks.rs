@@ -70,11 +70,24 @@ unsafe extern "C-unwind" fn process_utility_hook(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let Masked { pstmt, query_string } = masked_utility(pstmt, query_string);
+    if commit_prepared(pstmt) {
+        crate::fault::point("cluster:before_commit_prepared");
+    }
     match PREV_PROCESS_UTILITY_HOOK {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => raw_standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
     }
     after_utility(pstmt);
+}
+
+/// True for `COMMIT PREPARED` on a server where Citus is loaded.
+unsafe fn commit_prepared(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    if pstmt.is_null() || (*pstmt).utilityStmt.is_null() || !crate::citus::loaded() {
+        return false;
+    }
+    let stmt = (*pstmt).utilityStmt;
+    (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
+        && (*(stmt as *mut pg_sys::TransactionStmt)).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
 }
 
 /// After `CREATE EXTENSION pg_cellcrypt` on a Citus coordinator (Citus, loaded before
@@ -92,8 +105,7 @@ unsafe extern "C-unwind" fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
         return;
     }
     if (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt {
-        let t = stmt as *mut pg_sys::TransactionStmt;
-        if (*t).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED && crate::store::extension_oid() != pg_sys::InvalidOid {
+        if commit_prepared(pstmt) && crate::store::extension_oid() != pg_sys::InvalidOid {
             crate::key_admin::after_commit_prepared();
         }
         return;

@@ -367,7 +367,19 @@ unsafe fn envelope_of<'a>(kind: Kind, d: Datum) -> Envelope<'a> {
 fn cipher_of<'k>(keys: &'k keys::LoadedKeys, kind: Kind, key_id: u32, doing: &str, hint: &str) -> &'k DataCipher {
     match keys.ring.get(key_id) {
         Some(cipher) => cipher,
-        None => errors::unknown_key_version(kind.type_name(), key_id, &keys.ring.key_ids(), doing, hint),
+        None => {
+            let ids = keys.ring.key_ids();
+            // A newer version than any this node has, on a Citus node: most likely its part of a
+            // cluster key change is still prepared (the coordinator committed, COMMIT PREPARED
+            // did not arrive yet). Not a lost value: say how to finish the change.
+            let newer_on_citus = ids.iter().all(|&v| v < key_id) && crate::citus::citus_in_database();
+            let hint = if newer_on_citus {
+                "This Citus node does not have that version yet: its part of a cluster key change may still be prepared (see pg_prepared_xacts). Run SELECT recover_prepared_transactions(); on the coordinator (Citus also does it every citus.recover_2pc_interval), then read it again."
+            } else {
+                hint
+            };
+            errors::unknown_key_version(kind.type_name(), key_id, &ids, doing, hint)
+        }
     }
 }
 

@@ -568,6 +568,67 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     assert_eq!(co.psql("app", digest), before);
 }
 
+/// A worker dies when `COMMIT PREPARED` of its part of a key change arrives (its part is
+/// prepared, the coordinator has committed): the change stands on the coordinator, the worker
+/// restarts with its part still prepared and its old keyring, and Citus' recovery commits it
+/// there; then the worker takes the new key and re-encrypts its shards, and every value, also
+/// the ones written in between, reads.
+#[test]
+fn a_worker_that_dies_before_commit_prepared_takes_the_change_at_recovery() {
+    let c = Citus::start("prepared", 2);
+    let co = &c.coordinator;
+    // Only the recovery this test calls commits the worker's part.
+    settings(co, &["citus.recover_2pc_interval = -1"]);
+    co.psql(
+        "app",
+        "CREATE TABLE acct (tenant int, id int, email encrypted_text, PRIMARY KEY (tenant, id)); \
+         SELECT create_distributed_table('acct', 'tenant'); \
+         INSERT INTO acct SELECT g % 7, g, 'user' || g FROM generate_series(1, 3000) g",
+    );
+    let digest = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM acct";
+    let before = co.psql("app", digest);
+    let old_keyring = c.workers[1].psql("app", "SELECT string_agg(key_version || ':' || state, ',' ORDER BY key_version) FROM cellcrypt.keyring");
+
+    let w = &c.workers[1];
+    let armed = w.dir.join("data/pg_cellcrypt.crash");
+    std::fs::write(&armed, "cluster:before_commit_prepared").unwrap();
+    assert!(Command::new("chown").arg("postgres:postgres").arg(&armed).status().unwrap().success());
+    co.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
+    assert!(!armed.exists(), "the worker reached COMMIT PREPARED");
+    let started = std::time::Instant::now();
+    while !w.psql_raw("app", "SELECT 1").status.success() {
+        assert!(started.elapsed() < Duration::from_secs(90), "the worker did not come back:\n{}", w.server_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.server_log().contains("crash point cluster:before_commit_prepared"));
+    // The worker: its part prepared, its committed keyring the old one; the coordinator's status
+    // says the cluster is not on one version.
+    assert_eq!(w.psql("app", "SELECT count(*) FROM pg_prepared_xacts").trim(), "1");
+    assert_eq!(w.psql("app", "SELECT string_agg(key_version || ':' || state, ',' ORDER BY key_version) FROM cellcrypt.keyring"), old_keyring);
+    assert_eq!(co.psql("app", "SELECT reencryption LIKE 'complete%' FROM data_encryption_status").trim(), "f");
+    // Writes go on meanwhile (sealed on the coordinator under the new key).
+    co.psql("app", "INSERT INTO acct SELECT g % 7, g, 'between' || g FROM generate_series(3001, 3100) g");
+    // Those on the waiting worker's shards do not open there until its part commits (42704,
+    // saying how to finish the change); nothing is lost.
+    let mut reader = co.connect(Transport::TcpSsl, "app");
+    let e = db_error(reader.query_one("SELECT count(*) FROM acct WHERE id > 3000 AND decrypt(email) = 'between' || id", &[]));
+    assert_eq!(e.code(), &SqlState::UNDEFINED_OBJECT, "{}", e.message());
+    assert!(e.hint().unwrap_or("").contains("recover_prepared_transactions()"), "{:?}", e.hint());
+
+    co.psql("app", "SELECT recover_prepared_transactions()");
+    assert_eq!(w.psql("app", "SELECT count(*) FROM pg_prepared_xacts").trim(), "0");
+    let keyrings = c.keyrings();
+    assert!(keyrings.iter().all(|k| k == &keyrings[0]), "every node has the new keyring: {keyrings:?}");
+    c.wait_complete();
+    assert_eq!(co.psql("app", "SELECT count(*) FROM acct WHERE id > 3000 AND decrypt(email) = 'between' || id").trim(), "100");
+    co.psql("app", "DELETE FROM acct WHERE id > 3000");
+    assert_eq!(co.psql("app", digest), before);
+    for n in c.nodes() {
+        n.restart();
+    }
+    assert_eq!(c.coordinator.psql("app", digest), before);
+}
+
 /// After a change: a node added with citus_add_node takes the cluster's keyring (and a copy of
 /// the key file), shards are rebalanced onto it, and every value stays readable.
 #[test]
