@@ -646,13 +646,30 @@ fn a_node_added_and_shards_rebalanced_after_a_change_keep_every_value() {
     co.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
     c.wait_complete();
 
+    // A node an administrator prepared by hand: pg_cellcrypt created there alone (a key of its
+    // own) and a local table holding a value under that key.
     let added = node("rebalance-w2");
+    added.psql("app", "CREATE EXTENSION pg_cellcrypt; CREATE TABLE local_note (s encrypted_text); INSERT INTO local_note VALUES ('own key')");
+    let own = added.psql("app", "SELECT string_agg(key_version || ':' || fingerprint, ',') FROM cellcrypt.keyring");
     let co = &c.coordinator;
     co.psql("app", &format!("SELECT citus_add_node('127.0.0.1', {})", added.port));
-    // Citus created the extension there with an empty keyring: until it is shared, nothing opens.
-    assert_eq!(added.psql("app", "SELECT count(*) FROM cellcrypt.keyring").trim(), "0");
+    let keyrings = c.keyrings();
+    // Sharing would orphan that value: refused (55000) for the whole cluster, nothing changed.
+    let mut admin = co.connect(Transport::TcpSsl, "app");
+    let e = db_error(admin.query_one("SELECT share_data_encryption_keyring()", &[]));
+    assert_eq!(e.code(), &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "{}", e.message());
+    assert!(e.message().contains("keyring of its own"), "{}", e.message());
+    assert_eq!(added.psql("app", "SELECT string_agg(key_version || ':' || fingerprint, ',') FROM cellcrypt.keyring"), own);
+    assert_eq!(added.psql("app", "SELECT decrypt(s) FROM local_note").trim(), "own key");
+    assert_eq!(c.keyrings(), keyrings);
+    // Without values under its own key, the cluster's keyring takes its place.
+    added.psql("app", "DROP TABLE local_note");
     let shared = co.psql("app", "SELECT share_data_encryption_keyring()");
     assert!(shared.contains("3 workers"), "{shared}");
+    assert_eq!(
+        added.psql("app", "SELECT string_agg(key_version || ':' || fingerprint, ',' ORDER BY key_version) FROM cellcrypt.keyring"),
+        co.psql("app", "SELECT string_agg(key_version || ':' || fingerprint, ',' ORDER BY key_version) FROM cellcrypt.keyring"),
+    );
     c.copy_key_file_to(&added);
     assert_eq!(added.psql("app", "SELECT is_data_encryption_active()").trim(), "t");
     co.psql("app", "SELECT rebalance_table_shards('acct', shard_transfer_mode => 'block_writes')");
