@@ -16,7 +16,7 @@
 //! | `commit:before_effects` | any key call: committed, before the shared cache, other sessions and the worker hear of it |
 //! | `reencrypt:batch_done` | a re-encryption batch rewrote its rows, before it commits |
 //! | `reencrypt:retired` | the older keys are retired, before that commits |
-//! | `cluster:before_commit_prepared` | a Citus worker: `COMMIT PREPARED` arrived (its part of a key change is prepared, the coordinator committed), before it runs |
+//! | `cluster:before_commit_prepared` | a server with Citus loaded: any `COMMIT PREPARED` arrived, before it runs (the Citus test arms it on a worker just before a cluster key change, whose part is then prepared and the coordinator committed) |
 
 #[cfg(feature = "fault_injection")]
 pub fn point(name: &str) {

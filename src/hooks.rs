@@ -70,14 +70,20 @@ unsafe extern "C-unwind" fn process_utility_hook(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let Masked { pstmt, query_string } = masked_utility(pstmt, query_string);
-    if commit_prepared(pstmt) {
-        crate::fault::point("cluster:before_commit_prepared");
+    if cfg!(feature = "fault_injection") && commit_prepared(pstmt) {
+        before_commit_prepared();
     }
     match PREV_PROCESS_UTILITY_HOOK {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => raw_standard_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
     }
     after_utility(pstmt);
+}
+
+/// Crash point `cluster:before_commit_prepared` (fault-injection builds).
+#[pgrx::pg_guard]
+extern "C-unwind" fn before_commit_prepared() {
+    crate::fault::point("cluster:before_commit_prepared");
 }
 
 /// True for `COMMIT PREPARED` on a server where Citus is loaded.

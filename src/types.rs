@@ -369,16 +369,20 @@ fn cipher_of<'k>(keys: &'k keys::LoadedKeys, kind: Kind, key_id: u32, doing: &st
         Some(cipher) => cipher,
         None => {
             let ids = keys.ring.key_ids();
-            // A newer version than any this node has, on a Citus node: most likely its part of a
-            // cluster key change is still prepared (the coordinator committed, COMMIT PREPARED
-            // did not arrive yet). Not a lost value: say how to finish the change.
-            let newer_on_citus = ids.iter().all(|&v| v < key_id) && crate::citus::citus_in_database();
-            let hint = if newer_on_citus {
-                "This Citus node does not have that version yet: its part of a cluster key change may still be prepared (see pg_prepared_xacts). Run SELECT recover_prepared_transactions(); on the coordinator (Citus also does it every citus.recover_2pc_interval), then read it again."
+            // The version right after this node's newest, in a Citus database: this may be a
+            // worker whose part of a cluster key change is still prepared (the coordinator
+            // committed; COMMIT PREPARED has not arrived). Not a lost value: say how to finish
+            // the change, after the caller's hint. (No role lookup here: this runs in parallel
+            // workers too, where switching users is not allowed.)
+            let next_version = ids.last().is_some_and(|&newest| newest.checked_add(1) == Some(key_id));
+            let hint = if next_version && crate::citus::citus_in_database() {
+                format!(
+                    "{hint} On a Citus worker, its part of a cluster key change may still be prepared (pg_prepared_xacts; never ROLLBACK PREPARED it): a superuser runs SELECT recover_prepared_transactions(); on the coordinator, or Citus does it within citus.recover_2pc_interval."
+                )
             } else {
-                hint
+                hint.to_owned()
             };
-            errors::unknown_key_version(kind.type_name(), key_id, &ids, doing, hint)
+            errors::unknown_key_version(kind.type_name(), key_id, &ids, doing, &hint)
         }
     }
 }

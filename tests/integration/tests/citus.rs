@@ -595,12 +595,19 @@ fn a_worker_that_dies_before_commit_prepared_takes_the_change_at_recovery() {
     assert!(Command::new("chown").arg("postgres:postgres").arg(&armed).status().unwrap().success());
     co.psql("app", "SELECT set_data_encryption_key(generate_data_encryption_key())");
     assert!(!armed.exists(), "the worker reached COMMIT PREPARED");
+    // Back after the crash: the point's message, then the postmaster's recovery, then SELECT 1.
     let started = std::time::Instant::now();
-    while !w.psql_raw("app", "SELECT 1").status.success() {
-        assert!(started.elapsed() < Duration::from_secs(90), "the worker did not come back:\n{}", w.server_log());
+    loop {
+        let log = w.server_log();
+        let recovered = log
+            .rfind("pg_cellcrypt: crash point cluster:before_commit_prepared")
+            .is_some_and(|at| log[at..].contains("terminated by signal 9") && log[at..].contains("database system is ready to accept connections"));
+        if recovered && w.psql_raw("app", "SELECT 1").status.success() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the worker did not crash and come back:\n{log}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(w.server_log().contains("crash point cluster:before_commit_prepared"));
     // The worker: its part prepared, its committed keyring the old one; the coordinator's status
     // says the cluster is not on one version.
     assert_eq!(w.psql("app", "SELECT count(*) FROM pg_prepared_xacts").trim(), "1");
