@@ -109,6 +109,12 @@ const TABLES: &str = "CREATE TABLE t (tenant int, id int, s encrypted_text, j en
      CREATE TABLE ref_plain (code text PRIMARY KEY, s text, n numeric); \
      SELECT create_reference_table('ref'); SELECT create_reference_table('ref_plain')";
 
+/// A distributed table of 3000 rows over 7 tenants, and the digest of its decrypted values.
+const ACCT: &str = "CREATE TABLE acct (tenant int, id int, email encrypted_text, PRIMARY KEY (tenant, id)); \
+     SELECT create_distributed_table('acct', 'tenant'); \
+     INSERT INTO acct SELECT g % 7, g, 'user' || g FROM generate_series(1, 3000) g";
+const ACCT_DIGEST: &str = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM acct";
+
 fn fill(table: &str, from: i32, to: i32) -> String {
     format!(
         "INSERT INTO {table} SELECT g % 13, g, 'value ' || g, jsonb_build_object('g', g), g * 1.5, g::int8 * 1000000007, \
@@ -439,13 +445,8 @@ fn a_key_change_reaches_every_node_under_concurrent_multi_shard_writes() {
 fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     let c = Citus::start("allornone", 2);
     let co = &c.coordinator;
-    co.psql(
-        "app",
-        "CREATE TABLE acct (tenant int, id int, email encrypted_text, PRIMARY KEY (tenant, id)); \
-         SELECT create_distributed_table('acct', 'tenant'); \
-         INSERT INTO acct SELECT g % 7, g, 'user' || g FROM generate_series(1, 3000) g",
-    );
-    let digest = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM acct";
+    co.psql("app", ACCT);
+    let digest = ACCT_DIGEST;
     let before = co.psql("app", digest);
     let keyrings = c.keyrings();
     // The changes below come from an administrator who is not a superuser (Citus creates the
@@ -579,13 +580,8 @@ fn a_worker_that_dies_before_commit_prepared_takes_the_change_at_recovery() {
     let co = &c.coordinator;
     // Only the recovery this test calls commits the worker's part.
     settings(co, &["citus.recover_2pc_interval = -1"]);
-    co.psql(
-        "app",
-        "CREATE TABLE acct (tenant int, id int, email encrypted_text, PRIMARY KEY (tenant, id)); \
-         SELECT create_distributed_table('acct', 'tenant'); \
-         INSERT INTO acct SELECT g % 7, g, 'user' || g FROM generate_series(1, 3000) g",
-    );
-    let digest = "SELECT count(*) || ':' || md5(string_agg(id || '=' || decrypt(email), ',' ORDER BY id)) FROM acct";
+    co.psql("app", ACCT);
+    let digest = ACCT_DIGEST;
     let before = co.psql("app", digest);
     let old_keyring = c.workers[1].psql("app", "SELECT string_agg(key_version || ':' || state, ',' ORDER BY key_version) FROM cellcrypt.keyring");
 
