@@ -15,9 +15,9 @@ set -uo pipefail
 # test run builds each configuration once.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 here=$(cd "$(dirname "$0")/.." && pwd)
-# The matrix's builds (target/, about 6.3 GB) and clusters (/tmp/pg_cellcrypt-it) took 6.7 GB at
-# the last full run; say so up front when the disk has less room (a full disk fails a build
-# midway, "No space left on device").
+# The matrix's builds (target/, about 6 GB) and clusters (/tmp/pg_cellcrypt-it, about 0.5 GB)
+# took about 6.5 GB at the last full run; say so up front when the disk has less room (a full
+# disk fails a build midway, "No space left on device").
 low_disk() { # <directory> <GB wanted>
     local free_kb
     free_kb=$(df -Pk "$1" 2>/dev/null | awk 'NR == 2 {print $4}')

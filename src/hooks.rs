@@ -103,20 +103,17 @@ unsafe fn commit_prepared(pstmt: *mut pg_sys::PlannedStmt) -> bool {
 /// been a key change): see `key_admin::after_commit_prepared`.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
-    if pstmt.is_null() || !crate::citus::loaded() {
-        return;
-    }
-    let stmt = (*pstmt).utilityStmt;
-    if stmt.is_null() {
-        return;
-    }
-    if (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt {
-        if commit_prepared(pstmt) && crate::store::extension_oid() != pg_sys::InvalidOid {
+    if commit_prepared(pstmt) {
+        if crate::store::extension_oid() != pg_sys::InvalidOid {
             crate::key_admin::after_commit_prepared();
         }
         return;
     }
-    if (*stmt).type_ != pg_sys::NodeTag::T_CreateExtensionStmt {
+    if pstmt.is_null() || !crate::citus::loaded() {
+        return;
+    }
+    let stmt = (*pstmt).utilityStmt;
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CreateExtensionStmt {
         return;
     }
     let create = stmt as *mut pg_sys::CreateExtensionStmt;

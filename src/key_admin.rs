@@ -249,7 +249,7 @@ fn check_restore_over_live_data() {
             Some("Restore with READ COMMITTED, for example PGOPTIONS='-c default_transaction_isolation=read\\ committed' pg_restore ..."),
         )
     }
-    let versions = crate::store::live_key_versions();
+    let versions = crate::store::live_key_versions(false);
     if versions.is_empty() {
         return;
     }
@@ -781,7 +781,7 @@ fn require_superuser_on_worker(function: &str) {
 /// versions, or a place the check cannot see into (prepared transactions, other sessions'
 /// temporary tables).
 fn worker_holds_values() -> bool {
-    let versions = crate::store::all_live_key_versions();
+    let versions = crate::store::live_key_versions(true);
     !versions.is_empty() && (crate::store::restore_blockers().is_some() || crate::store::relation_with_live_values(&versions).is_some())
 }
 

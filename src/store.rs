@@ -777,15 +777,16 @@ pub fn restore_blockers() -> Option<String> {
         .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("could not check what a restore would miss: {e}"), None, None))
 }
 
-/// The keyring versions in use (current and previous) that the database made itself (or that
-/// a key call has used since they were restored): the ones data written here may need. Rows a
-/// restore brought (this one, or another session of the same `pg_restore -j`) are not among
-/// them.
-pub fn live_key_versions() -> Vec<i32> {
+/// The keyring versions in use (current and previous): what data written here may need. With
+/// `restored_too` false, only the ones the database made itself (or that a key call has used
+/// since they were restored): rows a restore brought (this one, or another session of the same
+/// `pg_restore -j`) are left out.
+pub fn live_key_versions(restored_too: bool) -> Vec<i32> {
     as_extension_owner(|| {
-        Spi::get_one::<Vec<i32>>(
+        Spi::get_one_with_args::<Vec<i32>>(
             "SELECT pg_catalog.array_agg(key_version) FROM cellcrypt.keyring \
-             WHERE NOT restored AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
+             WHERE ($1 OR NOT restored) AND state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
+            &[restored_too.into()],
         )
     })
     .ok()
@@ -1243,20 +1244,6 @@ pub fn replace_with_cluster_keyring(keyring: &str, index_key: &str) {
         )?;
         insert_key_tables_from_json(keyring, index_key)
     })
-}
-
-/// Every version of the keyring that is current or previous, restored or not: what a value
-/// stored here may be under.
-pub fn all_live_key_versions() -> Vec<i32> {
-    as_extension_owner(|| {
-        Spi::get_one::<Vec<i32>>(
-            "SELECT pg_catalog.array_agg(key_version) FROM cellcrypt.keyring \
-             WHERE state OPERATOR(pg_catalog.=) ANY ('{current,previous}'::pg_catalog.text[])",
-        )
-    })
-    .ok()
-    .flatten()
-    .unwrap_or_default()
 }
 
 /// Drops the re-encryption jobs of tables Citus has since distributed (their rows are in the
