@@ -120,11 +120,13 @@ fn call_on_workers(function: &str, args: [&str; 3]) {
     command.push_str("SELECT ");
     command.push_str(function);
     command.push('(');
+    // E'' literals, quotes and backslashes doubled: read the same whatever a worker's
+    // standard_conforming_strings (the keyring's JSON carries backslashes: bytea as "\\x..").
     for (i, arg) in args.iter().enumerate() {
-        command.push_str(if i == 0 { "'" } else { ", '" });
+        command.push_str(if i == 0 { "E'" } else { ", E'" });
         for c in arg.chars() {
             command.push(c);
-            if c == '\'' {
+            if c == '\'' || c == '\\' {
                 command.push(c);
             }
         }

@@ -550,9 +550,11 @@ fn a_change_is_all_or_none_single_flight_and_refused_with_a_node_down() {
     assert_eq!(c.keyrings(), keyrings);
 
     // One change at a time, cluster-wide: a second one while the workers re-encrypt is refused.
+    // (One worker reads string literals the old way: what the coordinator sends reads the same.)
     for w in &c.workers {
         settings(w, &["pg_cellcrypt.reencrypt_batch_size = 10", "pg_cellcrypt.reencrypt_pause = '200ms'"]);
     }
+    settings(&c.workers[1], &["standard_conforming_strings = off"]);
     admin.query_one("SELECT set_data_encryption_key(generate_data_encryption_key())", &[]).unwrap();
     let e = db_error(admin.query_one("SELECT set_data_encryption_key(generate_data_encryption_key())", &[]));
     assert_eq!(e.code(), &SqlState::LOCK_NOT_AVAILABLE, "{}", e.message());
