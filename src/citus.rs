@@ -98,11 +98,10 @@ pub fn role() -> Role {
 /// when this transaction commits, or rolls it back everywhere. Raises if a worker cannot be
 /// reached. The worker's entry points accept superusers only, so an administrator of a worker
 /// (not a superuser) cannot call them directly; the coordinator has checked its own caller.
-pub fn send_to_workers(command: &str) {
+pub fn send_to_workers(command: &CStr) {
     let Some(f) = symbol(c"SendCommandToWorkersWithMetadataViaSuperUser") else {
         errors::raise(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, "Citus is not loaded in this server", None, None)
     };
-    let command = std::ffi::CString::new(command).expect("no NUL in a generated command");
     // SAFETY: SendCommandToWorkersWithMetadataViaSuperUser(const char *) copies the command; its errors
     // are caught at the boundary and re-raised as PostgreSQL errors by pgrx.
     unsafe {
@@ -114,9 +113,11 @@ pub fn send_to_workers(command: &str) {
 /// `SELECT function('a'::text, 'b'::text, 'c'::text)` on every worker, in this transaction
 /// ([`send_to_workers`]). The command text is zeroized after use: an argument may be a key.
 fn call_on_workers(function: &str, args: [&str; 3]) {
-    // Sized up front, so that no reallocation leaves a copy of a key behind unzeroized.
-    let capacity = function.len() + args.iter().map(|a| 2 * a.len() + 24).sum::<usize>() + 16;
+    // Sized up front (with its NUL), and passed on as it is, so that no reallocation or C copy
+    // leaves a copy of a key behind unzeroized.
+    let capacity = function.len() + args.iter().map(|a| 2 * a.len() + 24).sum::<usize>() + 17;
     let mut command = zeroize::Zeroizing::new(String::with_capacity(capacity));
+    let buffer = command.as_ptr();
     command.push_str("SELECT ");
     command.push_str(function);
     command.push('(');
@@ -132,8 +133,9 @@ fn call_on_workers(function: &str, args: [&str; 3]) {
         }
         command.push_str("'::pg_catalog.text");
     }
-    command.push(')');
-    send_to_workers(&command);
+    command.push_str(")\0");
+    debug_assert_eq!(command.as_ptr(), buffer, "the command was reallocated");
+    send_to_workers(CStr::from_bytes_with_nul(command.as_bytes()).expect("text arguments hold no NUL"));
 }
 
 /// Shares this coordinator's key tables with every worker, in this transaction: each worker

@@ -716,15 +716,21 @@ pub unsafe extern "C-unwind" fn cellcrypt_cluster_set_data_encryption_key(fcinfo
 }
 
 /// After `COMMIT PREPARED` in a database with the extension (hooks.rs): when the committed
-/// keyring's current version (and fingerprint) is not the one this backend last saw here, a
-/// cluster-wide key change (or a keyring taken from the coordinator) may just have committed:
-/// every session reloads its keys, this one loads the new one, and the re-encryption worker
-/// starts if there is work. Every distributed write of Citus ends with COMMIT PREPARED, so this
-/// acts once per key version and backend. It must not raise (the commit is done): a failure is
-/// a warning.
+/// keyring's current version (and fingerprint) is news, a cluster-wide key change (or a keyring
+/// taken from the coordinator) has just committed here: every session reloads its keys, this
+/// one loads the new one, and the re-encryption worker starts if there is work. Every
+/// distributed write of Citus ends with COMMIT PREPARED, often in a backend Citus just opened:
+/// each backend remembers the version it last saw, and the server the version some backend
+/// last acted on (`key_cache::announce`), so a change is acted on once per server, not once per
+/// backend. It must not raise (the commit is done): interrupts are held (a cancel or
+/// statement_timeout waits until it returns), and a failure is a warning.
 pub fn after_commit_prepared() {
     static SEEN: crate::backend_local::BackendLocal<std::cell::RefCell<Option<(u32, String)>>> =
         crate::backend_local::BackendLocal::new(std::cell::RefCell::new(None));
+    // SAFETY: HOLD_INTERRUPTS(); an error inside resets the count to 0 (errfinish), so it is
+    // restored to what it was, not decremented.
+    let held = unsafe { pg_sys::InterruptHoldoffCount };
+    unsafe { pg_sys::InterruptHoldoffCount = held + 1 };
     let done = crate::reencrypt::catching_errors(|| {
         let rows = keys::read_key_rows();
         let Some(row) = rows.first().filter(|r| r.state == "current") else { return };
@@ -732,7 +738,11 @@ pub fn after_commit_prepared() {
         if SEEN.with(|s| s.borrow().as_ref() == Some(&now)) {
             return;
         }
-        SEEN.with(|s| *s.borrow_mut() = Some(now));
+        let fingerprint = row.fingerprint.parse::<cellcrypt_core::Fingerprint>().ok();
+        if fingerprint.as_ref().is_some_and(|f| key_cache::announced(row.version, f)) {
+            SEEN.with(|s| *s.borrow_mut() = Some(now));
+            return;
+        }
         key_cache::bump_generation();
         keys::invalidate();
         if keys::try_loaded().is_err() {
@@ -744,7 +754,14 @@ pub fn after_commit_prepared() {
                 "pg_cellcrypt could not start its re-encryption worker (no free background worker slot); run CALL finish_data_encryption_reencryption(); or raise max_worker_processes"
             );
         }
+        // Recorded only once acted on: a backend that failed above leaves it to the next one.
+        if let Some(f) = &fingerprint {
+            key_cache::announce(row.version, f);
+        }
+        SEEN.with(|s| *s.borrow_mut() = Some(now));
     });
+    // SAFETY: RESUME_INTERRUPTS() to the count found above.
+    unsafe { pg_sys::InterruptHoldoffCount = held };
     if let Err(message) = done {
         pgrx::warning!("pg_cellcrypt: after COMMIT PREPARED: {message}; sessions reload their keys at the next key change or restart");
     }

@@ -149,7 +149,30 @@ impl Default for Slots {
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for Slots {}
 
+/// The key version a database last announced after a `COMMIT PREPARED` (a Citus worker taking
+/// a cluster key change), by database; see [`announce`]. Holds no secret.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Announced {
+    dboid: u32,
+    version: u32,
+    fingerprint: [u8; FINGERPRINT_LEN],
+}
+
+#[repr(C)]
+pub struct Announcements([Announced; SLOTS]);
+
+impl Default for Announcements {
+    fn default() -> Self {
+        Announcements([Announced { dboid: 0, version: 0, fingerprint: [0; FINGERPRINT_LEN] }; SLOTS])
+    }
+}
+
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for Announcements {}
+
 static CACHE: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_cellcrypt key cache") };
+static ANNOUNCED: PgLwLock<Announcements> = unsafe { PgLwLock::new(c"pg_cellcrypt key announcements") };
 static GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_cellcrypt key generation") };
 
 /// The key mapping: `SLOTS` [`Secret`]s, created once in the postmaster and inherited by every
@@ -167,6 +190,7 @@ fn mapping_len() -> usize {
 pub fn init() {
     pg_shmem_init!(CACHE);
     pg_shmem_init!(GENERATION);
+    pg_shmem_init!(ANNOUNCED);
     let len = mapping_len();
     // SAFETY: a fresh anonymous mapping owned by this library for the life of the server; the
     // hook is chained once, single-threaded, at preload.
@@ -227,6 +251,26 @@ pub fn bump_generation() {
 fn my_dboid() -> u32 {
     // SAFETY: a backend global.
     unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// True when a backend of this server has already acted on this database's committed current
+/// key being `version` with `fingerprint` (see [`announce`]).
+pub fn announced(version: u32, fingerprint: &cellcrypt_core::Fingerprint) -> bool {
+    let dboid = my_dboid();
+    ANNOUNCED.share().0.iter().any(|a| a.dboid == dboid && a.version == version && a.fingerprint == fingerprint.0)
+}
+
+/// Records that a backend acted on this database's committed current key being `version` with
+/// `fingerprint` (after `COMMIT PREPARED` on a Citus worker: every session told to reload, the
+/// re-encryption worker started), so that the backends Citus opens afterwards do not do it
+/// again. When every entry belongs to another database nothing is recorded, and each backend
+/// acts once, as without it.
+pub fn announce(version: u32, fingerprint: &cellcrypt_core::Fingerprint) {
+    let dboid = my_dboid();
+    let mut all = ANNOUNCED.exclusive();
+    if let Some(i) = all.0.iter().position(|a| a.dboid == dboid).or_else(|| all.0.iter().position(|a| a.dboid == 0)) {
+        all.0[i] = Announced { dboid, version, fingerprint: fingerprint.0 };
+    }
 }
 
 /// A cached key version, copied out of the cache.
