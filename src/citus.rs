@@ -94,15 +94,22 @@ pub fn role() -> Role {
 }
 
 /// Sends `command` to every worker with metadata, in this transaction, over Citus' connections
-/// as the Citus extension's owner (a superuser): Citus commits it there with two-phase commit
-/// when this transaction commits, or rolls it back everywhere. Raises if a worker cannot be
-/// reached. The worker's entry points accept superusers only, so an administrator of a worker
-/// (not a superuser) cannot call them directly; the coordinator has checked its own caller.
+/// as the current user if a superuser, else as the Citus extension's owner (a superuser): Citus
+/// commits it there with two-phase commit when this transaction commits, or rolls it back
+/// everywhere. Raises if a worker cannot be reached. The worker's entry points accept
+/// superusers only, so an administrator of a worker (not a superuser) cannot call them
+/// directly; the coordinator has checked its own caller.
 pub fn send_to_workers(command: &CStr) {
-    let Some(f) = symbol(c"SendCommandToWorkersWithMetadataViaSuperUser") else {
+    // A superuser's own connections, which see what this transaction did before on the workers
+    // (the extension Citus created there a moment ago, in CREATE EXTENSION by a superuser who
+    // does not own citus); anyone else's (an administrator's key change) go over the Citus
+    // extension owner's, since the workers' entry points accept superusers only.
+    // SAFETY: a plain backend check of the current user.
+    let name = if unsafe { pg_sys::superuser() } { c"SendCommandToWorkersWithMetadata" } else { c"SendCommandToWorkersWithMetadataViaSuperUser" };
+    let Some(f) = symbol(name) else {
         errors::raise(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, "Citus is not loaded in this server", None, None)
     };
-    // SAFETY: SendCommandToWorkersWithMetadataViaSuperUser(const char *) copies the command; its errors
+    // SAFETY: both functions take (const char *) and copy the command; their errors
     // are caught at the boundary and re-raised as PostgreSQL errors by pgrx.
     unsafe {
         let f: SendFn = std::mem::transmute::<*mut libc::c_void, SendFn>(f);

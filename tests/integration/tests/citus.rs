@@ -49,13 +49,23 @@ impl Citus {
     /// creates it on the workers, which take the coordinator's keyring), each worker given a copy
     /// of the key file.
     fn start(name: &str, workers: usize) -> Citus {
+        Citus::start_as(name, workers, "postgres")
+    }
+
+    /// As [`Citus::start`], with pg_cellcrypt created by superuser `creator` (Citus' connections
+    /// are per role: one who does not own citus creates it over connections of its own).
+    fn start_as(name: &str, workers: usize, creator: &str) -> Citus {
         let coordinator = node(&format!("{name}-c"));
         let workers: Vec<Cluster> = (0..workers).map(|i| node(&format!("{name}-w{i}"))).collect();
         coordinator.psql("app", &format!("SELECT citus_set_coordinator_host('127.0.0.1', {})", coordinator.port));
         for w in &workers {
             coordinator.psql("app", &format!("SELECT citus_add_node('127.0.0.1', {})", w.port));
         }
-        coordinator.psql("app", "CREATE EXTENSION pg_cellcrypt");
+        if creator != "postgres" {
+            coordinator.psql("app", &format!("CREATE ROLE {creator} SUPERUSER LOGIN"));
+        }
+        let mut as_creator = coordinator.connect_as(Transport::Unix, "app", creator);
+        as_creator.batch_execute("CREATE EXTENSION pg_cellcrypt").unwrap();
         let c = Citus { coordinator, workers };
         for w in &c.workers {
             c.copy_key_file_to(w);
@@ -247,7 +257,10 @@ fn distributed_and_reference_tables_through_every_write_path() {
 /// tenant, lookups routed to one shard and answered by its index.
 #[test]
 fn blind_index_unique_per_tenant_on_a_distributed_table() {
-    let c = Citus::start("blind", 2);
+    // Created by a superuser who does not own the citus extension.
+    let c = Citus::start_as("blind", 2, "dba");
+    let keyrings = c.keyrings();
+    assert!(!keyrings[0].is_empty() && keyrings.iter().all(|k| k == &keyrings[0]), "every worker took the keyring: {keyrings:?}");
     let co = &c.coordinator;
     co.psql(
         "app",
